@@ -1,0 +1,111 @@
+"""The listening side: the Unix socket, its clients, and event fan-out.
+
+The socket is either created here (mode and group from the config) or inherited from systemd socket
+activation (``LISTEN_FDS``), in which case systemd owns its path and permissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+from qmpfd.api import wire
+from qmpfd.api.session import Dispatcher, Peer, Session
+
+log = logging.getLogger("qmpfd.api")
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed us, if it passed exactly one to this process."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)  # not for our children
+    if count < 1:
+        return None
+    return socket.socket(fileno=SD_LISTEN_FDS_START)
+
+
+def peer_of(sock: socket.socket | None) -> Peer:
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return Peer(None, None, None)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+class ApiServer:
+    def __init__(self, dispatch: Dispatcher, max_clients: int, max_line: int) -> None:
+        self._dispatch = dispatch
+        self._max_clients = max_clients
+        self._max_line = max_line
+        self._sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self.path: Path | None = None
+
+    async def listen(self, path: Path, mode: int, group: str | None) -> None:
+        inherited = inherited_socket()
+        if inherited is not None:
+            self._server = await asyncio.start_unix_server(
+                self._on_client, sock=inherited, limit=self._max_line)
+            log.info("serving on a socket inherited from systemd")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket from a previous run; nobody listens on it
+        # Create with a tight umask so the socket never exists with looser permissions.
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._on_client, path=str(path), limit=self._max_line)
+        finally:
+            os.umask(old)
+        if group:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, mode)
+        self.path = path
+        log.info("listening", extra={"socket": str(path)})
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_of(writer.get_extra_info("socket"))
+        if len(self._sessions) >= self._max_clients:
+            writer.write(wire.encode(wire.error_reply("GenericError", "too many clients")))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+            return
+        session = Session(reader, writer, self._dispatch, peer, self._max_line)
+        self._sessions.add(session)
+        log.debug("client connected", extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+
+    def broadcast(self, name: str, data: dict[str, Any]) -> None:
+        msg = wire.event(name, data)
+        log.info("event %s", name, extra={"event": name, "data": data})
+        for session in list(self._sessions):
+            session.offer_event(msg)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for session in list(self._sessions):
+                session.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()

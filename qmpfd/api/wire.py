@@ -1,0 +1,93 @@
+"""QMP message shapes as qmpfd writes and reads them (QEMU docs/interop/qmp-spec).
+
+Pure functions: no I/O, so framing and error shapes are unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from qmpfd import VERSION_TUPLE
+from qmpfd.errors import QmpfdError
+
+Message = dict[str, Any]
+
+
+def greeting() -> Message:
+    major, minor, micro = VERSION_TUPLE
+    return {
+        "QMP": {
+            "version": {"qmpfd": {"major": major, "minor": minor, "micro": micro}},
+            "capabilities": [],
+        }
+    }
+
+
+def encode(msg: Message) -> bytes:
+    # Compact separators and one object per line, as QEMU writes them.
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+def error_reply(error_class: str, desc: str, msg_id: Any = None, has_id: bool = False) -> Message:
+    reply: Message = {"error": {"class": error_class, "desc": desc}}
+    if has_id:
+        reply["id"] = msg_id
+    return reply
+
+
+def reply_for_error(exc: QmpfdError, request: Message | None) -> Message:
+    has_id = request is not None and "id" in request
+    return error_reply(exc.error_class, exc.desc, request.get("id") if has_id and request else None,
+                       has_id)
+
+
+def return_reply(value: Any, request: Message) -> Message:
+    reply: Message = {"return": value}
+    if "id" in request:
+        reply["id"] = request["id"]
+    return reply
+
+
+def event(name: str, data: dict[str, Any], now: float | None = None) -> Message:
+    t = time.time() if now is None else now
+    seconds = int(t)
+    return {
+        "event": name,
+        "data": data,
+        "timestamp": {"seconds": seconds, "microseconds": int((t - seconds) * 1_000_000)},
+    }
+
+
+class FrameError(QmpfdError):
+    """A line that is not a QMP request; the connection stays usable."""
+
+    error_class = "GenericError"
+
+
+def parse_request(line: bytes) -> Message:
+    """Decode one line into a request object, or raise :class:`FrameError` saying why not."""
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError(f"JSON parse error: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise FrameError("QMP input must be a JSON object")
+    return obj
+
+
+def check_request(obj: Message) -> tuple[str, dict[str, Any]]:
+    """Validate the envelope (not the arguments): return the command name and its arguments."""
+    from qmpfd.errors import InvalidRequest
+
+    unknown = set(obj) - {"execute", "arguments", "id", "control"}
+    if unknown:
+        raise InvalidRequest(f"QMP input member '{sorted(unknown)[0]}' is unexpected")
+    name = obj.get("execute")
+    if not isinstance(name, str):
+        raise InvalidRequest("QMP input lacks member 'execute' (a string)")
+    args = obj.get("arguments", {})
+    if not isinstance(args, dict):
+        raise InvalidRequest("QMP input member 'arguments' must be an object")
+    return name, args

@@ -1,0 +1,85 @@
+"""Daemon configuration: a TOML file read into pydantic models.
+
+Every field has a default, so qmpfd runs with no file at all; command-line flags override the file
+(see :mod:`qmpfd.daemon`). Unknown keys are refused so that a typo in a hypervisor's config is an
+error at start-up, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qmpfd.errors import InvalidRequest
+
+VM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DaemonConfig(_Strict):
+    socket: Path = Path("/run/qmpfd/qmpfd.sock")
+    socket_mode: int = Field(0o660, alias="socket-mode")
+    socket_group: str | None = Field(None, alias="socket-group")
+    state_dir: Path = Field(Path("/var/lib/qmpfd"), alias="state-dir")
+    log_level: str = Field("info", alias="log-level")
+    log_format: str = Field("json", alias="log-format", pattern="^(json|text)$")
+    max_clients: int = Field(64, alias="max-clients", ge=1, le=4096)
+    max_line_bytes: int = Field(1 << 20, alias="max-line-bytes", ge=1024, le=64 << 20)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, v: object) -> object:
+        # TOML has no octal strings for modes people write as "0660"; accept both forms.
+        if isinstance(v, str):
+            return int(v, 8)
+        return v
+
+
+class PolicyTimeouts(_Strict):
+    """Per-policy overrides; unset fields keep the policy's own default."""
+
+    unplug: Seconds | None = None
+    plug: Seconds | None = None
+
+
+class TimeoutConfig(_Strict):
+    qmp_connect: Seconds = Field(5.0, alias="qmp-connect")
+    command: Seconds = 30.0
+    attach: Seconds = 60.0
+    pending_expiry: Seconds = Field(300.0, alias="pending-expiry")
+    policy: dict[str, PolicyTimeouts] = Field(default_factory=dict)
+
+
+class VmEntry(_Strict):
+    name: str = Field(pattern=VM_NAME_PATTERN)
+    qmp: Path
+
+
+class Config(_Strict):
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    vm: list[VmEntry] = Field(default_factory=list)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read ``path`` (or return defaults); errors name the file and the offending key."""
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidRequest(f"config {path}: {exc}") from exc
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"config {path}: {where}: {first['msg']}") from exc

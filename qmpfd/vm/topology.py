@@ -1,0 +1,173 @@
+"""The guest's PCI topology as QEMU's object model describes it: pure data, no I/O.
+
+:mod:`qmpfd.vm.introspect` reads QEMU (``qom-list``/``qom-get``) into :class:`RawBus` records; this
+module turns them into :class:`Topology`, which answers the questions planning needs: which buses
+can hotplug, by which mechanism, and which slots are free.
+
+Why QOM and not ``query-pci``: ``query-pci`` finds buses behind bridges by the bus numbers the
+guest firmware assigned, so a VM still in its firmware (or paused at start) shows nothing behind
+its root ports. QOM gives the qdev bus names ``device_add`` needs and the hotplug handler of every
+bus, whatever the guest has done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Hotplug handlers that implement ACPI PCI hotplug (hw/acpi/pcihp.c): PIIX4 PM on pc, ICH9 LPC on q35.
+ACPI_PCIHP_HANDLERS = frozenset({"PIIX4_PM", "ICH9-LPC"})
+# Devices that provide a native PCIe hotplug slot (hw/pci/pcie.c): the port is its own handler.
+PCIE_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
+SPAPR_HANDLER_SUFFIX = "spapr-machine"
+
+MECH_ACPI = "acpi-pcihp"
+MECH_PCIE = "pcie-native"
+MECH_SPAPR = "spapr"
+MECH_SHPC = "shpc"
+
+
+@dataclass(frozen=True)
+class RawDevice:
+    """A device on a bus: QOM path, QOM type (the driver), devfn."""
+
+    path: str
+    type: str
+    devfn: int
+
+    @property
+    def id(self) -> str | None:
+        """The user-given id (devices under /machine/peripheral); None for built-in devices."""
+        prefix = "/machine/peripheral/"
+        if self.path.startswith(prefix) and "/" not in self.path[len(prefix):]:
+            return self.path[len(prefix):]
+        return None
+
+    @property
+    def slot(self) -> int:
+        return self.devfn >> 3
+
+    @property
+    def function(self) -> int:
+        return self.devfn & 7
+
+
+@dataclass(frozen=True)
+class RawBus:
+    """One PCI bus as read from QOM."""
+
+    name: str                       # qdev bus name, what device_add's "bus" takes
+    path: str                       # QOM path of the bus
+    bus_type: str                   # QOM type: "PCI", "PCIE", ...
+    owner_type: str                 # type of the host bridge or bridge/port owning the bus
+    owner_is_pci_device: bool       # a bridge or port (True) or a host bridge (False)
+    handler_path: str               # hotplug-handler link, "" when the bus cannot hotplug
+    handler_type: str | None        # QOM type of that handler
+    devices: tuple[RawDevice, ...] = ()
+
+
+@dataclass(frozen=True)
+class Function:
+    function: int
+    id: str | None
+    driver: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    bus: str
+    slot: int
+    hotpluggable: bool
+    functions: tuple[Function, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.functions
+
+
+@dataclass(frozen=True)
+class Bus:
+    name: str
+    path: str
+    mechanism: str | None          # None: this bus cannot hotplug
+    slot_count: int
+    owner_type: str
+    devices: tuple[RawDevice, ...] = ()
+
+    @property
+    def hotpluggable(self) -> bool:
+        return self.mechanism is not None
+
+    def slot(self, number: int) -> Slot:
+        funcs = tuple(sorted(
+            (Function(d.function, d.id, d.type) for d in self.devices if d.slot == number),
+            key=lambda f: f.function))
+        return Slot(self.name, number, self.hotpluggable, funcs)
+
+    def slots(self) -> list[Slot]:
+        """Every slot of a hotpluggable bus; only the occupied ones of any other bus."""
+        if self.hotpluggable:
+            return [self.slot(n) for n in range(self.slot_count)]
+        used = sorted({d.slot for d in self.devices})
+        return [self.slot(n) for n in used]
+
+
+def mechanism_of(raw: RawBus) -> str | None:
+    """Which hotplug mechanism serves this bus, from its hotplug handler."""
+    if not raw.handler_path:
+        return None
+    if raw.handler_type in ACPI_PCIHP_HANDLERS:
+        return MECH_ACPI
+    if raw.handler_type in PCIE_PORT_TYPES or (
+        raw.bus_type == "PCIE" and raw.owner_is_pci_device
+        and raw.handler_type == raw.owner_type
+    ):
+        return MECH_PCIE
+    if raw.handler_type and raw.handler_type.endswith(SPAPR_HANDLER_SUFFIX):
+        return MECH_SPAPR
+    if raw.handler_type in {"pci-bridge", "pci-bridge-seat", "pcie-pci-bridge"}:
+        return MECH_SHPC
+    return None
+
+
+def slot_count_of(raw: RawBus) -> int:
+    # A PCIe port's link leads to exactly one device number (slot 0, functions 0-7).
+    if raw.bus_type == "PCIE" and raw.owner_is_pci_device and raw.owner_type in PCIE_PORT_TYPES:
+        return 1
+    if raw.bus_type == "PCIE" and raw.owner_is_pci_device and raw.handler_path:
+        return 1
+    return 32
+
+
+@dataclass(frozen=True)
+class Topology:
+    buses: tuple[Bus, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_raw(cls, raws: list[RawBus]) -> Topology:
+        return cls(tuple(
+            Bus(r.name, r.path, mechanism_of(r), slot_count_of(r), r.owner_type, r.devices)
+            for r in raws))
+
+    def bus(self, name: str) -> Bus | None:
+        return next((b for b in self.buses if b.name == name), None)
+
+    def device_ids(self) -> set[str]:
+        return {d.id for b in self.buses for d in b.devices if d.id is not None}
+
+    def find_device(self, dev_id: str) -> tuple[Bus, RawDevice] | None:
+        for b in self.buses:
+            for d in b.devices:
+                if d.id == dev_id:
+                    return b, d
+        return None
+
+    def slots(self) -> list[Slot]:
+        return [s for b in self.buses for s in b.slots()]
+
+    def mechanisms(self) -> list[str]:
+        """Mechanisms in use, most common first (the VM's headline policy)."""
+        counts: dict[str, int] = {}
+        for b in self.buses:
+            if b.mechanism:
+                counts[b.mechanism] = counts.get(b.mechanism, 0) + 1
+        return sorted(counts, key=lambda m: -counts[m])
