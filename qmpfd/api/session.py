@@ -1,6 +1,6 @@
 """One client connection on qmpfd's socket: the server half of the QMP wire protocol.
 
-The session owns framing (one JSON object per line, capped in size), the greeting and capability
+The session owns framing (JSON objects back to back or one per line, capped in size), the greeting and capability
 negotiation, and the ordering of replies. It knows nothing about VMs: each request is handed to a
 :class:`Dispatcher`, which returns a value or raises :class:`~qmpfd.errors.QmpfdError`.
 
@@ -26,6 +26,7 @@ from qmpfd.errors import CommandNotFound, QmpfdError
 log = logging.getLogger("qmpfd.api")
 
 EVENT_QUEUE_LIMIT = 1024
+READ_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,22 @@ class Session:
 
     async def run(self) -> None:
         event_task = asyncio.create_task(self._event_writer())
+        splitter = wire.JsonSplitter(self._max_line)
         try:
             await self._send(wire.greeting())
             while self.state is not SessionState.CLOSING:
-                line = await self._read_line()
-                if line is None:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
                     break
-                if not line.strip():
-                    continue
-                reply = await self._handle(line)
-                await self._send(reply)
-        except (ConnectionError, asyncio.IncompleteReadError):
+                for message in splitter.feed(data):
+                    if isinstance(message, wire.Oversized):
+                        reply = wire.error_reply(
+                            "GenericError",
+                            f"request exceeds the {self._max_line}-byte message limit")
+                    else:
+                        reply = await self._handle(message)
+                    await self._send(reply)
+        except ConnectionError:
             pass
         finally:
             self.state = SessionState.CLOSING
@@ -104,29 +110,6 @@ class Session:
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
-
-    async def _read_line(self) -> bytes | None:
-        """Read one line; an oversized line is discarded up to its newline and answered."""
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial or None  # last line without a newline still counts
-        except asyncio.LimitOverrunError:
-            await self._discard_oversized()
-            await self._send(wire.error_reply(
-                "GenericError", f"request exceeds the {self._max_line}-byte line limit"))
-            return b""
-        return line
-
-    async def _discard_oversized(self) -> None:
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
-            except asyncio.IncompleteReadError:
-                return
 
     async def _handle(self, line: bytes) -> wire.Message:
         request: wire.Message | None = None

@@ -91,3 +91,76 @@ def check_request(obj: Message) -> tuple[str, dict[str, Any]]:
     if not isinstance(args, dict):
         raise InvalidRequest("QMP input member 'arguments' must be an object")
     return name, args
+
+
+class Oversized:
+    """Marker the splitter yields in place of a message that exceeded the size cap."""
+
+
+OVERSIZED = Oversized()
+
+
+class JsonSplitter:
+    """Cuts a byte stream into JSON messages, as QEMU's json-streamer does.
+
+    QMP does not require newlines: ``qemu.qmp`` sends compact objects back to back, so a message
+    ends where its outermost brace closes. The contract also promises that a malformed line gets an
+    error and leaves the connection usable, so a newline outside a string ends whatever has been
+    gathered so far (a complete object never contains a raw newline in compact form).
+    A message longer than ``limit`` bytes is dropped up to the next newline and reported as
+    :data:`OVERSIZED`, without buffering it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buf = bytearray()
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._discarding = False
+
+    def _reset(self) -> None:
+        self._buf.clear()
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+
+    def feed(self, data: bytes) -> list[bytes | Oversized]:
+        out: list[bytes | Oversized] = []
+        for byte in data:
+            if self._discarding:
+                if byte == 0x0A:
+                    self._discarding = False
+                continue
+            self._buf.append(byte)
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif byte == 0x5C:  # backslash
+                    self._escape = True
+                elif byte == 0x22:  # quote
+                    self._in_string = False
+                elif byte == 0x0A:  # a raw newline cannot be in a JSON string: end of line
+                    out.append(bytes(self._buf))
+                    self._reset()
+                    continue
+            elif byte == 0x22:
+                self._in_string = True
+            elif byte in (0x7B, 0x5B):  # { [
+                self._depth += 1
+            elif byte in (0x7D, 0x5D):  # } ]
+                self._depth -= 1
+                if self._depth <= 0:
+                    out.append(bytes(self._buf))
+                    self._reset()
+                    continue
+            elif byte == 0x0A:
+                if self._buf.strip():
+                    out.append(bytes(self._buf))
+                self._reset()
+                continue
+            if len(self._buf) > self._limit:
+                out.append(OVERSIZED)
+                self._reset()
+                self._discarding = True
+        return out

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 ACPI_PCIHP_HANDLERS = frozenset({"PIIX4_PM", "ICH9-LPC"})
 # Devices that provide a native PCIe hotplug slot (hw/pci/pcie.c): the port is its own handler.
 PCIE_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
+# An upstream port's bus only takes downstream ports, never an endpoint device.
+UPSTREAM_PORT_TYPES = frozenset({"x3130-upstream"})
 SPAPR_HANDLER_SUFFIX = "spapr-machine"
 
 MECH_ACPI = "acpi-pcihp"
@@ -113,7 +115,7 @@ class Bus:
 
 def mechanism_of(raw: RawBus) -> str | None:
     """Which hotplug mechanism serves this bus, from its hotplug handler."""
-    if not raw.handler_path:
+    if not raw.handler_path or raw.owner_type in UPSTREAM_PORT_TYPES:
         return None
     if raw.handler_type in ACPI_PCIHP_HANDLERS:
         return MECH_ACPI
@@ -132,8 +134,6 @@ def mechanism_of(raw: RawBus) -> str | None:
 def slot_count_of(raw: RawBus) -> int:
     # A PCIe port's link leads to exactly one device number (slot 0, functions 0-7).
     if raw.bus_type == "PCIE" and raw.owner_is_pci_device and raw.owner_type in PCIE_PORT_TYPES:
-        return 1
-    if raw.bus_type == "PCIE" and raw.owner_is_pci_device and raw.handler_path:
         return 1
     return 32
 

@@ -1,0 +1,125 @@
+"""The commands of the contract: argument models in, JSON-able values out.
+
+Each handler is registered with its argument model, so ``query-commands`` and the dispatcher read
+one table, and no handler sees arguments pydantic has not validated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from qmpfd import __version__
+from qmpfd.api import models as m
+from qmpfd.api.session import Session
+from qmpfd.errors import CommandNotFound
+from qmpfd.vm.registry import VmRegistry
+
+log = logging.getLogger("qmpfd.api")
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    model: type[BaseModel]
+    handler: Handler
+    changes_state: bool
+
+
+class Commands:
+    def __init__(self, vms: VmRegistry) -> None:
+        self.vms = vms
+        self.table: dict[str, Command] = {}
+        reg = self._register
+        reg("query-version", m.NoArgs, self.query_version, False)
+        reg("query-commands", m.NoArgs, self.query_commands, False)
+        reg("vm-add", m.VmAddArgs, self.vm_add, True)
+        reg("vm-remove", m.VmArgs, self.vm_remove, True)
+        reg("query-vms", m.NoArgs, self.query_vms, False)
+        reg("query-slots", m.VmRef, self.query_slots, False)
+        reg("query-policy", m.VmRef, self.query_policy, False)
+        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True)
+        reg("function-add", m.FunctionAddArgs, self.function_add, True)
+        reg("query-pending", m.QueryPendingArgs, self.query_pending, False)
+        reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
+        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
+
+    def _register(self, name: str, model: type[BaseModel], handler: Handler,
+                  changes_state: bool) -> None:
+        self.table[name] = Command(name, model, handler, changes_state)
+
+    async def dispatch(self, name: str, args: dict[str, Any], session: Session) -> Any:
+        cmd = self.table.get(name)
+        if cmd is None:
+            raise CommandNotFound(f"The command {name} has not been found")
+        parsed = m.parse_args(cmd.model, args)
+        if cmd.changes_state:
+            log.info("request", extra={"command": name, "peer_uid": session.peer.uid,
+                                       "arguments": args})
+        return await cmd.handler(parsed)
+
+    # -- introspection ---------------------------------------------------------------------
+    async def query_version(self, _: m.NoArgs) -> dict[str, Any]:
+        major, minor, micro = (int(x) for x in __version__.split("."))
+        return {"qmpfd": {"major": major, "minor": minor, "micro": micro},
+                "package": f"qmpfd {__version__}"}
+
+    async def query_commands(self, _: m.NoArgs) -> list[dict[str, str]]:
+        return [{"name": n} for n in sorted([*self.table, "qmp_capabilities"])]
+
+    # -- VMs -------------------------------------------------------------------------------
+    async def vm_add(self, a: m.VmAddArgs) -> dict[str, Any]:
+        return await self.vms.add(a.name, Path(a.qmp))
+
+    async def vm_remove(self, a: m.VmArgs) -> dict[str, Any]:
+        await self.vms.remove(a.name)
+        return {}
+
+    async def query_vms(self, _: m.NoArgs) -> list[dict[str, Any]]:
+        out = []
+        for vm in self.vms.all():
+            topo = await vm.topology() if vm.conn.connected else None
+            d = vm.describe(topo)
+            out.append({k: d[k] for k in ("name", "qmp", "connected", "arch", "machine",
+                                          "policy", "qemu")})
+        return out
+
+    async def query_slots(self, a: m.VmRef) -> list[dict[str, Any]]:
+        return await self.vms.get(a.vm).query_slots()
+
+    async def query_policy(self, a: m.VmRef) -> dict[str, Any]:
+        vm = self.vms.get(a.vm)
+        topo = await vm.topology()
+        policies = vm.policies(topo)
+        headline = vm.policy_name(topo)
+        per_bus = [{"bus": b.name, "mechanism": b.mechanism, "policy": policies[b.name].name}
+                   for b in topo.buses if b.hotpluggable]
+        chosen = next((p for p in policies.values() if p.name == headline), None)
+        base = chosen.describe() if chosen else {"policy": headline}
+        return {"vm": vm.name, **base, "buses": per_bus}
+
+    # -- hotplug ---------------------------------------------------------------------------
+    async def device_attach(self, a: m.DeviceAttachArgs) -> dict[str, Any]:
+        return await self.vms.get(a.vm).attach(a.specs(), bus=a.bus, slot=a.slot,
+                                               dry_run=a.dry_run, timeout=a.timeout)
+
+    async def function_add(self, a: m.FunctionAddArgs) -> dict[str, Any]:
+        return await self.vms.get(a.vm).function_add(a.spec(), a.bus, a.slot)
+
+    async def query_pending(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
+        vms = [self.vms.get(a.vm)] if a.vm else self.vms.all()
+        return [p.describe(vm.name) for vm in vms for p in vm.pending.all()]
+
+    async def pending_cancel(self, a: m.SlotRef) -> dict[str, Any]:
+        return self.vms.get(a.vm).pending_cancel(a.bus, a.slot)
+
+    async def device_detach(self, a: m.DeviceDetachArgs) -> dict[str, Any]:
+        return await self.vms.get(a.vm).detach(ids=a.ids, bus=a.bus, slot=a.slot,
+                                               whole_slot=a.whole_slot, timeout=a.timeout)

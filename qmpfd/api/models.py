@@ -1,0 +1,146 @@
+"""Argument models of every command: pydantic validates shapes and limits before any handler runs.
+
+Errors are reported as ``InvalidRequest`` naming the field (``functions[2].driver: ...``).
+Models forbid unknown members, as QEMU does, so a misspelt argument is an error, not ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qmpfd.config import VM_NAME_PATTERN
+from qmpfd.errors import InvalidRequest
+from qmpfd.hotplug.plan import MAX_FUNCTIONS, FunctionSpec
+
+VmName = Annotated[str, Field(pattern=VM_NAME_PATTERN)]
+# QEMU ids: a letter first, then letters, digits, '-', '.', '_' (util/id.c id_wellformed).
+DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")]
+Driver = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.,-]{0,63}$")]
+BusName = Annotated[str, Field(min_length=1, max_length=128)]
+SlotNumber = Annotated[int, Field(ge=0, le=31, strict=True)]
+FunctionNumber = Annotated[int, Field(ge=0, le=7, strict=True)]
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+PropValue = str | int | float | bool
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+
+class NoArgs(Args):
+    pass
+
+
+class VmAddArgs(Args):
+    name: VmName
+    qmp: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class VmArgs(Args):
+    name: VmName
+
+
+class VmRef(Args):
+    vm: VmName
+
+
+class FunctionArg(Args):
+    id: DeviceId
+    driver: Driver
+    function: FunctionNumber | None = None
+    properties: Annotated[dict[Annotated[str, Field(max_length=64)], PropValue],
+                          Field(max_length=64)] = Field(default_factory=dict)
+
+
+class DeviceAttachArgs(Args):
+    vm: VmName
+    functions: Annotated[list[FunctionArg], Field(min_length=1, max_length=MAX_FUNCTIONS)]
+    bus: BusName | None = None
+    slot: SlotNumber | None = None
+    dry_run: bool = Field(False, alias="dry-run")
+    timeout: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _numbers_all_or_none(self) -> DeviceAttachArgs:
+        given = [f.function is not None for f in self.functions]
+        if any(given) and not all(given):
+            missing = given.index(False)
+            raise ValueError(f"functions[{missing}].function: give 'function' on all functions "
+                             "or on none")
+        return self
+
+    def specs(self) -> list[FunctionSpec]:
+        return [FunctionSpec(f.id, f.driver, i if f.function is None else f.function,
+                             dict(f.properties)) for i, f in enumerate(self.functions)]
+
+
+class FunctionAddArgs(Args):
+    vm: VmName
+    id: DeviceId
+    driver: Driver
+    bus: BusName
+    slot: SlotNumber
+    function: FunctionNumber
+    properties: Annotated[dict[Annotated[str, Field(max_length=64)], PropValue],
+                          Field(max_length=64)] = Field(default_factory=dict)
+
+    def spec(self) -> FunctionSpec:
+        return FunctionSpec(self.id, self.driver, self.function, dict(self.properties))
+
+
+class QueryPendingArgs(Args):
+    vm: VmName | None = None
+
+
+class SlotRef(Args):
+    vm: VmName
+    bus: BusName
+    slot: SlotNumber
+
+
+class DeviceDetachArgs(Args):
+    vm: VmName
+    ids: Annotated[list[DeviceId], Field(min_length=1, max_length=8)] | None = None
+    bus: BusName | None = None
+    slot: SlotNumber | None = None
+    whole_slot: bool = Field(False, alias="whole-slot")
+    timeout: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> DeviceDetachArgs:
+        if self.ids is None and (self.bus is None or self.slot is None):
+            raise ValueError("ids: give the ids to detach, or bus and slot")
+        if self.ids is not None and (self.bus is not None or self.slot is not None):
+            raise ValueError("ids: give ids or bus and slot, not both")
+        return self
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_args(model: type[M], args: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = _loc(tuple(p for p in err["loc"] if p not in ("function-after",)))
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if msg.startswith(where.split(".")[0]) and ":" in msg:
+            raise InvalidRequest(msg) from exc  # our own validators already name the field
+        if err["type"] == "extra_forbidden":
+            msg = "unexpected argument"
+        elif err["type"] == "missing":
+            msg = "missing required argument"
+        raise InvalidRequest(f"{where or 'arguments'}: {msg}") from exc

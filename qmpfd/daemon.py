@@ -1,0 +1,98 @@
+"""The ``qmpfd`` daemon: configuration, the API socket, VM adoption, signals, shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from qmpfd import __version__, logs, systemd
+from qmpfd.api.commands import Commands
+from qmpfd.api.server import ApiServer
+from qmpfd.config import Config, load_config
+from qmpfd.errors import QmpfdError
+from qmpfd.vm.registry import VmRegistry
+
+log = logging.getLogger("qmpfd")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        d = config.daemon
+        self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes)
+        self.vms = VmRegistry(config, self.server.broadcast)
+        self.commands = Commands(self.vms)
+        self._stop = asyncio.Event()
+
+    async def _dispatch(self, name: str, args: dict[str, Any], session: Any) -> Any:
+        return await self.commands.dispatch(name, args, session)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        d = self.config.daemon
+        d.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.server.listen(d.socket, d.socket_mode, d.socket_group)
+        for entry in self.config.vm:
+            try:
+                await self.vms.add(entry.name, entry.qmp)
+            except QmpfdError as exc:
+                log.error("cannot adopt configured VM", extra={"vm": entry.name,
+                                                                "error": exc.desc})
+        systemd.notify("READY=1")
+        log.info("qmpfd ready", extra={"version": __version__})
+        await self._stop.wait()
+        systemd.notify("STOPPING=1")
+        log.info("shutting down")
+        await self.server.close()
+        await self.vms.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qmpfd", description=__doc__)
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    p.add_argument("--socket", type=Path, help="API socket path (overrides the config)")
+    p.add_argument("--state-dir", type=Path, help="state directory (overrides the config)")
+    p.add_argument("--log-format", choices=["json", "text"], help="overrides the config")
+    p.add_argument("--version", action="version", version=f"qmpfd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except QmpfdError as exc:
+        print(f"qmpfd: {exc.desc}", file=sys.stderr)
+        return 2
+    if args.socket:
+        config.daemon.socket = args.socket
+    if args.state_dir:
+        config.daemon.state_dir = args.state_dir
+    if args.log_format:
+        config.daemon.log_format = args.log_format
+    logs.setup(config.daemon.log_level, config.daemon.log_format)
+
+    async def run() -> None:
+        daemon = Daemon(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+        await daemon.run()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        log.error("fatal: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

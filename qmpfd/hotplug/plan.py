@@ -1,0 +1,173 @@
+"""From a request and the VM's topology to a :class:`Plan`: the slot, the ordered QMP steps, and
+how to roll back. Pure code: no QEMU, so ``dry-run`` costs nothing and every rule is unit-tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.hotplug.policies.base import Policy, SlotMember
+from qmpfd.vm.topology import Bus, Topology
+
+MAX_FUNCTIONS = 8
+#: device_add arguments qmpfd sets itself; a request may not pass them as properties.
+RESERVED_PROPERTIES = frozenset({"id", "driver", "bus", "addr", "multifunction"})
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One function as requested: a QEMU device model and its properties."""
+
+    id: str
+    driver: str
+    function: int
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One QMP command of a plan, and the function it concerns."""
+
+    execute: str
+    arguments: Mapping[str, Any]
+    id: str
+    function: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"execute": self.execute, "arguments": dict(self.arguments)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    bus: str
+    slot: int
+    policy: Policy
+    functions: tuple[FunctionSpec, ...]
+    steps: tuple[Step, ...]
+
+    @property
+    def multifunction(self) -> bool:
+        return len(self.functions) > 1
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.functions]
+
+    def rollback_steps(self, added: Sequence[str]) -> list[Step]:
+        """device_del steps that take back the functions in ``added`` (ids already in QEMU)."""
+        by_id = {f.id: f for f in self.functions}
+        members = [SlotMember(i, by_id[i].function) for i in added]
+        if not members:
+            return []
+        return [Step("device_del", {"id": i}, i, by_id[i].function)
+                for i in self.policy.rollback_targets(members)]
+
+    def describe(self, vm: str) -> dict[str, Any]:
+        return {
+            "vm": vm,
+            "bus": self.bus,
+            "slot": self.slot,
+            "policy": self.policy.name,
+            "functions": [{"id": f.id, "function": f.function} for f in self.functions],
+            "steps": [s.as_json() for s in self.steps],
+            "rollback": [s.as_json() for s in self.rollback_steps(self.ids)],
+        }
+
+
+def check_functions(functions: Sequence[FunctionSpec]) -> None:
+    """The request-level rules of the contract, each error naming the field at fault."""
+    if not 1 <= len(functions) <= MAX_FUNCTIONS:
+        raise InvalidRequest(
+            f"functions: between 1 and {MAX_FUNCTIONS} functions, got {len(functions)}")
+    seen_ids: dict[str, int] = {}
+    seen_fn: dict[int, int] = {}
+    for i, f in enumerate(functions):
+        if f.id in seen_ids:
+            raise InvalidRequest(f"functions[{i}].id: '{f.id}' is used twice "
+                                 f"(also functions[{seen_ids[f.id]}])")
+        seen_ids[f.id] = i
+        if not 0 <= f.function <= 7:
+            raise InvalidRequest(f"functions[{i}].function: must be 0-7, got {f.function}")
+        if f.function in seen_fn:
+            raise InvalidRequest(f"functions[{i}].function: function {f.function} is given twice "
+                                 f"(also functions[{seen_fn[f.function]}])")
+        seen_fn[f.function] = i
+        bad = RESERVED_PROPERTIES & set(f.properties)
+        if bad:
+            raise InvalidRequest(f"functions[{i}].properties.{sorted(bad)[0]}: set by qmpfd, "
+                                 "not allowed in properties")
+    if 0 not in seen_fn:
+        raise InvalidRequest("functions: no function 0; a slot without function 0 is invisible "
+                             "to the guest")
+
+
+def choose_slot(topology: Topology, bus: str | None, slot: int | None,
+                taken: Collection[tuple[str, int]]) -> tuple[Bus, int]:
+    """The given slot if it is usable, else the first free hotpluggable slot (topology order)."""
+    if bus is not None:
+        b = topology.bus(bus)
+        if b is None:
+            raise NotFound(f"bus: no PCI bus '{bus}' in this VM")
+        if not b.hotpluggable:
+            raise Unsupported(f"bus: '{bus}' does not support hotplugging")
+        candidates = [b]
+    else:
+        if slot is not None:
+            raise InvalidRequest("slot: given without bus")
+        candidates = [b for b in topology.buses if b.hotpluggable]
+        if not candidates:
+            raise Unsupported("bus: this VM has no hotpluggable PCI bus (pc needs ACPI hotplug; "
+                              "q35 needs free pcie-root-ports created at start)")
+    for b in candidates:
+        numbers = [slot] if slot is not None else range(b.slot_count)
+        for n in numbers:
+            if not 0 <= n < b.slot_count:
+                raise InvalidRequest(f"slot: bus '{b.name}' has slots 0-{b.slot_count - 1}")
+            if b.slot(n).empty and (b.name, n) not in taken:
+                return b, n
+            if slot is not None:
+                owners = ", ".join(f.id or f.driver for f in b.slot(n).functions) or "an operation"
+                raise Conflict(f"slot: {b.name} slot {n} is taken (by {owners})")
+    where = f"bus '{bus}'" if bus else "any hotpluggable bus"
+    raise Conflict(f"slot: no free slot on {where}")
+
+
+def plan_attach(
+    topology: Topology,
+    functions: Sequence[FunctionSpec],
+    policy_of: Mapping[str, Policy],
+    *,
+    bus: str | None = None,
+    slot: int | None = None,
+    taken: Collection[tuple[str, int]] = (),
+    busy_ids: Collection[str] = (),
+) -> Plan:
+    """Plan an attach. ``policy_of`` maps bus name to its policy; ``taken`` are slots reserved by
+    queues or operations in flight; ``busy_ids`` are ids in use outside QEMU's view (queued)."""
+    check_functions(functions)
+    in_use = topology.device_ids() | set(busy_ids)
+    for i, f in enumerate(functions):
+        if f.id in in_use:
+            raise Conflict(f"functions[{i}].id: a device with id '{f.id}' already exists in "
+                           "this VM")
+    target, number = choose_slot(topology, bus, slot, taken)
+    policy = policy_of[target.name]
+    if len(functions) > 1 and not policy.multifunction:
+        raise Unsupported(policy.unsupported_reason or
+                          f"bus '{target.name}' cannot take a multifunction device")
+    multi = len(functions) > 1
+    by_fn = {f.function: f for f in functions}
+    steps = []
+    for fn in policy.plug_order(list(by_fn)):
+        f = by_fn[fn]
+        args: dict[str, Any] = {"driver": f.driver, "id": f.id, "bus": target.name,
+                                "addr": f"{number:#04x}.{fn:#x}" if multi else f"{number:#04x}"}
+        if multi and fn == 0:
+            args["multifunction"] = "on"
+        args.update(f.properties)
+        steps.append(Step("device_add", args, f.id, fn))
+    ordered = tuple(sorted(functions, key=lambda f: f.function))
+    return Plan(target.name, number, policy, ordered, tuple(steps))

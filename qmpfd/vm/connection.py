@@ -1,0 +1,107 @@
+"""One QMP connection to one QEMU, built on ``qemu.qmp.QMPClient``.
+
+It adds what the daemon needs above the library: every command bounded by a timeout, QEMU's error
+replies turned into :class:`~qmpfd.errors.QemuError`, a closed socket turned into
+:class:`~qmpfd.errors.VmGone`, and QEMU's events handed to subscribers (the slot tracker waits on
+``DEVICE_DELETED`` through it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, Runstate
+from qemu.qmp.error import QMPError
+
+from qmpfd.errors import QemuError, Timeout, VmGone
+
+log = logging.getLogger("qmpfd.vm")
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class VmConnection:
+    def __init__(self, name: str, socket_path: Path, command_timeout: float) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.command_timeout = command_timeout
+        self._client = QMPClient(f"qmpfd-{name}")
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self._handlers: list[EventHandler] = []
+        self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.on_disconnect: Callable[[], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate is Runstate.RUNNING
+
+    async def connect(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._client.connect(str(self.socket_path)), timeout)
+        except TimeoutError as exc:
+            with contextlib.suppress(Exception):
+                await self._client.disconnect()
+            raise Timeout(f"VM '{self.name}': no QMP greeting from {self.socket_path} "
+                          f"within {timeout:g} s") from exc
+        except (QMPError, OSError) as exc:
+            raise VmGone(f"VM '{self.name}': cannot connect to QMP socket "
+                         f"{self.socket_path}: {exc}") from exc
+        self._pump = asyncio.create_task(self._pump_events(), name=f"events-{self.name}")
+        self._watch = asyncio.create_task(self._watch_runstate(), name=f"watch-{self.name}")
+
+    async def close(self) -> None:
+        for task in (self._pump, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()
+
+    def subscribe(self, handler: EventHandler) -> Callable[[], None]:
+        """Call ``handler`` for every QEMU event; returns the function that unsubscribes."""
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler) if handler in self._handlers else None
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        if not self.connected:
+            raise VmGone(f"VM '{self.name}' is not connected (QMP socket {self.socket_path})")
+        limit = self.command_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(self._client.execute(cmd, args), limit)
+        except ExecuteError as exc:
+            raise QemuError(f"{exc.error_class}: {exc}", exc.error_class) from exc
+        except TimeoutError as exc:
+            raise Timeout(f"VM '{self.name}': QEMU did not answer {cmd} within {limit:g} s") \
+                from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise VmGone(f"VM '{self.name}': QMP connection lost during {cmd}: {exc}") from exc
+
+    async def _pump_events(self) -> None:
+        async for event in self._listener:
+            for handler in list(self._handlers):
+                try:
+                    handler(dict(event))
+                except Exception:
+                    log.exception("event handler failed", extra={"vm": self.name})
+
+    async def _watch_runstate(self) -> None:
+        while True:
+            state = await self._client.runstate_changed()
+            if state is not Runstate.RUNNING:
+                log.warning("QMP connection lost", extra={"vm": self.name})
+                # Wake waiters (they see `connected` False) and let the owner react.
+                for handler in list(self._handlers):
+                    with contextlib.suppress(Exception):
+                        handler({"event": "QMPFD_DISCONNECTED", "data": {}})
+                if self.on_disconnect is not None:
+                    self.on_disconnect()
+                return

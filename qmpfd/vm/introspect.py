@@ -1,0 +1,162 @@
+"""Read what a VM is and what its PCI buses hold, from QEMU itself (QOM and query-* commands).
+
+Only I/O lives here; turning the answers into decisions is :mod:`qmpfd.vm.topology`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from qmpfd.errors import QemuError
+from qmpfd.vm.connection import VmConnection
+from qmpfd.vm.topology import RawBus, RawDevice, Topology
+
+_LINK = re.compile(r"^(child|link)<(.+)>$")
+_HOST_HINTS = ("pcihost", "pci-host", "host-bridge", "i440fx", "q35", "phb")
+
+
+@dataclass(frozen=True)
+class VmIdentity:
+    arch: str
+    machine: str        # e.g. "pc-q35-7.2"
+    machine_family: str  # "pc", "q35", "pseries", "virt", "s390-ccw-virtio", ...
+    qemu: str           # "7.2.22"
+    qemu_version: tuple[int, int, int]
+
+
+def machine_family(machine: str) -> str:
+    if machine.startswith("pc-q35") or machine == "q35":
+        return "q35"
+    if machine.startswith("pc-i440fx") or machine == "pc" or machine.startswith("pc-"):
+        return "pc"
+    if machine.startswith("pseries"):
+        return "pseries"
+    if machine.startswith("virt"):
+        return "virt"
+    if machine.startswith("s390-ccw-virtio"):
+        return "s390-ccw-virtio"
+    return machine
+
+
+async def read_identity(conn: VmConnection) -> VmIdentity:
+    target, version, mtype = await asyncio.gather(
+        conn.execute("query-target"),
+        conn.execute("query-version"),
+        conn.execute("qom-get", {"path": "/machine", "property": "type"}),
+    )
+    machine = str(mtype).removesuffix("-machine")
+    q = version["qemu"]
+    vtuple = (int(q["major"]), int(q["minor"]), int(q["micro"]))
+    return VmIdentity(
+        arch=target["arch"], machine=machine, machine_family=machine_family(machine),
+        qemu=".".join(map(str, vtuple)), qemu_version=vtuple)
+
+
+def _link_type(prop_type: str) -> str | None:
+    m = _LINK.match(prop_type)
+    return m.group(2) if m else None
+
+
+async def _qom_list(conn: VmConnection, path: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = await conn.execute("qom-list", {"path": path})
+    return result
+
+
+async def _child_buses(conn: VmConnection, path: str) -> list[tuple[str, str]]:
+    """(bus name, bus type) of the PCI buses that are QOM children of ``path``."""
+    out = []
+    for prop in await _qom_list(conn, path):
+        t = prop["type"]
+        if t.startswith("child<PCI"):
+            out.append((prop["name"], _link_type(t) or "PCI"))
+    return out
+
+
+async def find_root_buses(conn: VmConnection) -> list[tuple[str, str, str, str]]:
+    """(bus path, bus type, owner type) for every host bridge's root bus.
+
+    Host bridges hang under /machine (i440fx, q35), among unattached devices (gpex on arm virt),
+    or under /machine/peripheral when given with -device (spapr PHBs, pxb); their QOM type names
+    say what they are, so only those candidates are listed further.
+    """
+    candidates: list[tuple[str, str]] = []
+    for base in ("/machine", "/machine/unattached", "/machine/peripheral",
+                 "/machine/peripheral-anon"):
+        try:
+            props = await _qom_list(conn, base)
+        except QemuError:
+            continue
+        for prop in props:
+            t = _link_type(prop["type"])
+            if prop["type"].startswith("child<") and t and any(h in t.lower() for h in _HOST_HINTS):
+                candidates.append((f"{base}/{prop['name']}", t))
+    roots = []
+    for owner_path, owner_type in candidates:
+        for bus_name, bus_type in await _child_buses(conn, owner_path):
+            roots.append((f"{owner_path}/{bus_name}", bus_name, bus_type, owner_type))
+    return roots
+
+
+async def _read_device(conn: VmConnection, bus_path: str, child: str,
+                       dev_type: str) -> tuple[RawDevice, list[tuple[str, str]]]:
+    path = await conn.execute("qom-get", {"path": bus_path, "property": child})
+    devfn, buses = await asyncio.gather(
+        conn.execute("qom-get", {"path": path, "property": "addr"}),
+        _child_buses(conn, path),
+    )
+    return RawDevice(path=path, type=dev_type, devfn=int(devfn)), buses
+
+
+async def _read_bus(conn: VmConnection, path: str, name: str, bus_type: str, owner_type: str,
+                    owner_is_pci: bool) -> tuple[RawBus, list[tuple[str, str, str, str]]]:
+    props = await _qom_list(conn, path)
+    handler = await conn.execute("qom-get", {"path": path, "property": "hotplug-handler"})
+    handler_type = None
+    if handler:
+        handler_type = await conn.execute("qom-get", {"path": handler, "property": "type"})
+    children = [(p["name"], _link_type(p["type"]) or "?") for p in props
+                if p["name"].startswith("child[")]
+    results = await asyncio.gather(*(_read_device(conn, path, c, t) for c, t in children))
+    devices = tuple(sorted((d for d, _ in results), key=lambda d: d.devfn))
+    below = [(f"{d.path}/{bname}", bname, btype, d.type)
+             for d, buses in results for bname, btype in buses]
+    raw = RawBus(name=name, path=path, bus_type=bus_type, owner_type=owner_type,
+                 owner_is_pci_device=owner_is_pci, handler_path=str(handler or ""),
+                 handler_type=handler_type, devices=devices)
+    return raw, below
+
+
+async def read_topology(conn: VmConnection,
+                        roots: list[tuple[str, str, str, str]] | None = None) -> Topology:
+    """Walk every PCI bus from the host bridges down through bridges and ports."""
+    if roots is None:
+        roots = await find_root_buses(conn)
+    raws: list[RawBus] = []
+    level = [(p, n, t, o, False) for p, n, t, o in roots]
+    while level:
+        results = await asyncio.gather(*(_read_bus(conn, *item) for item in level))
+        level = []
+        for raw, below in results:
+            raws.append(raw)
+            level.extend((p, n, t, o, True) for p, n, t, o in below)
+    return Topology.from_raw(raws)
+
+
+async def pci_functions(conn: VmConnection) -> dict[str, tuple[int, int, int]]:
+    """qdev id -> (bus number, slot, function) for every device ``query-pci`` shows."""
+    out: dict[str, tuple[int, int, int]] = {}
+
+    def walk(devices: list[dict[str, Any]]) -> None:
+        for d in devices:
+            if d.get("qdev_id"):
+                out[d["qdev_id"]] = (d["bus"], d["slot"], d["function"])
+            bridge = d.get("pci_bridge")
+            if bridge:
+                walk(bridge.get("devices", []))
+
+    for bus in await conn.execute("query-pci"):
+        walk(bus["devices"])
+    return out
