@@ -101,12 +101,16 @@ async def find_root_buses(conn: VmConnection) -> list[tuple[str, str, str, str]]
 
 
 async def _read_device(conn: VmConnection, bus_path: str, child: str,
-                       dev_type: str) -> tuple[RawDevice, list[tuple[str, str]]]:
-    path = await conn.execute("qom-get", {"path": bus_path, "property": child})
-    devfn, buses = await asyncio.gather(
-        conn.execute("qom-get", {"path": path, "property": "addr"}),
-        _child_buses(conn, path),
-    )
+                       dev_type: str) -> tuple[RawDevice, list[tuple[str, str]]] | None:
+    """A device on a bus, or None if it went away while we looked (an unplug completing)."""
+    try:
+        path = await conn.execute("qom-get", {"path": bus_path, "property": child})
+        devfn, buses = await asyncio.gather(
+            conn.execute("qom-get", {"path": path, "property": "addr"}),
+            _child_buses(conn, path),
+        )
+    except QemuError:
+        return None
     return RawDevice(path=path, type=dev_type, devfn=int(devfn)), buses
 
 
@@ -119,7 +123,8 @@ async def _read_bus(conn: VmConnection, path: str, name: str, bus_type: str, own
         handler_type = await conn.execute("qom-get", {"path": handler, "property": "type"})
     children = [(p["name"], _link_type(p["type"]) or "?") for p in props
                 if p["name"].startswith("child[")]
-    results = await asyncio.gather(*(_read_device(conn, path, c, t) for c, t in children))
+    found = await asyncio.gather(*(_read_device(conn, path, c, t) for c, t in children))
+    results = [r for r in found if r is not None]
     devices = tuple(sorted((d for d, _ in results), key=lambda d: d.devfn))
     below = [(f"{d.path}/{bname}", bname, btype, d.type)
              for d, buses in results for bname, btype in buses]

@@ -1,0 +1,179 @@
+"""Multifunction hotplug and unplug on x86 guests, proven by what the guest itself sees.
+
+Each machine kind boots one real Linux guest (module scope); qmpfd adopts it; tests attach and
+detach through qmpfd's socket and then read the guest's own /sys/bus/pci/devices report from its
+serial console, and QEMU's own view from a second QMP monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from tests.integration.conftest import Client, connect, qemu_view, start_lab_vm
+
+pytestmark = pytest.mark.integration
+
+EXPECTED_POLICY = {"pc": "acpi-pcihp", "q35": "acpi-pcihp", "q35-native": "pcie-native"}
+DRIVERS = ["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci",
+           "e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"]
+
+
+@dataclass
+class Guest:
+    name: str
+    machine: str
+    lab: LabVm
+    info: dict[str, Any]
+
+
+@pytest.fixture(scope="module", params=["pc", "q35", "q35-native"])
+def guest(request: pytest.FixtureRequest, workdir: Path, daemon: Path) -> Iterator[Guest]:
+    machine = request.param
+    name = f"x86-{machine}"
+    lab = start_lab_vm(workdir, name, LabVmSpec(machine=machine, root_ports=4))
+
+    async def adopt() -> dict[str, Any]:
+        c = await connect(daemon)
+        try:
+            result: dict[str, Any] = await c.execute(
+                "vm-add", {"name": name, "qmp": str(lab.qmp_socket)})
+            return result
+        finally:
+            await c.qmp.disconnect()
+
+    try:
+        info = asyncio.run(adopt())
+        yield Guest(name, machine, lab, info)
+    finally:
+        lab.stop()
+
+
+def functions(prefix: str, n: int) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}f{i}", "driver": DRIVERS[i]} for i in range(n)]
+
+
+def new_slots(before: set[str], after: set[str]) -> dict[str, set[int]]:
+    return slot_groups(after - before)
+
+
+async def attach_and_see(client: Client, g: Guest, prefix: str, n: int,
+                         **extra: Any) -> tuple[dict[str, Any], set[str]]:
+    """Attach n functions; wait until the guest shows n new functions; return (reply, before)."""
+    before = g.lab.guest_pci() or set()
+    reply = await client.execute("device-attach",
+                                 {"vm": g.name, "functions": functions(prefix, n), **extra})
+    after = await asyncio.to_thread(
+        g.lab.wait_guest_pci, lambda seen: len(seen - before) >= n, 60)
+    groups = new_slots(before, after)
+    assert len(groups) == 1, f"functions spread over several guest slots: {groups}"
+    assert next(iter(groups.values())) == set(range(n))
+    return reply, before
+
+
+async def detach_and_see(client: Client, g: Guest, ids: list[str], before: set[str]) -> None:
+    reply = await client.execute("device-detach", {"vm": g.name, "ids": ids})
+    assert sorted(reply["ids"]) == sorted(ids)
+    event = await client.wait_event("SLOT_DETACHED", 30)
+    assert sorted(event["data"]["ids"]) == sorted(ids)
+    seen = await asyncio.to_thread(g.lab.wait_guest_pci, lambda s: s == before, 30)
+    assert seen == before
+    peripheral, in_pci = await qemu_view(g.lab)
+    assert not set(ids) & (peripheral | in_pci), "QEMU still holds detached functions"
+
+
+def test_policy_chosen(guest: Guest) -> None:
+    assert guest.info["arch"] == "x86_64"
+    assert guest.info["policy"] == EXPECTED_POLICY[guest.machine]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+async def test_attach_then_detach_whole_slot(client: Client, guest: Guest, n: int) -> None:
+    prefix = f"m{n}"
+    reply, before = await attach_and_see(client, guest, prefix, n)
+    assert [f["function"] for f in reply["functions"]] == list(range(n))
+    # Plug order: every non-zero function first, function 0 last with multifunction=on.
+    fns = [int(s["arguments"]["addr"].split(".")[1], 16) for s in reply["steps"]]
+    assert fns[-1] == 0 and sorted(fns[:-1]) == list(range(1, n))
+    assert reply["steps"][-1]["arguments"]["multifunction"] == "on"
+    slots = await client.execute("query-slots", {"vm": guest.name})
+    mine = [s for s in slots if s["bus"] == reply["bus"] and s["slot"] == reply["slot"]]
+    assert [f["id"] for f in mine[0]["functions"]] == [f"{prefix}f{i}" for i in range(n)]
+    await detach_and_see(client, guest, [f"{prefix}f{i}" for i in range(n)], before)
+
+
+async def test_single_function_takes_the_ordinary_path(client: Client, guest: Guest) -> None:
+    reply, before = await attach_and_see(client, guest, "single", 1)
+    assert "multifunction" not in reply["steps"][0]["arguments"]
+    await detach_and_see(client, guest, ["singlef0"], before)
+
+
+@pytest.mark.parametrize("bad_function", [2, 0])
+async def test_bad_property_fails_whole_attach(client: Client, guest: Guest,
+                                               bad_function: int) -> None:
+    """A function QEMU refuses makes the whole attach fail, and nothing is left anywhere."""
+    before = guest.lab.guest_pci() or set()
+    slots_before = await client.execute("query-slots", {"vm": guest.name})
+    funcs = functions(f"bad{bad_function}", 4)
+    funcs[bad_function]["properties"] = {"no-such-property": "1"}
+    with pytest.raises(ExecuteError) as err:
+        await client.execute("device-attach", {"vm": guest.name, "functions": funcs})
+    assert err.value.error_class == "QemuError"
+    assert f"bad{bad_function}f{bad_function}" in str(err.value)
+    assert "no-such-property" in str(err.value)
+    ids = {f["id"] for f in funcs}
+    peripheral, in_pci = await qemu_view(guest.lab)
+    assert not ids & (peripheral | in_pci), "rollback left functions in QEMU"
+    assert await client.execute("query-slots", {"vm": guest.name}) == slots_before
+    await asyncio.sleep(1.0)  # give the guest time to show anything stray
+    assert guest.lab.guest_pci() == before
+
+
+async def test_detach_naming_part_of_a_slot_is_a_conflict(client: Client, guest: Guest) -> None:
+    _, before = await attach_and_see(client, guest, "part", 3)
+    with pytest.raises(ExecuteError) as err:
+        await client.execute("device-detach", {"vm": guest.name, "ids": ["partf1"]})
+    assert err.value.error_class == "Conflict"
+    assert "partf0" in str(err.value) and "partf2" in str(err.value)
+    assert len(guest.lab.guest_pci() or set()) == len(before) + 3  # nothing was removed
+    reply = await client.execute("device-detach",
+                                 {"vm": guest.name, "ids": ["partf1"], "whole-slot": True})
+    assert sorted(reply["ids"]) == ["partf0", "partf1", "partf2"]
+    await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == before, 30)
+
+
+async def test_dry_run_sends_nothing(client: Client, guest: Guest) -> None:
+    plan = await client.execute("device-attach", {"vm": guest.name,
+                                                  "functions": functions("dry", 3),
+                                                  "dry-run": True})
+    assert plan["dry-run"] is True
+    assert [s["execute"] for s in plan["steps"]] == ["device_add"] * 3
+    peripheral, _ = await qemu_view(guest.lab)
+    assert not {"dryf0", "dryf1", "dryf2"} & peripheral
+
+
+async def test_two_clients_never_get_the_same_slot(daemon: Path, guest: Guest) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    try:
+        before = guest.lab.guest_pci() or set()
+        ra, rb = await asyncio.gather(
+            a.execute("device-attach", {"vm": guest.name, "functions": functions("ca", 2)}),
+            b.execute("device-attach", {"vm": guest.name, "functions": functions("cb", 2)}))
+        assert (ra["bus"], ra["slot"]) != (rb["bus"], rb["slot"])
+        after = await asyncio.to_thread(guest.lab.wait_guest_pci,
+                                        lambda s: len(s - before) >= 4, 60)
+        assert sorted(map(sorted, new_slots(before, after).values())) == [[0, 1], [0, 1]]
+        await asyncio.gather(
+            a.execute("device-detach", {"vm": guest.name, "ids": ["caf0", "caf1"]}),
+            b.execute("device-detach", {"vm": guest.name, "ids": ["cbf0", "cbf1"]}))
+        await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == before, 30)
+    finally:
+        await a.qmp.disconnect()
+        await b.qmp.disconnect()
