@@ -134,7 +134,8 @@ async def follow_events(sock: str, as_json: bool) -> None:
         if as_json:
             print(json.dumps(dict(ev)), flush=True)
         else:
-            ts = ev["timestamp"]
+            data: dict[str, Any] = dict(ev)
+            ts = data["timestamp"]
             print(f"{ts['seconds']}.{ts['microseconds']:06d} {ev['event']} "
                   f"{json.dumps(ev.get('data', {}))}", flush=True)
 

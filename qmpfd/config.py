@@ -64,8 +64,8 @@ class VmEntry(_Strict):
 
 
 class Config(_Strict):
-    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
-    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    daemon: DaemonConfig = Field(default_factory=lambda: DaemonConfig())
+    timeouts: TimeoutConfig = Field(default_factory=lambda: TimeoutConfig())
     vm: list[VmEntry] = Field(default_factory=list)
 
 

@@ -1,1 +1,1 @@
-"""Multifunction hotplug: pure planning, per-mechanism policies, and the executor that talks to QEMU."""
+"""Multifunction hotplug: pure planning, per-mechanism policies, and the executor (QMP I/O)."""

@@ -103,9 +103,9 @@ class LabVm:
             return None
         last = None
         for line in text.splitlines():
-            m = PCI_LINE.match(line.strip().lstrip("\x1b[?7l\x1b[2J"))
-            if m is None and "PCI-DEVICES:" in line:
-                m = PCI_LINE.match(line[line.index("PCI-DEVICES:"):])
+            # The firmware's escape sequences can share a line with the report: search, not match.
+            m = PCI_LINE.match(line[line.index("PCI-DEVICES:"):]) if "PCI-DEVICES:" in line \
+                else None
             if m:
                 last = set(m.group(1).split())
         return last

@@ -1,8 +1,8 @@
 """A VM under qmpfd's management: its connection, its slots and the operations on them.
 
 Concurrency rules (why they are what they are):
-- Slot choice happens under the VM's allocation lock, and the chosen slot is reserved before the lock
-  is released, so two attaches never get the same slot even though QEMU shows neither yet.
+- Slot choice happens under the VM's allocation lock, and the chosen slot is reserved before the
+  lock is released, so two attaches never get the same slot even though QEMU shows neither yet.
 - One operation per slot at a time: a slot that is attaching, queued or unplugging is not offered to
   anyone else, and a second detach of an unplugging slot is refused (on native PCIe a second
   attention-button press would cancel the first).
@@ -109,8 +109,9 @@ class ManagedVm:
         for s in topo.slots():
             key = (s.bus, s.slot)
             state = "unplugging" if key in self._unplugging else "present"
-            funcs = [{"function": f.function, "id": f.id, "driver": f.driver, "state": state}
-                     for f in s.functions]
+            funcs: list[dict[str, Any]] = [
+                {"function": f.function, "id": f.id, "driver": f.driver, "state": state}
+                for f in s.functions]
             queued = self.pending.get(key)
             if queued is not None:
                 funcs += [{"function": f.function, "id": f.id, "driver": f.driver,

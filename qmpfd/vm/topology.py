@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Hotplug handlers that implement ACPI PCI hotplug (hw/acpi/pcihp.c): PIIX4 PM on pc, ICH9 LPC on q35.
+# Handlers implementing ACPI PCI hotplug (hw/acpi/pcihp.c): PIIX4 PM on pc, ICH9 LPC on q35.
 ACPI_PCIHP_HANDLERS = frozenset({"PIIX4_PM", "ICH9-LPC"})
 # Devices that provide a native PCIe hotplug slot (hw/pci/pcie.c): the port is its own handler.
 PCIE_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})

@@ -210,7 +210,7 @@ def test_wire_protocol_raw(daemon: Path) -> None:
 
 
 def test_oversized_message_is_refused_and_connection_survives(daemon: Path) -> None:
-    _, neg, big, ok = raw_exchange(daemon, [
+    _, _, big, ok = raw_exchange(daemon, [
         b'{"execute":"qmp_capabilities"}\n',
         b'{"execute":"query-version","arguments":{"x":"' + b"a" * (2 << 20) + b'"}}\n',
         b'{"execute":"query-version","id":2}\n',

@@ -1,8 +1,9 @@
 """Native PCIe hotplug (hw/pci/pcie.c): root ports and switch downstream ports.
 
 - The hotplug interrupt goes out when function 0 is plugged, so non-zero functions go first.
-- ``device_del`` presses the slot's attention button; Linux pciehp waits 5 s (a second press cancels),
-  then powers the slot off and QEMU removes every function behind the port. One press per slot.
+- ``device_del`` presses the slot's attention button; Linux pciehp waits 5 s (a second press
+  cancels), then powers the slot off and QEMU removes every function behind the port.
+  One press per slot.
 - A non-zero function whose slot has no function 0 is removed at once, with no guest involved: that
   is the rollback path, one ``device_del`` per function added.
 """

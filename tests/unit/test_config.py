@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import pytest
+
+from qmpfd.config import load_config
+from qmpfd.errors import InvalidRequest
+from qmpfd.vm.registry import configured_policies
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "qmpfd.toml"
+
+
+def test_documented_example_loads() -> None:
+    c = load_config(EXAMPLE)
+    assert c.daemon.socket == Path("/run/qmpfd/qmpfd.sock")
+    assert c.daemon.socket_mode == 0o660
+
+
+def test_defaults_without_a_file() -> None:
+    c = load_config(None)
+    assert c.timeouts.pending_expiry > 0 and c.vm == []
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[daemon]\nsockett = '/x'\n")
+    with pytest.raises(InvalidRequest, match=r"daemon\.sockett"):
+        load_config(p)
+
+
+def test_policy_timeout_override(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[timeouts.policy.pcie-native]\nunplug = 42\n")
+    table = configured_policies(load_config(p))
+    assert table["pcie-native"].timeouts.unplug == 42
+    assert table["acpi-pcihp"].timeouts.unplug != 42

@@ -1,0 +1,54 @@
+import asyncio
+import time
+
+import pytest
+
+from qmpfd.errors import Conflict, QemuError, VmGone
+from qmpfd.hotplug.deletion import DeletionTracker
+from qmpfd.hotplug.pending import PendingQueues
+from qmpfd.hotplug.plan import FunctionSpec
+
+
+def test_queue_refuses_duplicate_function_and_id_without_changing() -> None:
+    q = PendingQueues()
+    q.queue(FunctionSpec("a", "e1000", 2), "pci.0", 5, ttl=60)
+    with pytest.raises(Conflict, match="function 2"):
+        q.queue(FunctionSpec("b", "e1000", 2), "pci.0", 5, ttl=60)
+    with pytest.raises(Conflict, match="'a'"):
+        q.queue(FunctionSpec("a", "e1000", 3), "pci.0", 5, ttl=60)
+    entry = q.get(("pci.0", 5))
+    assert entry is not None and list(entry.functions) == [2]
+    assert q.ids() == {"a"} and q.keys() == {("pci.0", 5)}
+
+
+def test_queue_expiry_is_from_first_function() -> None:
+    q = PendingQueues()
+    q.queue(FunctionSpec("a", "e1000", 1), "pci.0", 5, ttl=10)
+    assert q.expired(time.monotonic()) == []
+    assert [e.slot for e in q.expired(time.monotonic() + 11)] == [5]
+
+
+async def test_waits_for_every_function_and_ignores_child_paths() -> None:
+    t = DeletionTracker()
+    done = t.expect(["f0", "f1"])
+    t.handle_event({"event": "DEVICE_DELETED",
+                    "data": {"path": "/machine/peripheral/f0/virtio-backend"}})
+    t.handle_event({"event": "DEVICE_DELETED", "data": {"device": "f1", "path": "x"}})
+    assert not done.done() and t.pending(done) == {"f0"}
+    t.handle_event({"event": "DEVICE_DELETED", "data": {"device": "f0", "path": "x"}})
+    await asyncio.wait_for(done, 1)
+
+
+async def test_guest_error_and_disconnect_fail_the_wait() -> None:
+    t = DeletionTracker()
+    a, b = t.expect(["x"]), t.expect(["y"])
+    t.handle_event({"event": "DEVICE_UNPLUG_GUEST_ERROR", "data": {"device": "x"}})
+    with pytest.raises(QemuError, match="guest refused"):
+        await a
+    t.handle_event({"event": "QMPFD_DISCONNECTED", "data": {}})
+    with pytest.raises(VmGone):
+        await b
+
+
+async def test_expect_nothing_is_done_at_once() -> None:
+    assert DeletionTracker().expect([]).done()

@@ -1,0 +1,43 @@
+from qmpfd.vm.topology import MECH_ACPI, MECH_PCIE, RawDevice
+from tests.unit.topologies import pc_raw, q35_raw, switch_raw, topo
+
+
+def test_pc_root_and_bridge_use_acpi_and_have_32_slots() -> None:
+    t = topo(pc_raw())
+    assert [(b.name, b.mechanism, b.slot_count) for b in t.buses] == [
+        ("pci.0", MECH_ACPI, 32), ("br1", MECH_ACPI, 32)]
+
+
+def test_q35_root_complex_is_not_hotpluggable_ports_have_one_slot() -> None:
+    t = topo(q35_raw(native=False))
+    assert t.bus("pcie.0") is not None and not t.bus("pcie.0").hotpluggable  # type: ignore[union-attr]
+    assert {b.name: (b.mechanism, b.slot_count) for b in t.buses if b.hotpluggable} == {
+        "rp1": (MECH_ACPI, 1), "rp2": (MECH_ACPI, 1)}
+
+
+def test_q35_with_acpi_hotplug_off_is_native() -> None:
+    t = topo(q35_raw(native=True))
+    assert t.mechanisms() == [MECH_PCIE]
+
+
+def test_switch_downstream_ports_hotplug_upstream_does_not() -> None:
+    t = topo(switch_raw())
+    up, dn1 = t.bus("up1"), t.bus("dn1")
+    assert up is not None and dn1 is not None
+    assert not up.hotpluggable
+    assert dn1.mechanism == MECH_PCIE and dn1.slot_count == 1
+
+
+def test_slots_list_empty_hotpluggable_and_occupied_fixed_slots() -> None:
+    t = topo(q35_raw(native=True, occupied_rp1=True))
+    listed = [(s.bus, s.slot, [f.id for f in s.functions]) for s in t.slots()]
+    assert ("rp1", 0, ["nic0"]) in listed and ("rp2", 0, []) in listed
+    assert ("pcie.0", 0, [None]) in listed           # built-in mch: listed, no id
+    assert not any(b == "pcie.0" and not ids for b, _, ids in listed)
+
+
+def test_device_ids_only_for_peripherals() -> None:
+    d = RawDevice("/machine/peripheral/nic0", "e1000", 0x2A)
+    assert (d.id, d.slot, d.function) == ("nic0", 5, 2)
+    assert RawDevice("/machine/peripheral/nic0/virtio-backend", "x", 0).id is None
+    assert RawDevice("/machine/unattached/device[3]", "PIIX3", 8).id is None

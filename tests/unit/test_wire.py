@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from qmpfd.api import wire
+from qmpfd.errors import InvalidRequest, NotFound
+
+
+def split(chunks: list[bytes], limit: int = 1000) -> list[object]:
+    s = wire.JsonSplitter(limit)
+    out: list[object] = []
+    for c in chunks:
+        out += s.feed(c)
+    return out
+
+
+def test_back_to_back_objects_without_newlines() -> None:
+    # qemu.qmp sends compact objects with no newline; each must come out whole.
+    assert split([b'{"a":1}{"b":{"c":[1,2]}}']) == [b'{"a":1}', b'{"b":{"c":[1,2]}}']
+
+
+def test_object_split_across_reads_and_braces_inside_strings() -> None:
+    assert split([b'{"a":"}{\\"', b'x"}', b'\n']) == [b'{"a":"}{\\"x"}']
+
+
+def test_newline_ends_a_malformed_line() -> None:
+    out = split([b'{"execute": "x"\n', b'{"ok":1}\n'])
+    assert out == [b'{"execute": "x"\n', b'{"ok":1}']
+    with pytest.raises(wire.FrameError):
+        wire.parse_request(out[0])  # type: ignore[arg-type]
+
+
+def test_garbage_line_and_blank_lines() -> None:
+    assert split([b"\n\n  hello world\n"]) == [b"  hello world\n"]
+
+
+def test_oversized_is_reported_once_and_skipped_to_newline() -> None:
+    out = split([b'{"a":"' + b"x" * 50, b"x" * 50 + b'"}\n{"b":2}'], limit=40)
+    assert out == [wire.OVERSIZED, b'{"b":2}']
+
+
+def test_check_request_envelope() -> None:
+    assert wire.check_request({"execute": "x", "arguments": {"a": 1}, "id": 3}) == ("x",
+                                                                                  {"a": 1})
+    with pytest.raises(InvalidRequest, match="execute"):
+        wire.check_request({"arguments": {}})
+    with pytest.raises(InvalidRequest, match="arguments"):
+        wire.check_request({"execute": "x", "arguments": [1]})
+    with pytest.raises(InvalidRequest, match="bogus"):
+        wire.check_request({"execute": "x", "bogus": 1})
+
+
+def test_replies_echo_id_only_when_given() -> None:
+    assert wire.return_reply(5, {"execute": "x"}) == {"return": 5}
+    assert wire.return_reply(5, {"execute": "x", "id": None}) == {"return": 5, "id": None}
+    err = wire.reply_for_error(NotFound("vm: gone"), {"execute": "x", "id": [1]})
+    assert err == {"error": {"class": "NotFound", "desc": "vm: gone"}, "id": [1]}
+
+
+def test_event_and_greeting_shapes() -> None:
+    ev = wire.event("SLOT_ATTACHED", {"vm": "a"}, now=12.5)
+    assert ev == {"event": "SLOT_ATTACHED", "data": {"vm": "a"},
+                  "timestamp": {"seconds": 12, "microseconds": 500000}}
+    g = wire.greeting()
+    assert set(g["QMP"]["version"]["qmpfd"]) == {"major", "minor", "micro"}
+    assert json.loads(wire.encode(g)) == g and wire.encode(g).endswith(b"\n")
