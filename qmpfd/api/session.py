@@ -2,7 +2,8 @@
 
 The session owns framing (JSON objects back to back or one per line, capped in size), the
 greeting and capability negotiation, and the ordering of replies. It knows nothing about VMs:
-each request is handed to a :class:`Dispatcher`, which returns a value or raises :class:`~qmpfd.errors.QmpfdError`.
+each request is handed to a :class:`Dispatcher`, which returns a value or raises
+:class:`~qmpfd.errors.QmpfdError`.
 
 Requests from one client run one after another, like QEMU's own monitor, so a client that sends
 several commands without ids still reads replies in order. Events are queued per session and written
