@@ -39,20 +39,35 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
                      for r in cells)
 
 
+def ranges(numbers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '0x03-0x05, 0x09'."""
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and out[-1].endswith(f"{n - 1:#04x}"):
+            first = out[-1].split("-")[0]
+            out[-1] = f"{first}-{n:#04x}"
+        else:
+            out.append(f"{n:#04x}")
+    return ", ".join(out)
+
+
 def render(command: str, result: Any) -> str:
     if command == "query-vms":
         return table([(v["name"], "yes" if v["connected"] else "NO", v["arch"], v["machine"],
                        v["policy"], v["qmp"]) for v in result],
                      ("NAME", "CONNECTED", "ARCH", "MACHINE", "POLICY", "QMP"))
     if command == "query-slots":
-        rows = []
+        rows = [(s["bus"], f"{s['slot']:#04x}", "yes" if s["hotpluggable"] else "no",
+                 f["function"], f["id"], f["driver"], f["state"])
+                for s in result for f in s["functions"]]
+        free: dict[str, list[int]] = {}
         for s in result:
-            funcs = s["functions"] or [None]
-            for f in funcs:
-                rows.append((s["bus"], f"{s['slot']:#04x}", "yes" if s["hotpluggable"] else "no",
-                             "" if f is None else f["function"], f and f["id"],
-                             f and f["driver"], f and f["state"]))
-        return table(rows, ("BUS", "SLOT", "HOTPLUG", "FN", "ID", "DRIVER", "STATE"))
+            if not s["functions"]:
+                free.setdefault(s["bus"], []).append(s["slot"])
+        summary = [f"free hotpluggable slots on {bus}: {ranges(slots)}"
+                   for bus, slots in free.items()]
+        return "\n".join([table(rows, ("BUS", "SLOT", "HOTPLUG", "FN", "ID", "DRIVER", "STATE")),
+                          *summary])
     if command == "query-pending":
         return table([(p["vm"], p["bus"], p["slot"], f["function"], f["id"], f["driver"],
                        p["expires-in"]) for p in result for f in p["functions"]],

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,3 +247,30 @@ async def test_vm_lifecycle_commands(client: Client, lab: LabVm) -> None:
     assert policy["policy"] == "acpi-pcihp" and policy["timeouts"]["unplug"] > 0
     names = {c["name"] for c in await client.execute("query-commands")}
     assert {"device-attach", "device-detach", "function-add", "query-slots"} <= names
+
+
+def run_cli(daemon: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qmpfd.cli", "--socket", str(daemon), *args],
+                          input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_qmpfctl_end_to_end(daemon: Path, lab: LabVm) -> None:
+    before = lab.guest_pci() or set()
+    listed = run_cli(daemon, "vm", "list")
+    assert listed.returncode == 0 and VM in listed.stdout and "acpi-pcihp" in listed.stdout
+    attach = run_cli(daemon, "--json", "attach", VM, "-", stdin=json.dumps(
+        [{"id": "cli0", "driver": "e1000"}, {"id": "cli1", "driver": "virtio-rng-pci"}]))
+    assert attach.returncode == 0, attach.stderr
+    assert [f["id"] for f in json.loads(attach.stdout)["functions"]] == ["cli0", "cli1"]
+    lab.wait_guest_pci(lambda s: len(s - before) >= 2, 60)
+    partial = run_cli(daemon, "detach", VM, "cli1")
+    assert partial.returncode == 1
+    assert partial.stderr.startswith("qmpfctl: Conflict: ") and "cli0" in partial.stderr
+    done = run_cli(daemon, "detach", VM, "cli1", "--whole-slot")
+    assert done.returncode == 0 and "detached" in done.stdout
+    lab.wait_guest_pci(lambda s: s == before, 30)
+    usage = run_cli(daemon, "attach")
+    assert usage.returncode == 2
+    unreachable = subprocess.run([sys.executable, "-m", "qmpfd.cli", "--socket", "/nonexistent",
+                                  "vm", "list"], capture_output=True, text=True, timeout=30)
+    assert unreachable.returncode == 1 and unreachable.stderr.startswith("qmpfctl: ")

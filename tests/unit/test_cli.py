@@ -1,0 +1,45 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from qmpfd.cli import build_parser, ranges, render, request_of
+
+
+def test_ranges() -> None:
+    assert ranges([3, 4, 5, 9, 0x1F]) == "0x03-0x05, 0x09, 0x1f"
+    assert ranges([]) == ""
+
+
+def test_slots_table_collapses_free_slots() -> None:
+    out = render("query-slots", [
+        {"bus": "pci.0", "slot": 2, "hotpluggable": True,
+         "functions": [{"function": 0, "id": "n0", "driver": "e1000", "state": "present"}]},
+        {"bus": "pci.0", "slot": 3, "hotpluggable": True, "functions": []},
+        {"bus": "pci.0", "slot": 4, "hotpluggable": True, "functions": []}])
+    assert "n0" in out and "free hotpluggable slots on pci.0: 0x03-0x04" in out
+
+
+def test_attach_reads_json_list_or_object(tmp_path: Path) -> None:
+    f = tmp_path / "dev.json"
+    f.write_text(json.dumps([{"id": "a", "driver": "e1000"}]))
+    ns = build_parser().parse_args(["attach", "vm1", str(f), "--dry-run", "--slot", "0x5",
+                                    "--bus", "pci.0"])
+    cmd, args, _ = request_of(ns)
+    assert cmd == "device-attach"
+    assert args == {"vm": "vm1", "functions": [{"id": "a", "driver": "e1000"}], "bus": "pci.0",
+                    "slot": 5, "dry-run": True}
+
+
+def test_detach_and_pending_cancel() -> None:
+    p = build_parser()
+    assert request_of(p.parse_args(["detach", "v", "a", "b", "--whole-slot"]))[1] == {
+        "vm": "v", "ids": ["a", "b"], "whole-slot": True}
+    assert request_of(p.parse_args(["pending", "v", "--cancel", "pci.0", "0x5"]))[:2] == (
+        "pending-cancel", {"vm": "v", "bus": "pci.0", "slot": 5})
+
+
+def test_bad_usage_exits_2() -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["attach"])
+    assert e.value.code == 2
