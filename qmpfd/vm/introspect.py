@@ -42,16 +42,26 @@ def machine_family(machine: str) -> str:
 
 
 async def read_identity(conn: VmConnection) -> VmIdentity:
-    target, version, mtype = await asyncio.gather(
+    """Architecture, machine type and QEMU version.
+
+    ``query-machines`` lists every machine type but only marks the running one (``is-current``)
+    from QEMU 9.0 on, so the type comes from the QOM type of /machine; ``query-machines`` then
+    gives its alias ("q35" for pc-q35-7.2), which names the family.
+    """
+    target, version, mtype, machines = await asyncio.gather(
         conn.execute("query-target"),
         conn.execute("query-version"),
         conn.execute("qom-get", {"path": "/machine", "property": "type"}),
+        conn.execute("query-machines"),
     )
     machine = str(mtype).removesuffix("-machine")
+    entry: dict[str, Any] = next(
+        (m for m in machines if m.get("is-current") or m["name"] == machine), {})
+    family = machine_family(str(entry.get("alias") or machine))
     q = version["qemu"]
     vtuple = (int(q["major"]), int(q["minor"]), int(q["micro"]))
     return VmIdentity(
-        arch=target["arch"], machine=machine, machine_family=machine_family(machine),
+        arch=target["arch"], machine=machine, machine_family=family,
         qemu=".".join(map(str, vtuple)), qemu_version=vtuple)
 
 

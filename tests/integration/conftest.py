@@ -120,3 +120,13 @@ async def qemu_view(vm: LabVm) -> tuple[set[str], set[str]]:
         return peripheral, in_pci
     finally:
         await qmp.disconnect()
+
+
+async def qemu_execute(vm: LabVm, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    """Run a command on the lab VM's second monitor (pausing the guest, for example)."""
+    qmp = QMPClient("inspect")
+    await qmp.connect(str(vm.inspect_socket))
+    try:
+        return await qmp.execute(cmd, args)
+    finally:
+        await qmp.disconnect()

@@ -17,7 +17,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import Client, connect, qemu_view, start_lab_vm
+from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +177,29 @@ async def test_two_clients_never_get_the_same_slot(daemon: Path, guest: Guest) -
     finally:
         await a.qmp.disconnect()
         await b.qmp.disconnect()
+
+
+async def test_unplug_timeout_then_late_completion(client: Client, guest: Guest) -> None:
+    """A guest that does not answer: Timeout, slot 'unplugging', a second detach is refused, and
+    the late DEVICE_DELETED still completes the slot once the guest runs again."""
+    _, before = await attach_and_see(client, guest, "slow", 2)
+    await qemu_execute(guest.lab, "stop")
+    try:
+        with pytest.raises(ExecuteError) as err:
+            await client.execute("device-detach", {"vm": guest.name, "ids": ["slowf0", "slowf1"],
+                                                   "timeout": 2})
+        assert err.value.error_class == "Timeout"
+        slots = await client.execute("query-slots", {"vm": guest.name})
+        states = {f["id"]: f["state"] for s in slots for f in s["functions"]}
+        assert states["slowf0"] == states["slowf1"] == "unplugging"
+        with pytest.raises(ExecuteError) as again:
+            await client.execute("device-detach", {"vm": guest.name,
+                                                   "ids": ["slowf0", "slowf1"]})
+        assert again.value.error_class == "Conflict"
+    finally:
+        await qemu_execute(guest.lab, "cont")
+    event = await client.wait_event("SLOT_DETACHED", 60)
+    assert sorted(event["data"]["ids"]) == ["slowf0", "slowf1"]
+    await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == before, 30)
+    peripheral, _ = await qemu_view(guest.lab)
+    assert not {"slowf0", "slowf1"} & peripheral
