@@ -15,6 +15,7 @@ from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer
 from qmpfd.config import Config, load_config
 from qmpfd.errors import QmpfdError
+from qmpfd.state.journal import Journal
 from qmpfd.vm.registry import VmRegistry
 
 log = logging.getLogger("qmpfd")
@@ -23,9 +24,11 @@ log = logging.getLogger("qmpfd")
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         d = config.daemon
         self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes)
-        self.vms = VmRegistry(config, self.server.broadcast)
+        self.journal = Journal.open(config.daemon.state_dir)
+        self.vms = VmRegistry(config, self.server.broadcast, self.journal)
         self.commands = Commands(self.vms)
         self._stop = asyncio.Event()
 
@@ -39,12 +42,7 @@ class Daemon:
         d = self.config.daemon
         d.state_dir.mkdir(parents=True, exist_ok=True)
         await self.server.listen(d.socket, d.socket_mode, d.socket_group)
-        for entry in self.config.vm:
-            try:
-                await self.vms.add(entry.name, entry.qmp)
-            except QmpfdError as exc:
-                log.error("cannot adopt configured VM", extra={"vm": entry.name,
-                                                                "error": exc.desc})
+        await self.vms.readopt()
         systemd.notify("READY=1")
         log.info("qmpfd ready", extra={"version": __version__})
         await self._stop.wait()

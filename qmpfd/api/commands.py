@@ -6,6 +6,7 @@ one table, and no handler sees arguments pydantic has not validated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 from qmpfd import __version__
 from qmpfd.api import models as m
 from qmpfd.api.session import Session
-from qmpfd.errors import CommandNotFound
+from qmpfd.errors import CommandNotFound, QmpfdError
 from qmpfd.vm.registry import VmRegistry
 
 log = logging.getLogger("qmpfd.api")
@@ -50,6 +51,7 @@ class Commands:
         reg("query-pending", m.QueryPendingArgs, self.query_pending, False)
         reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
         reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
+        reg("query-operations", m.QueryPendingArgs, self.query_operations, False)
 
     def _register(self, name: str, model: type[BaseModel], handler: Handler,
                   changes_state: bool) -> None:
@@ -85,7 +87,10 @@ class Commands:
     async def query_vms(self, _: m.NoArgs) -> list[dict[str, Any]]:
         out = []
         for vm in self.vms.all():
-            topo = await vm.topology() if vm.conn.connected else None
+            topo = None
+            if vm.conn.connected:
+                with contextlib.suppress(QmpfdError):
+                    topo = await vm.topology()
             d = vm.describe(topo)
             out.append({k: d[k] for k in ("name", "qmp", "connected", "arch", "machine",
                                           "policy", "qemu")})
@@ -122,4 +127,11 @@ class Commands:
 
     async def device_detach(self, a: m.DeviceDetachArgs) -> dict[str, Any]:
         return await self.vms.get(a.vm).detach(ids=a.ids, bus=a.bus, slot=a.slot,
-                                               whole_slot=a.whole_slot, timeout=a.timeout)
+                                               whole_slot=a.whole_slot, timeout=a.timeout,
+                                               force=a.force)
+
+    async def query_operations(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
+        if a.vm:
+            self.vms.get(a.vm)  # NotFound for an unknown VM
+        return [op.describe() for op in self.vms.journal.ops.values()
+                if a.vm is None or op.vm == a.vm]

@@ -107,6 +107,7 @@ class DeviceDetachArgs(Args):
     slot: SlotNumber | None = None
     whole_slot: bool = Field(False, alias="whole-slot")
     timeout: Seconds | None = None
+    force: bool = False
 
     @model_validator(mode="after")
     def _target(self) -> DeviceDetachArgs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
@@ -55,14 +56,21 @@ async def verify_attached(plan: Plan, conn: VmConnection) -> None:
                                 f"not {plan.slot}.{f.function}")
 
 
-async def execute_attach(plan: Plan, conn: VmConnection, tracker: DeletionTracker) -> None:
+async def execute_attach(plan: Plan, conn: VmConnection, tracker: DeletionTracker,
+                         after_step: Callable[[int], Awaitable[None]] | None = None) -> None:
+    """Send the plan's steps in order, verify, and roll back on any failure.
+
+    ``after_step(n)`` is called once the n-th step (1-based) has been accepted by QEMU.
+    """
     added: list[str] = []
     step: Step | None = None
     try:
-        for step in plan.steps:
+        for n, step in enumerate(plan.steps, 1):
             await conn.execute(step.execute, dict(step.arguments),
                                timeout=plan.policy.timeouts.plug)
             added.append(step.id)
+            if after_step is not None:
+                await after_step(n)
         step = None
         await verify_attached(plan, conn)
     except QmpfdError as exc:

@@ -15,17 +15,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from qmpfd.errors import Conflict, InvalidRequest, NotFound, QemuError, Timeout, Unsupported
+from qmpfd.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    QemuError,
+    QmpfdError,
+    Timeout,
+    Unsupported,
+    VmGone,
+)
+from qmpfd.faults import fault_point
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.executor import AttachFailed, execute_attach, execute_unplug
 from qmpfd.hotplug.pending import PendingQueues, PendingSlot, SlotKey
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach
-from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
+from qmpfd.hotplug.policies import POLICIES, Policy, policy_for, vm_policy_name
 from qmpfd.hotplug.policies.base import SlotMember
+from qmpfd.hotplug.recovery import Action, decide
+from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm.connection import VmConnection
 from qmpfd.vm.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.vm.topology import Topology
@@ -34,46 +46,173 @@ log = logging.getLogger("qmpfd.vm")
 
 Emit = Callable[[str, dict[str, Any]], None]
 
+RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
+RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
+FORCE_GRACE = 1.0       # a forced detach still waits this long for an immediate completion
+
 
 class ManagedVm:
-    def __init__(self, name: str, qmp: Path, emit: Emit, *, command_timeout: float,
-                 pending_ttl: float, policies: dict[str, Policy] | None = None) -> None:
+    def __init__(self, name: str, qmp: Path, emit: Emit, journal: Journal, *,
+                 command_timeout: float, connect_timeout: float, pending_ttl: float,
+                 policies: dict[str, Policy] | None = None) -> None:
         self.name = name
         self.qmp = qmp
         self._emit = emit
+        self.journal = journal
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
         self._pending_ttl = pending_ttl
         self._policy_table = policies
-        self.conn = VmConnection(name, qmp, command_timeout)
         self.tracker = DeletionTracker()
-        self.conn.subscribe(self.tracker.handle_event)
+        self.conn = self._new_connection()
         self.identity: VmIdentity | None = None
         self._roots: list[tuple[str, str, str, str]] | None = None
         self._alloc = asyncio.Lock()
         self._attaching: set[SlotKey] = set()
         self._unplugging: dict[SlotKey, list[str]] = {}
         self.pending = PendingQueues()
-        self._expiry: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._reconnecting = False
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def start(self, connect_timeout: float) -> dict[str, Any]:
-        await self.conn.connect(connect_timeout)
+    def _new_connection(self) -> VmConnection:
+        conn = VmConnection(self.name, self.qmp, self._command_timeout)
+        conn.subscribe(self.tracker.handle_event)
+        conn.on_disconnect = self._on_disconnect
+        return conn
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{name}-{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, *, keep_trying: bool = False) -> dict[str, Any]:
+        """Connect and learn the VM. With ``keep_trying`` (re-adoption after a restart), a VM
+        that cannot be reached yet stays managed, disconnected, and is retried in the background.
+        """
+        self._spawn(self._expire_queues(), "expiry")
+        try:
+            await self._connect_and_learn()
+        except QmpfdError:
+            if not keep_trying:
+                await self.stop()
+                raise
+            self._on_disconnect()
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        ident = self.identity
+        return {"name": self.name, "arch": ident.arch if ident else None,
+                "machine": ident.machine if ident else None,
+                "qemu": ident.qemu if ident else None, "policy": self._policy_cache,
+                "connected": self.conn.connected}
+
+    _policy_cache: str | None = None
+
+    async def _connect_and_learn(self) -> None:
+        await self.conn.connect(self._connect_timeout)
         try:
             self.identity = await read_identity(self.conn)
             self._roots = await find_root_buses(self.conn)
             topo = await self.topology()
+            self._policy_cache = self.policy_name(topo)
+            await self.reconcile()
         except BaseException:
             await self.conn.close()
             raise
-        self._expiry = asyncio.create_task(self._expire_queues(), name=f"expiry-{self.name}")
-        return {"name": self.name, "arch": self.identity.arch, "machine": self.identity.machine,
-                "qemu": self.identity.qemu, "policy": self.policy_name(topo)}
+
+    def _on_disconnect(self) -> None:
+        if self._stopping or self._reconnecting:
+            return
+        self._reconnecting = True
+        self._emit("VM_DISCONNECTED", {"vm": self.name, "qmp": str(self.qmp)})
+        self._spawn(self._reconnect(), "reconnect")
+
+    async def _reconnect(self) -> None:
+        """Bounded exponential backoff until QEMU's QMP socket answers again."""
+        delay = RECONNECT_FIRST
+        try:
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                self.conn = self._new_connection()
+                try:
+                    await self._connect_and_learn()
+                except QmpfdError as exc:
+                    log.debug("reconnect failed", extra={"vm": self.name, "error": exc.desc})
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                log.info("QMP connection restored", extra={"vm": self.name})
+                self._emit("VM_RECONNECTED", {"vm": self.name, "qmp": str(self.qmp)})
+                return
+        finally:
+            self._reconnecting = False
 
     async def stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.conn.close()
+
+    # -- recovery --------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Finish or undo what the journal says was in flight, against what QEMU holds now."""
+        ops = self.journal.for_vm(self.name)
+        if not ops:
+            return
+        topo = await self.topology()
+        present = topo.device_ids()
+        policies = self.policies(topo)
+        for op in ops:
+            decision = decide(op, present)
+            key = (op.bus, op.slot)
+            log.info("reconciling", extra={"vm": self.name, "operation": op.id,
+                                           "kind": op.kind, "action": decision.action.value})
+            members = [SlotMember(i, op.functions[i]) for i in decision.ids]
+            policy = policies.get(op.bus) or POLICIES.get(op.policy)
+            if decision.action is Action.COMPLETED:
+                await self.journal.end(op)
+                self._emit("SLOT_ATTACHED", {"vm": self.name, "bus": op.bus, "slot": op.slot,
+                                             "ids": list(op.functions), "recovered": True})
+            elif decision.action is Action.FORGET:
+                await self.journal.end(op)
+                self._emit("SLOT_ATTACH_FAILED", {
+                    "vm": self.name, "bus": op.bus, "slot": op.slot, "ids": list(op.functions),
+                    "reason": "interrupted before any function reached QEMU"})
+            elif decision.action is Action.DETACHED:
+                await self.journal.end(op)
+                self._emit("SLOT_DETACHED", {"vm": self.name, "bus": op.bus, "slot": op.slot,
+                                             "ids": list(op.functions), "recovered": True})
+            elif decision.action in (Action.ROLL_BACK, Action.SEND_UNPLUG) and policy:
+                targets = (policy.rollback_targets(members) if op.kind == "attach"
+                           else policy.unplug_targets(members))
+                done = self.tracker.expect(decision.ids)  # before device_del: events are fast
+                for target in targets:
+                    with contextlib.suppress(QemuError):
+                        await self.conn.execute("device_del", {"id": target})
+                await self.journal.mark_sent(op)
+                self._watch_op(op, key, list(decision.ids), done)
+            else:  # KEEP_WAITING (or no policy known for the bus any more)
+                self._watch_op(op, key, list(decision.ids))
+
+    def _watch_op(self, op: Operation, key: SlotKey, ids: list[str],
+                  done: asyncio.Future[None] | None = None) -> None:
+        """Keep the slot 'unplugging' until ids are gone; then close the journal entry."""
+        started = time.monotonic()
+        done = done if done is not None else self.tracker.expect(ids)
+        attach = op.kind == "attach"
+        self._watch_unplug(key, ids, started, done=done, emit_detached=not attach,
+                           op=op)
+        if attach:
+            def failed(f: asyncio.Future[None]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._emit("SLOT_ATTACH_FAILED", {
+                        "vm": self.name, "bus": op.bus, "slot": op.slot,
+                        "ids": list(op.functions), "reason": "interrupted; rolled back"})
+            done.add_done_callback(failed)
 
     # -- facts -----------------------------------------------------------------------------
     async def topology(self) -> Topology:
@@ -93,12 +232,9 @@ class ManagedVm:
         return vm_policy_name(ident.arch, ident.machine, topo.mechanisms())
 
     def describe(self, topo: Topology | None = None) -> dict[str, Any]:
-        ident = self.identity
-        return {"name": self.name, "qmp": str(self.qmp), "connected": self.conn.connected,
-                "arch": ident.arch if ident else None,
-                "machine": ident.machine if ident else None,
-                "qemu": ident.qemu if ident else None,
-                "policy": self.policy_name(topo) if topo and ident else None}
+        if topo is not None and self.identity is not None:
+            self._policy_cache = self.policy_name(topo)
+        return {**self.info(), "qmp": str(self.qmp)}
 
     def _taken(self) -> set[SlotKey]:
         return self._attaching | self.pending.keys() | set(self._unplugging)
@@ -137,20 +273,34 @@ class ManagedVm:
         if timeout is not None:
             plan = type(plan)(plan.bus, plan.slot, plan.policy.with_timeouts(timeout, None),
                               plan.functions, plan.steps)
+        op = Operation("attach", self.name, plan.bus, plan.slot,
+                       {f.id: f.function for f in plan.functions}, plan.policy.name)
         try:
             log.info("attach", extra={"vm": self.name, "bus": plan.bus, "slot": plan.slot,
                                       "ids": plan.ids})
-            await execute_attach(plan, self.conn, self.tracker)
+            await self.journal.begin(op)  # before QEMU is touched: a crash leaves a record
+            await fault_point("attach-begin")
+            await execute_attach(plan, self.conn, self.tracker,
+                                 after_step=lambda n: fault_point(f"attach-step-{n}"))
         except AttachFailed as exc:
             self._emit("SLOT_ATTACH_FAILED", {"vm": self.name, "bus": plan.bus,
                                               "slot": plan.slot, "ids": plan.ids,
                                               "reason": exc.desc})
-            if exc.rollback.left:
+            if isinstance(exc.cause, VmGone):
+                pass  # the journal keeps the operation; reconcile() settles it on reconnect
+            elif exc.rollback.left:
+                await self.journal.mark_sent(op)
                 self._watch_unplug(key, exc.rollback.left, time.monotonic(),
-                                   emit_detached=False)
+                                   emit_detached=False, op=op)
+            else:
+                await self.journal.end(op)
+            raise
+        except BaseException:
+            await self.journal.end(op)
             raise
         finally:
             self._attaching.discard(key)
+        await self.journal.end(op)
         self._emit("SLOT_ATTACHED", {"vm": self.name, "bus": plan.bus, "slot": plan.slot,
                                      "ids": plan.ids})
         return {**plan.describe(self.name), "steps": [s.as_json() for s in plan.steps]}
@@ -213,7 +363,14 @@ class ManagedVm:
 
     # -- detach ----------------------------------------------------------------------------
     async def detach(self, *, ids: Sequence[str] | None, bus: str | None, slot: int | None,
-                     whole_slot: bool, timeout: float | None) -> dict[str, Any]:
+                     whole_slot: bool, timeout: float | None,
+                     force: bool = False) -> dict[str, Any]:
+        """Unplug a whole slot and wait for every DEVICE_DELETED.
+
+        ``force``: for a guest that cannot answer (paused, no OS): send the unplug request and
+        return at once with the slot 'unplugging' instead of waiting; QEMU completes it as soon
+        as it can (at once where no guest is needed, otherwise when the guest runs).
+        """
         async with self._alloc:
             topo = await self.topology()
             key, members = self._resolve_slot(topo, ids, bus, slot, whole_slot)
@@ -225,14 +382,29 @@ class ManagedVm:
             policy = self.policies(topo)[key[0]]
             all_ids = [m.id for m in members]
             started = time.monotonic()
-            done = await execute_unplug(policy.unplug_targets(members), all_ids, self.conn,
-                                        self.tracker, policy.timeouts.unplug)
+            op = await self.journal.begin(Operation(
+                "detach", self.name, key[0], key[1], {m.id: m.function for m in members},
+                policy.name))
+            await fault_point("detach-begin")
+            try:
+                done = await execute_unplug(policy.unplug_targets(members), all_ids, self.conn,
+                                            self.tracker, policy.timeouts.unplug)
+            except QmpfdError:
+                await self.journal.end(op)
+                raise
+            await self.journal.mark_sent(op)
+            await fault_point("detach-sent")
             self._unplugging[key] = all_ids
-        self._watch_unplug(key, all_ids, started, done=done)
+        self._watch_unplug(key, all_ids, started, done=done, op=op)
         limit = timeout if timeout is not None else policy.timeouts.unplug
+        if force:
+            limit = min(limit, FORCE_GRACE)
         try:
             await asyncio.wait_for(asyncio.shield(done), limit)
         except TimeoutError:
+            if force:
+                return {"vm": self.name, "bus": key[0], "slot": key[1], "ids": all_ids,
+                        "seconds": round(time.monotonic() - started, 3), "unplugging": True}
             raise Timeout(f"guest did not release {key[0]} slot {key[1]} within {limit:g} s; "
                           "the slot stays 'unplugging' and completes when QEMU reports "
                           "DEVICE_DELETED") from None
@@ -280,8 +452,9 @@ class ManagedVm:
 
     def _watch_unplug(self, key: SlotKey, ids: list[str], started: float,
                       done: asyncio.Future[None] | None = None,
-                      emit_detached: bool = True) -> None:
-        """Keep the slot 'unplugging' until every id is deleted, whoever is still waiting."""
+                      emit_detached: bool = True, op: Operation | None = None) -> None:
+        """Keep the slot 'unplugging' until every id is deleted, whoever is still waiting;
+        then close the journal entry ``op``."""
         fut = done if done is not None else self.tracker.expect(ids)
         self._unplugging[key] = ids
 
@@ -292,8 +465,14 @@ class ManagedVm:
                 return
             exc = f.exception()
             if exc is not None:
+                # Lost connection: the journal keeps op and reconcile() resumes the wait.
+                # Guest refusal: the functions stay; the operation is over.
                 log.warning("unplug failed", extra={"vm": self.name, "error": str(exc)})
+                if op is not None and not isinstance(exc, VmGone):
+                    self._spawn(self.journal.end(op), "journal")
                 return
+            if op is not None:
+                self._spawn(self.journal.end(op), "journal")
             if emit_detached:
                 self._emit("SLOT_DETACHED", {
                     "vm": self.name, "bus": key[0], "slot": key[1], "ids": ids,

@@ -10,6 +10,7 @@ from typing import Any
 from qmpfd.config import Config
 from qmpfd.errors import Conflict, NotFound
 from qmpfd.hotplug.policies import POLICIES, Policy
+from qmpfd.state.journal import Journal
 from qmpfd.vm.managed import Emit, ManagedVm
 
 log = logging.getLogger("qmpfd.vm")
@@ -25,9 +26,10 @@ def configured_policies(config: Config) -> dict[str, Policy]:
 
 
 class VmRegistry:
-    def __init__(self, config: Config, emit: Emit) -> None:
+    def __init__(self, config: Config, emit: Emit, journal: Journal) -> None:
         self._config = config
         self._emit = emit
+        self.journal = journal
         self._vms: dict[str, ManagedVm] = {}
         self._adding: set[str] = set()
         self._lock = asyncio.Lock()
@@ -42,7 +44,14 @@ class VmRegistry:
     def all(self) -> list[ManagedVm]:
         return list(self._vms.values())
 
+    def _new(self, name: str, qmp: Path) -> ManagedVm:
+        t = self._config.timeouts
+        return ManagedVm(name, qmp, self._emit, self.journal, command_timeout=t.command,
+                         connect_timeout=t.qmp_connect, pending_ttl=t.pending_expiry,
+                         policies=self.policies)
+
     async def add(self, name: str, qmp: Path) -> dict[str, Any]:
+        """vm-add: connect now or fail; nothing is kept on failure."""
         async with self._lock:
             if name in self._vms or name in self._adding:
                 raise Conflict(f"name: a VM named '{name}' is already managed")
@@ -51,23 +60,38 @@ class VmRegistry:
                     raise Conflict(f"qmp: {qmp} is already managed as VM '{vm.name}'")
             self._adding.add(name)
         try:
-            t = self._config.timeouts
-            vm = ManagedVm(name, qmp, self._emit, command_timeout=t.command,
-                           pending_ttl=t.pending_expiry, policies=self.policies)
-            info = await vm.start(t.qmp_connect)
+            vm = self._new(name, qmp)
+            info = await vm.start()
             self._vms[name] = vm
+            await self.journal.vm_added(name, str(qmp))
             log.info("VM adopted", extra={"vm": name, "policy": info["policy"],
                                           "machine": info["machine"]})
-            return info
+            return {k: info[k] for k in ("name", "arch", "machine", "qemu", "policy")}
         finally:
             self._adding.discard(name)
+
+    async def readopt(self) -> None:
+        """After a restart: take back every VM the journal lists (and the config's), reconciling
+        their operations; one that cannot be reached yet is retried in the background."""
+        wanted = dict(self.journal.vms)
+        for entry in self._config.vm:
+            wanted.setdefault(entry.name, str(entry.qmp))
+        for name, qmp in wanted.items():
+            vm = self._new(name, Path(qmp))
+            info = await vm.start(keep_trying=True)
+            self._vms[name] = vm
+            await self.journal.vm_added(name, qmp)
+            log.info("VM re-adopted" if info["connected"] else "VM not reachable; retrying",
+                     extra={"vm": name})
 
     async def remove(self, name: str) -> None:
         vm = self.get(name)
         del self._vms[name]
         await vm.stop()
+        await self.journal.vm_removed(name)
 
     async def close(self) -> None:
+        """Daemon shutdown: drop connections, keep the journal (the VMs stay managed)."""
         for vm in list(self._vms.values()):
             await vm.stop()
         self._vms.clear()

@@ -223,6 +223,7 @@ def test_oversized_message_is_refused_and_connection_survives(daemon: Path) -> N
 
 async def test_events_reach_every_negotiated_client(daemon: Path, lab: LabVm) -> None:
     a, b = await connect(daemon), await connect(daemon)
+    before = lab.guest_pci() or set()
     try:
         await a.execute("device-attach", {"vm": VM, "functions": [{"id": "ev0",
                                                                    "driver": "e1000"}]})
@@ -231,6 +232,7 @@ async def test_events_reach_every_negotiated_client(daemon: Path, lab: LabVm) ->
             assert ev["data"]["ids"] == ["ev0"] and ev["data"]["vm"] == VM
             assert set(ev["timestamp"]) == {"seconds", "microseconds"}
         await a.execute("device-detach", {"vm": VM, "ids": ["ev0"]})
+        await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
     finally:
         await a.qmp.disconnect()
         await b.qmp.disconnect()

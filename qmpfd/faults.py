@@ -1,0 +1,23 @@
+"""Fault points for fault-injection tests. Inert unless their environment variables are set.
+
+- ``QMPFD_CRASH_AT=<point>``: the daemon SIGKILLs itself on reaching that point, so a test can
+  stop it exactly between two QMP commands.
+- ``QMPFD_PAUSE_AT=<point>`` (with ``QMPFD_PAUSE_SECONDS``, default 3): the operation waits there,
+  so a test can kill QEMU or cut the QMP socket mid-operation.
+
+Points: ``attach-begin``, ``attach-step-N`` (after the N-th device_add was accepted),
+``detach-begin`` (journaled, nothing sent), ``detach-sent`` (device_del accepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+
+async def fault_point(name: str) -> None:
+    if os.environ.get("QMPFD_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("QMPFD_PAUSE_AT") == name:
+        await asyncio.sleep(float(os.environ.get("QMPFD_PAUSE_SECONDS", "3")))

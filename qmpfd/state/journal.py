@@ -1,0 +1,92 @@
+"""The journal: managed VMs and operations in flight, saved before QEMU is touched.
+
+An operation is written *before* its first QMP command and removed after its last event, so after a
+crash (SIGKILL at any point) the journal names every slot that may be half-done. It records intent
+(the ids and their function numbers), not progress: reconciliation asks QEMU which of those ids
+exist, which is the truth even when the crash fell between a command and a journal write.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmpfd.state.store import StateStore
+
+FORMAT = 1
+
+
+@dataclass
+class Operation:
+    kind: str                       # "attach" or "detach"
+    vm: str
+    bus: str
+    slot: int
+    functions: dict[str, int]       # id -> guest function number
+    policy: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    started: float = field(default_factory=time.time)
+    #: detach: the device_del commands have been sent (do not press a PCIe button twice).
+    sent: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"operation": self.id, "kind": self.kind, "vm": self.vm, "bus": self.bus,
+                "slot": self.slot, "ids": sorted(self.functions, key=self.functions.__getitem__),
+                "policy": self.policy, "started": self.started, "sent": self.sent,
+                "age": round(time.time() - self.started, 1)}
+
+
+class Journal:
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self.vms: dict[str, str] = {}
+        self.ops: dict[str, Operation] = {}
+
+    @classmethod
+    def open(cls, directory: Path) -> Journal:
+        j = cls(StateStore(directory))
+        doc = j._store.load()
+        j.vms = {str(k): str(v) for k, v in doc.get("vms", {}).items()}
+        for raw in doc.get("operations", []):
+            try:
+                op = Operation(**raw)
+            except TypeError:
+                continue  # a record from an incompatible version: nothing we can act on
+            j.ops[op.id] = op
+        return j
+
+    def _doc(self) -> dict[str, Any]:
+        return {"format": FORMAT, "vms": self.vms,
+                "operations": [asdict(op) for op in self.ops.values()]}
+
+    async def _flush(self) -> None:
+        await self._store.save(self._doc())
+
+    async def vm_added(self, name: str, qmp: str) -> None:
+        self.vms[name] = qmp
+        await self._flush()
+
+    async def vm_removed(self, name: str) -> None:
+        self.vms.pop(name, None)
+        for op_id in [i for i, op in self.ops.items() if op.vm == name]:
+            del self.ops[op_id]
+        await self._flush()
+
+    async def begin(self, op: Operation) -> Operation:
+        self.ops[op.id] = op
+        await self._flush()
+        return op
+
+    async def mark_sent(self, op: Operation) -> None:
+        op.sent = True
+        await self._flush()
+
+    async def end(self, op: Operation) -> None:
+        if self.ops.pop(op.id, None) is not None:
+            await self._flush()
+
+    def for_vm(self, name: str) -> list[Operation]:
+        return [op for op in self.ops.values() if op.vm == name]

@@ -1,0 +1,159 @@
+"""Support for the fault-injection matrix: a restartable qmpfd, a cuttable QMP pipe, the table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DaemonProcess:
+    """A qmpfd process that tests can SIGKILL and start again on the same state directory."""
+
+    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = workdir / "qmpfd.sock"
+        self.config = workdir / "qmpfd.toml"
+        self.config.write_text(f"""
+[daemon]
+socket = "{self.socket}"
+state-dir = "{workdir / 'state'}"
+log-level = "debug"
+{extra_config}
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    def start(self, **env: str) -> None:
+        self.runs += 1
+        log = (self.workdir / f"qmpfd-{self.runs}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qmpfd.daemon", "--config", str(self.config)],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qmpfd exited: {self.log()}")
+            if self.socket.exists() and self._answers():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("qmpfd did not start")
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(self.socket))
+                return True
+        except OSError:
+            return False
+
+    def wait_killed(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return (self.workdir / f"qmpfd-{self.runs}.log").read_text()[-3000:]
+
+
+class QmpPipe:
+    """A Unix-socket pipe between qmpfd and QEMU's QMP socket that a test can cut and restore,
+    to close the QMP connection under qmpfd without touching QEMU. Bytes pass unchanged."""
+
+    def __init__(self, listen: Path, target: Path) -> None:
+        self.listen = listen
+        self.target = target
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.listen.unlink(missing_ok=True)
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(str(self.listen))
+        srv.listen(4)
+        self._server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.target))
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """Close the listening socket and every connection through it."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.listen.unlink(missing_ok=True)
+        with self._lock:
+            for s in self._conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self._conns.clear()
+
+
+@dataclass
+class MatrixRow:
+    fault: str
+    expected: str
+    qemu: str
+    guest: str
+    qmpfd: str
+    verdict: str
+
+
+MATRIX: list[MatrixRow] = []
+
+
+def render_matrix(rows: list[MatrixRow]) -> str:
+    head = ("fault", "expected outcome", "QEMU (qom-list/query-pci)", "guest PCI list",
+            "qmpfd state", "result")
+    cells = [head] + [(r.fault, r.expected, r.qemu, r.guest, r.qmpfd, r.verdict) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(head))) + " |"
+             for c in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

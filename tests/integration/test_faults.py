@@ -1,0 +1,254 @@
+"""Fault-injection matrix (issue 3): crashes, QEMU dying, cut QMP sockets, refused functions and
+guests that do not answer, each against a real guest. After every fault, QEMU's own view, the
+guest's PCI list and qmpfd's state must agree, and no slot may be half-plugged.
+
+The matrix is printed at the end of the test run (tests/conftest.py) and copied into the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
+from tests.integration.faults_support import MATRIX, DaemonProcess, MatrixRow, QmpPipe
+
+pytestmark = pytest.mark.integration
+
+FUNCS = [{"id": f"ff{i}", "driver": d} for i, d in
+         enumerate(["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"])]
+IDS = {f["id"] for f in FUNCS}
+
+
+@pytest.fixture(scope="module")
+def lab(workdir: Path) -> Iterator[LabVm]:
+    vm = start_lab_vm(workdir, "faults-pc", LabVmSpec(machine="pc"))
+    yield vm
+    vm.stop()
+
+
+@pytest.fixture
+async def daemon_proc(tmp_path: Path) -> AsyncIterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path / "qmpfd")
+    yield d
+    d.stop()
+
+
+async def adopt(d: DaemonProcess, qmp: Path, name: str = "f") -> Client:
+    c = await connect(d.socket)
+    await c.execute("vm-add", {"name": name, "qmp": str(qmp)})
+    return c
+
+
+async def settled(c: Client, timeout: float = 60) -> None:
+    """Wait until qmpfd has no operation in flight."""
+    async def poll() -> None:
+        while await c.execute("query-operations"):  # noqa: ASYNC110 - polling qmpfd itself
+            await asyncio.sleep(0.2)
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def agreement(c: Client, lab: LabVm, before: set[str], vm: str = "f",
+                    expect_attached: bool = False) -> tuple[str, str, str]:
+    """Check QEMU, guest and qmpfd agree: all 4 functions in one slot, or none anywhere."""
+    peripheral, in_pci = await qemu_view(lab)
+    in_qemu = IDS & peripheral
+    in_pci_ids = IDS & in_pci
+    slots = await c.execute("query-slots", {"vm": vm})
+    in_qmpfd = {f["id"] for s in slots for f in s["functions"]} & IDS
+    if expect_attached:
+        seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+        groups = slot_groups(seen - before)
+        assert list(groups.values()) == [{0, 1, 2, 3}], groups
+        assert in_qemu == in_pci_ids == in_qmpfd == IDS
+        return "all 4 present", "4 functions, one slot", "slot present, no operation"
+    seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
+    assert seen == before
+    assert not in_qemu and not in_pci_ids, f"left in QEMU: {in_qemu | in_pci_ids}"
+    assert not in_qmpfd
+    return "none", "unchanged", "no slot, no operation"
+
+
+async def cleanup(c: Client, lab: LabVm, before: set[str]) -> None:
+    await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS)})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
+
+
+def record(fault: str, expected: str, view: tuple[str, str, str]) -> None:
+    MATRIX.append(MatrixRow(fault, expected, *view, "pass"))
+
+
+@pytest.mark.parametrize("point", ["attach-begin", "attach-step-1", "attach-step-2",
+                                   "attach-step-3", "attach-step-4"])
+async def test_sigkill_during_attach(daemon_proc: DaemonProcess, lab: LabVm, point: str) -> None:
+    before = lab.guest_pci() or set()
+    daemon_proc.start(QMPFD_CRASH_AT=point)
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    with pytest.raises(Exception):  # noqa: B017 - the connection dies with the daemon
+        await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+    assert daemon_proc.wait_killed() == -9
+    with contextlib.suppress(Exception):
+        await c.qmp.disconnect()
+    daemon_proc.start()
+    c = await connect(daemon_proc.socket)
+    await settled(c)
+    complete = point == "attach-step-4"  # function 0 was in: the attach had finished in QEMU
+    view = await agreement(c, lab, before, expect_attached=complete)
+    record(f"SIGKILL qmpfd at {point}", "completed" if complete else "rolled back", view)
+    if complete:
+        await cleanup(c, lab, before)
+    await c.qmp.disconnect()
+
+
+@pytest.mark.parametrize("point", ["detach-begin", "detach-sent"])
+async def test_sigkill_during_detach(daemon_proc: DaemonProcess, lab: LabVm, point: str) -> None:
+    before = lab.guest_pci() or set()
+    daemon_proc.start(QMPFD_CRASH_AT=point)
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+    with pytest.raises(Exception):  # noqa: B017
+        await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS)})
+    assert daemon_proc.wait_killed() == -9
+    with contextlib.suppress(Exception):
+        await c.qmp.disconnect()
+    daemon_proc.start()
+    c = await connect(daemon_proc.socket)
+    await settled(c)
+    record(f"SIGKILL qmpfd at {point}", "detach completed",
+           await agreement(c, lab, before))
+    await c.qmp.disconnect()
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2, 3])
+async def test_device_add_fails_at_each_function(daemon_proc: DaemonProcess, lab: LabVm,
+                                                 bad: int) -> None:
+    before = lab.guest_pci() or set()
+    daemon_proc.start()
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    funcs: list[dict[str, Any]] = [dict(f) for f in FUNCS]
+    funcs[bad]["properties"] = {"no-such-property": "1"}
+    with pytest.raises(ExecuteError) as err:
+        await c.execute("device-attach", {"vm": "f", "functions": funcs})
+    assert err.value.error_class == "QemuError" and f"ff{bad}" in str(err.value)
+    assert await c.execute("query-operations") == []
+    record(f"device_add of function {bad} refused", "rolled back",
+           await agreement(c, lab, before))
+    await c.qmp.disconnect()
+
+
+async def test_qemu_killed_mid_attach(daemon_proc: DaemonProcess, workdir: Path) -> None:
+    lab = start_lab_vm(workdir, "faults-killed", LabVmSpec(machine="pc"))
+    try:
+        daemon_proc.start(QMPFD_PAUSE_AT="attach-step-2", QMPFD_PAUSE_SECONDS="3")
+        c = await adopt(daemon_proc, lab.qmp_socket, name="k")
+        attach = asyncio.create_task(c.execute("device-attach", {"vm": "k",
+                                                                 "functions": FUNCS}))
+        await asyncio.sleep(1.5)  # qmpfd is paused after the second device_add
+        lab.stop()                # QEMU dies with two hidden functions
+        with pytest.raises(ExecuteError) as err:
+            await attach
+        assert "connection lost" in str(err.value) or "not connected" in str(err.value)
+        vms = await c.execute("query-vms")
+        assert vms[0]["connected"] is False
+        lab.start()               # the VM comes back on the same socket
+        await c.wait_event("VM_RECONNECTED", 60)
+        await settled(c)
+        assert (await c.execute("query-vms"))[0]["connected"] is True
+        peripheral, _ = await qemu_view(lab)
+        assert not IDS & peripheral
+        slots = await c.execute("query-slots", {"vm": "k"})
+        assert not {f["id"] for s in slots for f in s["functions"]} & IDS
+        record("QEMU killed mid-attach, then restarted", "attach fails; reconnect",
+               ("none (new QEMU)", "fresh boot, none", "connected again, no operation"))
+        await c.qmp.disconnect()
+    finally:
+        lab.stop()
+
+
+async def test_qmp_socket_closed_mid_detach(daemon_proc: DaemonProcess, lab: LabVm) -> None:
+    before = lab.guest_pci() or set()
+    pipe = QmpPipe(daemon_proc.workdir / "pipe.qmp", lab.qmp_socket)
+    pipe.start()
+    daemon_proc.start()
+    c = await adopt(daemon_proc, pipe.listen)
+    await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+    await qemu_execute(lab, "stop")  # the guest will not answer until we say so
+    try:
+        detach = asyncio.create_task(c.execute("device-detach", {"vm": "f",
+                                                                 "ids": sorted(IDS)}))
+        await asyncio.sleep(1.0)
+        pipe.cut()
+        with pytest.raises(ExecuteError) as err:
+            await detach
+        assert "connection lost" in str(err.value)
+        assert (await c.execute("query-vms"))[0]["connected"] is False
+        ops = await c.execute("query-operations")
+        assert [o["kind"] for o in ops] == ["detach"]
+    finally:
+        await qemu_execute(lab, "cont")  # the guest ejects while qmpfd cannot hear it
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
+    pipe.start()
+    event = await c.wait_event("SLOT_DETACHED", 60)
+    assert event["data"].get("recovered") is True
+    await settled(c)
+    record("QMP socket closed mid-detach", "detach completed on reconnect",
+           await agreement(c, lab, before))
+    pipe.cut()
+    await c.qmp.disconnect()
+
+
+async def test_guest_ignores_unplug_force(daemon_proc: DaemonProcess, lab: LabVm) -> None:
+    before = lab.guest_pci() or set()
+    daemon_proc.start()
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+    await qemu_execute(lab, "stop")
+    try:
+        with pytest.raises(ExecuteError) as err:
+            await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS), "timeout": 1})
+        assert err.value.error_class == "Timeout"
+        reply = await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS), "force": True})
+        pytest.fail(f"second detach of an unplugging slot must be refused, got {reply}")
+    except ExecuteError as again:
+        assert again.error_class == "Conflict"
+    finally:
+        await qemu_execute(lab, "cont")
+    await c.wait_event("SLOT_DETACHED", 60)
+    await settled(c)
+    record("guest ignores unplug (paused)", "Timeout; completes later",
+           await agreement(c, lab, before))
+    await c.qmp.disconnect()
+
+
+async def test_force_detach_returns_at_once_for_paused_guest(daemon_proc: DaemonProcess,
+                                                             lab: LabVm) -> None:
+    before = lab.guest_pci() or set()
+    daemon_proc.start()
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+    await qemu_execute(lab, "stop")
+    try:
+        reply = await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS),
+                                                  "force": True})
+        assert reply["unplugging"] is True
+        slots = await c.execute("query-slots", {"vm": "f"})
+        assert {f["state"] for s in slots for f in s["functions"] if f["id"] in IDS} == {
+            "unplugging"}
+    finally:
+        await qemu_execute(lab, "cont")
+    await c.wait_event("SLOT_DETACHED", 60)
+    await settled(c)
+    record("force detach, paused guest", "returns at once; completes later",
+           await agreement(c, lab, before))
+    await c.qmp.disconnect()
