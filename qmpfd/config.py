@@ -58,6 +58,23 @@ class TimeoutConfig(_Strict):
     policy: dict[str, PolicyTimeouts] = Field(default_factory=dict)
 
 
+class AccessConfig(_Strict):
+    """Who may use the API socket and what they may point qmpfd at."""
+
+    #: Peers (SO_PEERCRED) allowed by user name or uid, and by group (primary or supplementary).
+    users: list[str | int] = Field(default_factory=lambda: list[str | int](["root"]))
+    groups: list[str | int] = Field(default_factory=lambda: list[str | int](["qmpfd"]))
+    #: vm-add only accepts QMP sockets below these directories (after resolving symlinks).
+    qmp_dirs: list[Path] = Field(
+        default_factory=lambda: [Path("/run/qemu"), Path("/var/lib/qemu"),
+                                 Path("/run/libvirt/qemu"), Path("/var/lib/libvirt/qemu")],
+        alias="qmp-dirs")
+    #: vm-qmp (raw QMP commands to a VM) bypasses every check qmpfd makes: off unless enabled.
+    qmp_passthrough: bool = Field(False, alias="qmp-passthrough")
+    #: Audit log of state-changing requests (JSON lines); default: STATE_DIR/audit.log.
+    audit_log: Path | None = Field(None, alias="audit-log")
+
+
 class VmEntry(_Strict):
     name: str = Field(pattern=VM_NAME_PATTERN)
     qmp: Path
@@ -66,6 +83,7 @@ class VmEntry(_Strict):
 class Config(_Strict):
     daemon: DaemonConfig = Field(default_factory=lambda: DaemonConfig())
     timeouts: TimeoutConfig = Field(default_factory=lambda: TimeoutConfig())
+    access: AccessConfig = Field(default_factory=lambda: AccessConfig())
     vm: list[VmEntry] = Field(default_factory=list)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from qmpfd import __version__, logs, systemd
+from qmpfd.access.audit import AuditLog
+from qmpfd.access.policy import AccessPolicy
 from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer
 from qmpfd.config import Config, load_config
@@ -26,10 +28,14 @@ class Daemon:
         self.config = config
         config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         d = config.daemon
-        self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes)
+        self.access = AccessPolicy.from_config(config.access)
+        self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes,
+                                authorize=self.access.admit)
         self.journal = Journal.open(config.daemon.state_dir)
-        self.vms = VmRegistry(config, self.server.broadcast, self.journal)
-        self.commands = Commands(self.vms)
+        self.vms = VmRegistry(config, self.server.broadcast, self.journal,
+                              check_path=self.access.check_qmp_path)
+        audit = AuditLog(config.access.audit_log or config.daemon.state_dir / "audit.log")
+        self.commands = Commands(self.vms, self.access, audit)
         self._stop = asyncio.Event()
 
     async def _dispatch(self, name: str, args: dict[str, Any], session: Any) -> Any:

@@ -16,9 +16,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from qmpfd import __version__
+from qmpfd.access.audit import AuditLog
+from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
 from qmpfd.api.session import Session
-from qmpfd.errors import CommandNotFound, QmpfdError
+from qmpfd.errors import CommandNotFound, QmpfdError, Unsupported
 from qmpfd.vm.registry import VmRegistry
 
 log = logging.getLogger("qmpfd.api")
@@ -35,8 +37,10 @@ class Command:
 
 
 class Commands:
-    def __init__(self, vms: VmRegistry) -> None:
+    def __init__(self, vms: VmRegistry, access: AccessPolicy, audit: AuditLog) -> None:
         self.vms = vms
+        self.access = access
+        self.audit = audit
         self.table: dict[str, Command] = {}
         reg = self._register
         reg("query-version", m.NoArgs, self.query_version, False)
@@ -52,6 +56,7 @@ class Commands:
         reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
         reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
         reg("query-operations", m.QueryPendingArgs, self.query_operations, False)
+        reg("vm-qmp", m.VmQmpArgs, self.vm_qmp, True)
 
     def _register(self, name: str, model: type[BaseModel], handler: Handler,
                   changes_state: bool) -> None:
@@ -61,11 +66,20 @@ class Commands:
         cmd = self.table.get(name)
         if cmd is None:
             raise CommandNotFound(f"The command {name} has not been found")
-        parsed = m.parse_args(cmd.model, args)
-        if cmd.changes_state:
-            log.info("request", extra={"command": name, "peer_uid": session.peer.uid,
-                                       "arguments": args})
-        return await cmd.handler(parsed)
+        if not cmd.changes_state:
+            return await cmd.handler(m.parse_args(cmd.model, args))
+        log.info("request", extra={"command": name, "peer_uid": session.peer.uid})
+        outcome = "ok"
+        try:
+            return await cmd.handler(m.parse_args(cmd.model, args))
+        except QmpfdError as exc:
+            outcome = exc.error_class
+            raise
+        except BaseException:
+            outcome = "internal-error"
+            raise
+        finally:
+            await self.audit.record(session.peer, name, args, outcome)
 
     # -- introspection ---------------------------------------------------------------------
     async def query_version(self, _: m.NoArgs) -> dict[str, Any]:
@@ -78,7 +92,13 @@ class Commands:
 
     # -- VMs -------------------------------------------------------------------------------
     async def vm_add(self, a: m.VmAddArgs) -> dict[str, Any]:
-        return await self.vms.add(a.name, Path(a.qmp))
+        return await self.vms.add(a.name, self.access.check_qmp_path(Path(a.qmp)))
+
+    async def vm_qmp(self, a: m.VmQmpArgs) -> Any:
+        if not self.access.passthrough:
+            raise Unsupported("vm-qmp: raw QMP passthrough is disabled "
+                              "(config access.qmp-passthrough)")
+        return await self.vms.get(a.vm).conn.execute(a.command, a.arguments)
 
     async def vm_remove(self, a: m.VmArgs) -> dict[str, Any]:
         await self.vms.remove(a.name)

@@ -46,6 +46,12 @@ class VmRef(Args):
     vm: VmName
 
 
+class VmQmpArgs(Args):
+    vm: VmName
+    command: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+    arguments: dict[str, Any] | None = None
+
+
 class FunctionArg(Args):
     id: DeviceId
     driver: Driver

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ def peer_of(sock: socket.socket | None) -> Peer:
 
 
 class ApiServer:
-    def __init__(self, dispatch: Dispatcher, max_clients: int, max_line: int) -> None:
+    def __init__(self, dispatch: Dispatcher, max_clients: int, max_line: int,
+                 authorize: Callable[[Peer], str | None] | None = None) -> None:
         self._dispatch = dispatch
+        self._authorize = authorize
         self._max_clients = max_clients
         self._max_line = max_line
         self._sessions: set[Session] = set()
@@ -79,8 +82,13 @@ class ApiServer:
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("socket"))
-        if len(self._sessions) >= self._max_clients:
-            writer.write(wire.encode(wire.error_reply("GenericError", "too many clients")))
+        refusal = self._authorize(peer) if self._authorize is not None else None
+        if refusal is None and len(self._sessions) >= self._max_clients:
+            refusal = f"too many clients (daemon.max-clients = {self._max_clients})"
+        if refusal is not None:
+            log.warning("client refused", extra={"peer_uid": peer.uid, "peer_pid": peer.pid,
+                                                 "reason": refusal})
+            writer.write(wire.encode(wire.error_reply("GenericError", refusal)))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.close()

@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         vm.start()
         print(f"guest up in {time.monotonic() - t0:.1f} s; it sees {len(vm.guest_pci() or [])} "
               "PCI functions", flush=True)
+        config = work / "qmpfd.toml"
+        config.write_text(f'[access]\nqmp-dirs = ["{work}"]\n')
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "qmpfd.daemon", "--socket", str(sock), "--state-dir",
-             str(work / "state"), "--log-format", "text"],
+            [sys.executable, "-m", "qmpfd.daemon", "--config", str(config), "--socket",
+             str(sock), "--state-dir", str(work / "state"), "--log-format", "text"],
             stderr=(work / "qmpfd.log").open("wb"))
         try:
             while not sock.exists():

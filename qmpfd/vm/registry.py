@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qmpfd.config import Config
-from qmpfd.errors import Conflict, NotFound
+from qmpfd.errors import Conflict, NotFound, QmpfdError
 from qmpfd.hotplug.policies import POLICIES, Policy
 from qmpfd.state.journal import Journal
 from qmpfd.vm.managed import Emit, ManagedVm
@@ -26,8 +27,10 @@ def configured_policies(config: Config) -> dict[str, Policy]:
 
 
 class VmRegistry:
-    def __init__(self, config: Config, emit: Emit, journal: Journal) -> None:
+    def __init__(self, config: Config, emit: Emit, journal: Journal,
+                 check_path: Callable[[Path], Path] | None = None) -> None:
         self._config = config
+        self._check_path = check_path
         self._emit = emit
         self.journal = journal
         self._vms: dict[str, ManagedVm] = {}
@@ -77,7 +80,12 @@ class VmRegistry:
         for entry in self._config.vm:
             wanted.setdefault(entry.name, str(entry.qmp))
         for name, qmp in wanted.items():
-            vm = self._new(name, Path(qmp))
+            try:
+                path = self._check_path(Path(qmp)) if self._check_path else Path(qmp)
+            except QmpfdError as exc:
+                log.error("not re-adopting VM", extra={"vm": name, "error": exc.desc})
+                continue
+            vm = self._new(name, path)
             info = await vm.start(keep_trying=True)
             self._vms[name] = vm
             await self.journal.vm_added(name, qmp)

@@ -43,6 +43,9 @@ log-level = "debug"
 
 [timeouts]
 pending-expiry = {PENDING_EXPIRY}
+
+[access]
+qmp-dirs = ["{workdir}"]
 """)
     log = (workdir / "qmpfd.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(config)],

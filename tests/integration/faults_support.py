@@ -16,7 +16,8 @@ from pathlib import Path
 class DaemonProcess:
     """A qmpfd process that tests can SIGKILL and start again on the same state directory."""
 
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, extra_config: str = "", daemon_config: str = "",
+                 access_config: str = 'qmp-dirs = ["/tmp"]') -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "qmpfd.sock"
@@ -26,6 +27,10 @@ class DaemonProcess:
 socket = "{self.socket}"
 state-dir = "{workdir / 'state'}"
 log-level = "debug"
+{daemon_config}
+
+[access]
+{access_config}
 {extra_config}
 """)
         self.proc: subprocess.Popen[bytes] | None = None
