@@ -1,0 +1,149 @@
+"""Fuzzing the socket protocol (hypothesis): thousands of generated requests, well-formed or not.
+
+Every reply must be a well-formed QMP reply or error, the daemon must stay up and answer, and the
+adopted VM must not change (QEMU's own view before and after).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qmpfd.lab.vm import LabVm, LabVmSpec
+from tests.integration.conftest import start_lab_vm
+from tests.integration.faults_support import DaemonProcess
+
+pytestmark = pytest.mark.integration
+
+VM = "fuzz-target-vm"
+ERROR_CLASSES = {"GenericError", "CommandNotFound", "InvalidRequest", "NotFound", "Conflict",
+                 "Unsupported", "Timeout", "HostDeviceUnavailable", "QemuError"}
+COMMANDS = sorted([
+    "vm-add", "vm-remove", "query-vms", "query-slots", "query-policy", "device-attach",
+    "function-add", "query-pending", "pending-cancel", "device-detach", "query-operations",
+    "vm-qmp", "query-version", "query-commands", "qmp_capabilities"])
+
+json_scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(
+    allow_nan=False, allow_infinity=False) | st.text(max_size=40)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=5),
+    max_leaves=20)
+# Arguments shaped like the real ones, with wrong or hostile values mixed in.
+arguments = st.fixed_dictionaries({}, optional={
+    "vm": st.sampled_from([VM, "", "x" * 300, "../../etc"]) | st.text(max_size=20),
+    "name": st.text(max_size=80), "qmp": st.text(max_size=80),
+    "functions": st.lists(st.fixed_dictionaries({}, optional={
+        "id": st.text(max_size=20), "driver": st.text(max_size=20),
+        "function": st.integers(-3, 12) | json_scalars,
+        "properties": st.dictionaries(st.text(max_size=10), json_values, max_size=4)}),
+        max_size=12) | json_values,
+    "ids": st.lists(st.text(max_size=10), max_size=10) | json_values,
+    "bus": st.text(max_size=10) | json_scalars, "slot": st.integers(-5, 40) | json_scalars,
+    "function": st.integers(-2, 9), "whole-slot": json_scalars, "dry-run": st.just(True),
+    "timeout": st.floats(-1, 5) | json_scalars, "command": st.text(max_size=20),
+}) | st.dictionaries(st.text(max_size=12), json_values, max_size=6)
+requests = st.fixed_dictionaries(
+    {"execute": st.sampled_from(COMMANDS) | st.text(max_size=20) | json_scalars},
+    optional={"arguments": arguments | json_values, "id": json_values,
+              "extra": json_values})
+raw_lines = st.binary(max_size=200).map(lambda b: b.replace(b"\n", b" ") + b"\n")
+
+
+@pytest.fixture(scope="module")
+def target(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[DaemonProcess, LabVm]]:
+    vm = start_lab_vm(workdir, "fuzz-vm", LabVmSpec(machine="pc", paused=True))
+    d = DaemonProcess(tmp_path_factory.mktemp("fuzz"),
+                      access_config=f'qmp-dirs = ["{vm.workdir}"]')
+    d.start()
+    yield d, vm
+    d.stop()
+    vm.stop()
+
+
+class Conn:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+        self.sentinel = 0
+        self.read()
+        self.send(b'{"execute":"qmp_capabilities"}\n')
+        assert self.read() == {"return": {}}
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        assert line, "qmpfd closed the connection"
+        msg = json.loads(line)
+        assert isinstance(msg, dict)
+        return msg
+
+    def replies_until_sentinel(self) -> list[dict[str, Any]]:
+        """Everything qmpfd answered before the reply to a sentinel request."""
+        self.sentinel += 1
+        self.send(b'{"execute":"query-version","id":"sentinel-%d"}\n' % self.sentinel)
+        out = []
+        while True:
+            msg = self.read()
+            if msg.get("id") == f"sentinel-{self.sentinel}":
+                return out
+            out.append(msg)
+
+
+def well_formed(msg: dict[str, Any]) -> None:
+    if "event" in msg:
+        return
+    assert ("return" in msg) != ("error" in msg), msg
+    if "error" in msg:
+        err = msg["error"]
+        assert set(err) == {"class", "desc"} and err["class"] in ERROR_CLASSES, msg
+        assert isinstance(err["desc"], str) and err["desc"], msg
+
+
+def qemu_devices(vm: LabVm) -> Any:
+    import asyncio
+
+    from tests.integration.conftest import qemu_view
+    return asyncio.run(qemu_view(vm))
+
+
+def test_fuzz_socket_protocol(target: tuple[DaemonProcess, LabVm]) -> None:
+    d, vm = target
+    setup = Conn(d.socket)
+    setup.send(json.dumps({"execute": "vm-add", "arguments": {
+        "name": VM, "qmp": str(vm.qmp_socket)}}).encode() + b"\n")
+    assert "return" in setup.read()
+    before = qemu_devices(vm)
+    conn = Conn(d.socket)
+    counted = {"requests": 0}
+
+    @settings(max_examples=1200, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.one_of(requests.map(lambda r: json.dumps(r).encode() + b"\n"), raw_lines))
+    def one(line: bytes) -> None:
+        counted["requests"] += 1
+        conn.send(line)
+        for reply in conn.replies_until_sentinel():
+            well_formed(reply)
+
+    one()
+    assert counted["requests"] >= 1000
+    assert d.proc is not None and d.proc.poll() is None, "qmpfd died"
+    vms = json.dumps(setup.replies_until_sentinel())
+    setup.send(b'{"execute":"query-vms","id":1}\n')
+    listed = setup.read()
+    assert [v["name"] for v in listed["return"]] == [VM] and listed["return"][0]["connected"], vms
+    assert qemu_devices(vm) == before, "the fuzz run changed the VM"
