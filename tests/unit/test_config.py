@@ -33,3 +33,9 @@ def test_policy_timeout_override(tmp_path: Path) -> None:
     table = configured_policies(load_config(p))
     assert table["pcie-native"].timeouts.unplug == 42
     assert table["acpi-pcihp"].timeouts.unplug != 42
+
+
+def test_example_access_section() -> None:
+    c = load_config(EXAMPLE)
+    assert c.access.qmp_passthrough is False
+    assert Path("/run/qemu") in c.access.qmp_dirs
