@@ -11,10 +11,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 DEFAULT_CACHE = Path(os.environ.get("QMPFD_LAB_CACHE",
                                     Path(__file__).resolve().parents[2] / ".cache" / "lab"))
+
+#: Debian architecture names of the guests the lab can boot, by QEMU target.
+DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64": "ppc64el"}
 
 #: The guest's init. It reports on the serial console: "GUEST-READY" once, then a line
 #: "PCI-DEVICES: <bdf> <bdf> ..." each time /sys/bus/pci/devices changes (polled every 0.2 s).
@@ -24,7 +28,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo "GUEST-READY"
-last=""
+last="-"
 while true; do
   cur=$(ls /sys/bus/pci/devices | tr '\\n' ' ')
   if [ "$cur" != "$last" ]; then echo "PCI-DEVICES: $cur"; last="$cur"; fi
@@ -38,28 +42,40 @@ class LabSetupError(RuntimeError):
 
 
 def find_kernel(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
-    env = os.environ.get("QMPFD_GUEST_KERNEL")
+    """The guest kernel for a Debian architecture (amd64, arm64, ppc64el)."""
+    env = os.environ.get(f"QMPFD_GUEST_KERNEL_{arch.upper()}") or (
+        os.environ.get("QMPFD_GUEST_KERNEL") if arch == "amd64" else None)
     if env:
         return Path(env)
-    for pattern in (str(cache / f"kernel-{arch}" / "boot" / "vmlinu*"), "/boot/vmlinuz-*"):
+    patterns = [str(cache / f"kernel-{arch}" / "boot" / "vmlinu*")]
+    if arch == "amd64":
+        patterns.append("/boot/vmlinuz-*")
+    for pattern in patterns:
         found = sorted(glob.glob(pattern))
         if found:
             return Path(found[-1])
-    raise LabSetupError(f"no {arch} guest kernel: run scripts/setup (it unpacks "
-                        "linux-image-amd64 into .cache/lab) or set QMPFD_GUEST_KERNEL")
+    raise LabSetupError(f"no {arch} guest kernel: run scripts/setup (it unpacks Debian's "
+                        f"kernel package into .cache/lab/kernel-{arch})")
 
 
-def find_busybox() -> Path:
-    for candidate in ("/bin/busybox", "/usr/bin/busybox"):
-        if Path(candidate).exists():
-            return Path(candidate)
-    raise LabSetupError("busybox not found: apt-get install busybox-static")
+def find_busybox(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
+    """A static busybox of the guest's architecture (the host's own one for amd64)."""
+    candidates = [cache / f"busybox-{arch}" / "bin" / "busybox"]
+    if arch == "amd64":
+        candidates += [Path("/bin/busybox"), Path("/usr/bin/busybox")]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise LabSetupError(f"no {arch} busybox: run scripts/setup (apt-get install busybox-static "
+                        f"for amd64; busybox-static:{arch} is unpacked into .cache/lab)")
 
 
-def build_initramfs(cache: Path = DEFAULT_CACHE, busybox: Path | None = None) -> Path:
+def build_initramfs(cache: Path = DEFAULT_CACHE, busybox: Path | None = None,
+                    arch: str = "amd64") -> Path:
     """Build (once) a gzipped cpio initramfs holding busybox and the reporting init."""
-    bb = busybox or find_busybox()
-    out = cache / f"initramfs-{bb.stat().st_size}-{abs(hash(INIT_SCRIPT)) % 10**8}.cpio.gz"
+    bb = busybox or find_busybox(arch, cache)
+    tag = f"{arch}-{bb.stat().st_size}-{zlib.crc32(INIT_SCRIPT.encode()):08x}"
+    out = cache / f"initramfs-{tag}.cpio.gz"
     if out.exists():
         return out
     if shutil.which("cpio") is None:

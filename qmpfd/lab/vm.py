@@ -11,24 +11,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qmpfd.lab.guest import LabSetupError, build_initramfs, find_kernel
+from qmpfd.lab.guest import DEBIAN_ARCH, LabSetupError, build_initramfs, find_kernel
 
 PCI_LINE = re.compile(r"^PCI-DEVICES: ?(.*)$")
 
 
 @dataclass
 class LabVmSpec:
-    """What to start. ``machine``: "pc", "q35" (ACPI hotplug, the QEMU >= 6.1 default) or
-    "q35-native" (ACPI hotplug off: native PCIe hotplug on the root ports)."""
+    """What to start.
+
+    ``machine``: "pc", "q35" (ACPI hotplug, the QEMU >= 6.1 default), "q35-native" (ACPI hotplug
+    off: native PCIe hotplug on the root ports), "virt" (aarch64) or "pseries" (ppc64).
+    """
 
     machine: str = "pc"
     root_ports: int = 4
     pci_bridges: int = 0
     switch_downstream_ports: int = 0
-    memory_mb: int = 256
+    bridge_behind_port: bool = False
+    extra_phbs: int = 0
+    memory_mb: int | None = None   # default: 512 for pseries, 256 otherwise
     accel: str = "tcg"
     paused: bool = False
     extra: list[str] = field(default_factory=list)
+
+    @property
+    def arch(self) -> str:
+        """QEMU target of the machine."""
+        return {"virt": "aarch64", "pseries": "ppc64"}.get(self.machine, "x86_64")
 
 
 class LabVm:
@@ -43,33 +53,68 @@ class LabVm:
         self.serial_log = workdir / f"{name}.serial"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _machine_args(self) -> list[str]:
+        s = self.spec
+        if s.machine == "virt":
+            return ["-machine", f"virt,accel={s.accel}", "-cpu",
+                    "cortex-a57" if s.accel == "tcg" else "host",
+                    "-append", "console=ttyAMA0 quiet panic=-1",
+                    "-serial", f"file:{self.serial_log}"]
+        if s.machine == "pseries":
+            # TCG cannot provide these security/transactional-memory capabilities; turning them
+            # off keeps QEMU from refusing to start (on KVM hosts they can stay on).
+            caps = (",cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off,"
+                    "cap-htm=off") if s.accel == "tcg" else ""
+            return ["-machine", f"pseries,accel={s.accel}{caps}",
+                    "-append", "console=hvc0 quiet panic=-1",
+                    "-chardev", f"file,id=console,path={self.serial_log}",
+                    "-device", "spapr-vty,chardev=console"]
+        machine = "q35" if s.machine.startswith("q35") else "pc"
+        args = ["-machine", f"{machine},accel={s.accel}",
+                "-append", "console=ttyS0 quiet panic=-1", "-serial", f"file:{self.serial_log}"]
+        if s.machine == "q35-native":
+            args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+        return args
+
+    def _topology_args(self) -> list[str]:
+        s = self.spec
+        args: list[str] = []
+        if s.machine in ("q35", "q35-native", "virt"):
+            for i in range(s.root_ports):
+                args += ["-device", f"pcie-root-port,id=rp{i + 1},chassis={i + 1},"
+                                    f"bus=pcie.0,addr={i + 0x10:#x}"]
+            if s.switch_downstream_ports:
+                args += ["-device", "pcie-root-port,id=rpsw,chassis=90,bus=pcie.0,addr=0x1e",
+                         "-device", "x3130-upstream,id=up1,bus=rpsw"]
+                for i in range(s.switch_downstream_ports):
+                    args += ["-device", f"xio3130-downstream,id=dn{i + 1},bus=up1,"
+                                        f"chassis={100 + i},slot={i}"]
+            if s.bridge_behind_port:
+                args += ["-device", "pcie-root-port,id=rpbr,chassis=91,bus=pcie.0,addr=0x1d",
+                         "-device", "pci-bridge,id=brp1,bus=rpbr,chassis_nr=92,addr=0"]
+        for i in range(s.pci_bridges):
+            args += ["-device", f"pci-bridge,id=br{i + 1},chassis_nr={i + 1},addr={i + 0x18:#x}"]
+        for i in range(s.extra_phbs):
+            args += ["-device", f"spapr-pci-host-bridge,index={i + 1},id=phb{i + 1}"]
+        return args
+
     def command(self) -> list[str]:
         s = self.spec
-        qemu = shutil.which("qemu-system-x86_64")
+        binary = f"qemu-system-{s.arch}"
+        qemu = shutil.which(binary)
         if qemu is None:
-            raise LabSetupError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
-        machine = "q35" if s.machine.startswith("q35") else "pc"
-        cmd = [qemu, "-machine", f"{machine},accel={s.accel}", "-m", str(s.memory_mb),
+            package = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm",
+                       "ppc64": "qemu-system-ppc"}[s.arch]
+            raise LabSetupError(f"{binary} not found: apt-get install {package}")
+        debian_arch = DEBIAN_ARCH[s.arch]
+        memory = s.memory_mb or (512 if s.machine == "pseries" else 256)
+        cmd = [qemu, *self._machine_args(), "-m", str(memory),
                "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
-               "-kernel", str(find_kernel()), "-initrd", str(build_initramfs()),
-               "-append", "console=ttyS0 quiet panic=-1",
-               "-serial", f"file:{self.serial_log}",
+               "-kernel", str(find_kernel(debian_arch)),
+               "-initrd", str(build_initramfs(arch=debian_arch)),
                "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
-               "-qmp", f"unix:{self.inspect_socket},server=on,wait=off"]
-        if s.machine == "q35-native":
-            cmd += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
-        if machine == "q35":
-            for i in range(s.root_ports):
-                cmd += ["-device", f"pcie-root-port,id=rp{i + 1},chassis={i + 1},"
-                                   f"bus=pcie.0,addr={i + 0x10:#x}"]
-            if s.switch_downstream_ports:
-                cmd += ["-device", "pcie-root-port,id=rpsw,chassis=90,bus=pcie.0,addr=0x1e",
-                        "-device", "x3130-upstream,id=up1,bus=rpsw"]
-                for i in range(s.switch_downstream_ports):
-                    cmd += ["-device", f"xio3130-downstream,id=dn{i + 1},bus=up1,"
-                                       f"chassis={100 + i},slot={i}"]
-        for i in range(s.pci_bridges):
-            cmd += ["-device", f"pci-bridge,id=br{i + 1},chassis_nr={i + 1},addr={i + 0x18:#x}"]
+               "-qmp", f"unix:{self.inspect_socket},server=on,wait=off",
+               *self._topology_args()]
         if s.paused:
             cmd.append("-S")
         return cmd + s.extra

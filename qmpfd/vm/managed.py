@@ -224,7 +224,8 @@ class ManagedVm:
 
     def policies(self, topo: Topology) -> dict[str, Policy]:
         ident = self._ident()
-        return {b.name: policy_for(ident.arch, ident.machine, b.mechanism, self._policy_table)
+        return {b.name: policy_for(ident.arch, ident.machine, b.mechanism, self._policy_table,
+                                   ident.qemu_version)
                 for b in topo.buses}
 
     def policy_name(self, topo: Topology) -> str:

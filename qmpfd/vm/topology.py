@@ -20,7 +20,8 @@ ACPI_PCIHP_HANDLERS = frozenset({"PIIX4_PM", "ICH9-LPC"})
 PCIE_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
 # An upstream port's bus only takes downstream ports, never an endpoint device.
 UPSTREAM_PORT_TYPES = frozenset({"x3130-upstream"})
-SPAPR_HANDLER_SUFFIX = "spapr-machine"
+# A pseries PHB is the hotplug handler of its own root bus (hw/ppc/spapr_pci.c).
+SPAPR_HANDLERS = frozenset({"spapr-pci-host-bridge"})
 
 MECH_ACPI = "acpi-pcihp"
 MECH_PCIE = "pcie-native"
@@ -124,7 +125,7 @@ def mechanism_of(raw: RawBus) -> str | None:
         and raw.handler_type == raw.owner_type
     ):
         return MECH_PCIE
-    if raw.handler_type and raw.handler_type.endswith(SPAPR_HANDLER_SUFFIX):
+    if raw.handler_type in SPAPR_HANDLERS:
         return MECH_SPAPR
     if raw.handler_type in {"pci-bridge", "pci-bridge-seat", "pcie-pci-bridge"}:
         return MECH_SHPC

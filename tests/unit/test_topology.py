@@ -41,3 +41,13 @@ def test_device_ids_only_for_peripherals() -> None:
     assert (d.id, d.slot, d.function) == ("nic0", 5, 2)
     assert RawDevice("/machine/peripheral/nic0/virtio-backend", "x", 0).id is None
     assert RawDevice("/machine/unattached/device[3]", "PIIX3", 8).id is None
+
+
+def test_pseries_phb_is_its_own_handler_spapr() -> None:
+    from qmpfd.vm.topology import MECH_SPAPR, RawBus, Topology
+    phb = RawBus(name="pci.0", path="/machine/unattached/device[4]/pci.0", bus_type="PCI",
+                 owner_type="spapr-pci-host-bridge", owner_is_pci_device=False,
+                 handler_path="/machine/unattached/device[4]",
+                 handler_type="spapr-pci-host-bridge")
+    t = Topology.from_raw([phb])
+    assert t.buses[0].mechanism == MECH_SPAPR and t.buses[0].slot_count == 32

@@ -5,23 +5,35 @@ from __future__ import annotations
 from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
 from qmpfd.hotplug.policies.base import Policy
 from qmpfd.hotplug.policies.pcie_native import PCIE_NATIVE
+from qmpfd.hotplug.policies.spapr import SPAPR, spapr_for
 from qmpfd.hotplug.policies.unsupported import S390_ZPCI, not_yet
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (ACPI_PCIHP, PCIE_NATIVE)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (ACPI_PCIHP, PCIE_NATIVE, SPAPR)}
 
-#: Architectures whose mechanisms qmpfd has proven on real guests.
-SUPPORTED_ARCHES = frozenset({"x86_64", "i386"})
+#: Which mechanisms qmpfd drives on which architecture.
+SUPPORTED = {
+    "x86_64": {"acpi-pcihp", "pcie-native"},
+    "i386": {"acpi-pcihp", "pcie-native"},
+    "aarch64": {"pcie-native"},
+    "ppc64": {"spapr"},
+}
 
 
 def policy_for(arch: str, machine: str, mechanism: str | None,
-               overrides: dict[str, Policy] | None = None) -> Policy:
+               overrides: dict[str, Policy] | None = None,
+               qemu_version: tuple[int, int, int] = (99, 0, 0)) -> Policy:
     """The policy for a bus served by ``mechanism`` on a VM of ``arch``/``machine``."""
     table = overrides or POLICIES
     if arch == "s390x":
         return S390_ZPCI
-    if arch not in SUPPORTED_ARCHES or mechanism is None or mechanism not in table:
+    if mechanism is None or mechanism not in SUPPORTED.get(arch, set()) or mechanism not in table:
         return not_yet(arch, machine)
-    return table[mechanism]
+    policy = table[mechanism]
+    if mechanism == "spapr":
+        # Same timeouts as configured, but the unplug order follows the QEMU version.
+        base = spapr_for(qemu_version)
+        return base.with_timeouts(policy.timeouts.plug, policy.timeouts.unplug)
+    return policy
 
 
 def vm_policy_name(arch: str, machine: str, mechanisms: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Architectures and buses where qmpfd does not (yet) do multifunction hotplug.
 
 s390x: QEMU refuses multifunction on zPCI ("multifunction not supported in s390"); single functions
-still take the ordinary path. Others (ppc64 pseries, aarch64 virt) until their policies land.
+still take the ordinary path. Any other architecture or mechanism: a clear Unsupported.
 """
 
 from qmpfd.hotplug.policies.base import Policy, PolicyTimeouts
