@@ -1,4 +1,5 @@
-"""Multifunction hotplug and unplug on x86 guests, proven by what the guest itself sees.
+"""Multifunction hotplug and unplug on x86 (pc, q35, q35 native PCIe) and aarch64 (virt) guests,
+proven by what the guest itself sees.
 
 Each machine kind boots one real Linux guest (module scope); qmpfd adopts it; tests attach and
 detach through qmpfd's socket and then read the guest's own /sys/bus/pci/devices report from its
@@ -21,7 +22,11 @@ from tests.integration.conftest import Client, connect, qemu_execute, qemu_view,
 
 pytestmark = pytest.mark.integration
 
-EXPECTED_POLICY = {"pc": "acpi-pcihp", "q35": "acpi-pcihp", "q35-native": "pcie-native"}
+EXPECTED_POLICY = {"pc": "acpi-pcihp", "q35": "acpi-pcihp", "q35-native": "pcie-native",
+                   "virt": "pcie-native"}
+EXPECTED_ARCH = {"virt": "aarch64"}
+#: Linux pciehp waits 5 s after the attention button before it powers the slot off.
+ATTENTION_BUTTON_DELAY = 5.0
 DRIVERS = ["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci",
            "e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"]
 
@@ -34,10 +39,10 @@ class Guest:
     info: dict[str, Any]
 
 
-@pytest.fixture(scope="module", params=["pc", "q35", "q35-native"])
+@pytest.fixture(scope="module", params=["pc", "q35", "q35-native", "virt"])
 def guest(request: pytest.FixtureRequest, workdir: Path, daemon: Path) -> Iterator[Guest]:
     machine = request.param
-    name = f"x86-{machine}"
+    name = f"hp-{machine}"
     lab = start_lab_vm(workdir, name, LabVmSpec(machine=machine, root_ports=4))
 
     async def adopt() -> dict[str, Any]:
@@ -81,6 +86,10 @@ async def attach_and_see(client: Client, g: Guest, prefix: str, n: int,
 async def detach_and_see(client: Client, g: Guest, ids: list[str], before: set[str]) -> None:
     reply = await client.execute("device-detach", {"vm": g.name, "ids": ids})
     assert sorted(reply["ids"]) == sorted(ids)
+    if EXPECTED_POLICY[g.machine] == "pcie-native":
+        # Not a speed check: the unplug must have gone through the attention button, whose
+        # 5 s window the guest's pciehp honours before powering the slot off.
+        assert reply["seconds"] >= ATTENTION_BUTTON_DELAY - 0.5, reply
     event = await client.wait_event("SLOT_DETACHED", 30)
     assert sorted(event["data"]["ids"]) == sorted(ids)
     seen = await asyncio.to_thread(g.lab.wait_guest_pci, lambda s: s == before, 30)
@@ -90,7 +99,7 @@ async def detach_and_see(client: Client, g: Guest, ids: list[str], before: set[s
 
 
 def test_policy_chosen(guest: Guest) -> None:
-    assert guest.info["arch"] == "x86_64"
+    assert guest.info["arch"] == EXPECTED_ARCH.get(guest.machine, "x86_64")
     assert guest.info["policy"] == EXPECTED_POLICY[guest.machine]
 
 
@@ -203,3 +212,10 @@ async def test_unplug_timeout_then_late_completion(client: Client, guest: Guest)
     await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == before, 30)
     peripheral, _ = await qemu_view(guest.lab)
     assert not {"slowf0", "slowf1"} & peripheral
+
+
+async def test_query_policy_shows_mechanism_and_timeouts(client: Client, guest: Guest) -> None:
+    policy = await client.execute("query-policy", {"vm": guest.name})
+    assert policy["policy"] == EXPECTED_POLICY[guest.machine]
+    assert policy["timeouts"]["unplug"] > 0 and policy["timeouts"]["plug"] > 0
+    assert {b["mechanism"] for b in policy["buses"]} == {EXPECTED_POLICY[guest.machine]}
