@@ -22,11 +22,14 @@ PCIE_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
 UPSTREAM_PORT_TYPES = frozenset({"x3130-upstream"})
 # A pseries PHB is the hotplug handler of its own root bus (hw/ppc/spapr_pci.c).
 SPAPR_HANDLERS = frozenset({"spapr-pci-host-bridge"})
+# s390x: the zPCI host bridge handles its bus (hw/s390x/s390-pci-bus.c); no multifunction.
+ZPCI_HANDLERS = frozenset({"s390-pcihost"})
 
 MECH_ACPI = "acpi-pcihp"
 MECH_PCIE = "pcie-native"
 MECH_SPAPR = "spapr"
 MECH_SHPC = "shpc"
+MECH_ZPCI = "zpci"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ def mechanism_of(raw: RawBus) -> str | None:
         return MECH_PCIE
     if raw.handler_type in SPAPR_HANDLERS:
         return MECH_SPAPR
+    if raw.handler_type in ZPCI_HANDLERS:
+        return MECH_ZPCI
     if raw.handler_type in {"pci-bridge", "pci-bridge-seat", "pcie-pci-bridge"}:
         return MECH_SHPC
     return None

@@ -25,7 +25,7 @@ def policy_for(arch: str, machine: str, mechanism: str | None,
     """The policy for a bus served by ``mechanism`` on a VM of ``arch``/``machine``."""
     table = overrides or POLICIES
     if arch == "s390x":
-        return S390_ZPCI
+        return S390_ZPCI  # one function at a time; any multifunction request is refused
     if mechanism is None or mechanism not in SUPPORTED.get(arch, set()) or mechanism not in table:
         return not_yet(arch, machine)
     policy = table[mechanism]
