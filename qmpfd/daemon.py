@@ -47,8 +47,10 @@ class Daemon:
     async def run(self) -> None:
         d = self.config.daemon
         d.state_dir.mkdir(parents=True, exist_ok=True)
-        await self.server.listen(d.socket, d.socket_mode, d.socket_group)
+        # Re-adopt (and reconcile) before listening: the first client already sees every VM
+        # and no operation left over from a crash. Unreachable VMs are retried in the background.
         await self.vms.readopt()
+        await self.server.listen(d.socket, d.socket_mode, d.socket_group)
         systemd.notify("READY=1")
         log.info("qmpfd ready", extra={"version": __version__})
         await self._stop.wait()

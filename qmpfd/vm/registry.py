@@ -79,18 +79,23 @@ class VmRegistry:
         wanted = dict(self.journal.vms)
         for entry in self._config.vm:
             wanted.setdefault(entry.name, str(entry.qmp))
-        for name, qmp in wanted.items():
+
+        async def one(name: str, qmp: str) -> None:
             try:
                 path = self._check_path(Path(qmp)) if self._check_path else Path(qmp)
             except QmpfdError as exc:
                 log.error("not re-adopting VM", extra={"vm": name, "error": exc.desc})
-                continue
+                return
             vm = self._new(name, path)
-            info = await vm.start(keep_trying=True)
             self._vms[name] = vm
-            await self.journal.vm_added(name, qmp)
+            info = await vm.start(keep_trying=True)
             log.info("VM re-adopted" if info["connected"] else "VM not reachable; retrying",
                      extra={"vm": name})
+
+        await asyncio.gather(*(one(n, q) for n, q in wanted.items()))
+        for name, qmp in wanted.items():
+            if name in self._vms:
+                await self.journal.vm_added(name, qmp)
 
     async def remove(self, name: str) -> None:
         vm = self.get(name)
