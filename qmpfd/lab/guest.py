@@ -27,6 +27,26 @@ INIT_SCRIPT = """#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+if grep -q qmpfd.dump-sysfs /proc/cmdline; then
+  # Capture the PCI part of sysfs (files base64, links as targets) for unit-test fixtures.
+  for d in /sys/bus/pci/devices/*; do
+    for f in class vendor device subsystem_vendor subsystem_device reset_method boot_vga; do
+      [ -f "$d/$f" ] && echo "SYSFS-F $d/$f $(base64 -w0 < "$d/$f")"
+    done
+    echo "SYSFS-F $d/config $(head -c 64 "$d/config" | base64 -w0)"
+    for l in "$d"/driver "$d"/iommu_group "$d"/physfn "$d"/virtfn*; do
+      [ -L "$l" ] && echo "SYSFS-L $l $(readlink "$l")"
+    done
+    for n in "$d"/net/*; do
+      [ -f "$n/operstate" ] && echo "SYSFS-F $n/operstate $(base64 -w0 < "$n/operstate")"
+    done
+  done
+  for l in /sys/kernel/iommu_groups/*/devices/*; do
+    [ -L "$l" ] && echo "SYSFS-L $l $(readlink "$l")"
+  done
+  echo "SYSFS-F /proc/mounts $(base64 -w0 < /proc/mounts)"
+  echo "SYSFS-END"
+fi
 echo "GUEST-READY"
 last="-"
 while true; do

@@ -30,6 +30,10 @@ class LabVmSpec:
     switch_downstream_ports: int = 0
     bridge_behind_port: bool = False
     extra_phbs: int = 0
+    #: q35: an emulated Intel IOMMU (caching-mode, for VFIO inside the guest) and intel_iommu=on
+    iommu: bool = False
+    #: appended to the guest kernel's command line
+    cmdline: str = ""
     memory_mb: int | None = None   # default: 512 for pseries, 256 otherwise
     accel: str = "tcg"
     paused: bool = False
@@ -58,7 +62,7 @@ class LabVm:
         if s.machine == "virt":
             return ["-machine", f"virt,accel={s.accel}", "-cpu",
                     "cortex-a57" if s.accel == "tcg" else "host",
-                    "-append", "console=ttyAMA0 quiet panic=-1",
+                    "-append", f"console=ttyAMA0 quiet panic=-1 {s.cmdline}".strip(),
                     "-serial", f"file:{self.serial_log}"]
         if s.machine == "pseries":
             # TCG cannot provide these security/transactional-memory capabilities; turning them
@@ -66,12 +70,17 @@ class LabVm:
             caps = (",cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off,"
                     "cap-htm=off") if s.accel == "tcg" else ""
             return ["-machine", f"pseries,accel={s.accel}{caps}",
-                    "-append", "console=hvc0 quiet panic=-1",
+                    "-append", f"console=hvc0 quiet panic=-1 {s.cmdline}".strip(),
                     "-chardev", f"file,id=console,path={self.serial_log}",
                     "-device", "spapr-vty,chardev=console"]
         machine = "q35" if s.machine.startswith("q35") else "pc"
+        append = "console=ttyS0 quiet panic=-1" + (" intel_iommu=on" if s.iommu else "")
         args = ["-machine", f"{machine},accel={s.accel}",
-                "-append", "console=ttyS0 quiet panic=-1", "-serial", f"file:{self.serial_log}"]
+                "-append", f"{append} {s.cmdline}".strip(),
+                "-serial", f"file:{self.serial_log}"]
+        if s.iommu:
+            # Before any other PCI device, so every device's DMA goes through it.
+            args += ["-device", "intel-iommu,intremap=off,caching-mode=on"]
         if s.machine == "q35-native":
             args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
         return args
