@@ -51,6 +51,29 @@ def ranges(numbers: list[int]) -> str:
     return ", ".join(out)
 
 
+def host_tree(slots: list[dict[str, Any]]) -> str:
+    """Like ``lspci -t``, one slot per branch, with groups, drivers and in-use reasons."""
+    lines = []
+    for s in slots:
+        fns = s["functions"]
+        mf = " multifunction" if len(fns) > 1 or (fns and fns[0]["multifunction"]) else ""
+        lines.append(f"{s['slot']}{mf}")
+        for i, f in enumerate(fns):
+            branch = "└─" if i == len(fns) - 1 else "├─"
+            name = f["device-name"] or f["device"]
+            vendor = f["vendor-name"] or f["vendor"]
+            group = "-" if f["iommu-group"] is None else f["iommu-group"]
+            notes = [f"driver {f['driver'] or '-'}", f"group {group}"]
+            if f["held-by"]:
+                notes.append(f"held by {f['held-by']}")
+            if f["denied"]:
+                notes.append(f"denied: {f['denied']}")
+            notes += [f"IN USE: {r}" for r in f["in-use"]]
+            lines.append(f" {branch} .{f['function']} [{f['class']}] {vendor} {name} "
+                         f"({', '.join(notes)})")
+    return "\n".join(lines)
+
+
 def render(command: str, result: Any) -> str:
     if command == "query-vms":
         return table([(v["name"], "yes" if v["connected"] else "NO", v["arch"], v["machine"],
@@ -84,6 +107,8 @@ def render(command: str, result: Any) -> str:
             lines += ["steps:"] + [f"  {json.dumps(s)}" for s in result["steps"]]
             lines += ["rollback:"] + [f"  {json.dumps(s)}" for s in result["rollback"]]
         return "\n".join(lines)
+    if command == "query-host-devices":
+        return host_tree(result)
     if command == "device-detach":
         return (f"detached: {result['vm']} {result['bus']} slot {result['slot']:#04x} "
                 f"({', '.join(result['ids'])}) in {result['seconds']} s")
@@ -155,11 +180,11 @@ async def follow_events(sock: str, as_json: bool) -> None:
                   f"{json.dumps(ev.get('data', {}))}", flush=True)
 
 
-def load_attach_request(vm: str, source: str) -> dict[str, Any]:
+def load_attach_request(vm: str, source: str) -> tuple[str, dict[str, Any]]:
+    """(command, arguments) for a JSON or libvirt-style XML attach file."""
     text = sys.stdin.read() if source == "-" else Path(source).read_text()
     if text.lstrip().startswith("<"):
-        raise CliError("Unsupported", "libvirt-style XML arrives with host-device support "
-                                      "(contract v1.1); give JSON for now")
+        return "device-attach-xml", {"vm": vm, "xml": text}
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -169,7 +194,7 @@ def load_attach_request(vm: str, source: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise CliError("InvalidRequest", f"{source}: expected an object or a list of functions",
                        status=2)
-    return {**doc, "vm": vm}
+    return "device-attach", {**doc, "vm": vm}
 
 
 # -- argument parsing -----------------------------------------------------------------------
@@ -223,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("events", help="follow the event stream")
     h = sub.add_parser("host", help="host PCI devices").add_subparsers(dest="hostcmd",
                                                                        required=True)
-    h.add_parser("list", help="host PCI functions, grouped by slot")
+    hl = h.add_parser("list", help="host PCI functions as a tree: slots, functions, IOMMU "
+                                   "groups, drivers, why the host uses them")
+    hl.add_argument("--multifunction-only", action="store_true")
     sub.add_parser("version", help="qmpfd's version")
     return p
 
@@ -241,13 +268,13 @@ def request_of(ns: argparse.Namespace) -> tuple[str, dict[str, Any] | None, str 
     if ns.cmd == "policy":
         return "query-policy", {"vm": ns.vm}, None
     if ns.cmd == "attach":
-        args = load_attach_request(ns.vm, ns.file)
+        command, args = load_attach_request(ns.vm, ns.file)
         for key, val in (("bus", ns.bus), ("slot", ns.slot), ("timeout", ns.timeout)):
             if val is not None:
                 args[key] = val
         if ns.dry_run:
             args["dry-run"] = True
-        return "device-attach", args, "attaching ..."
+        return command, args, "attaching ..."
     if ns.cmd == "add-function":
         props: dict[str, Any] = {}
         for kv in ns.property:
@@ -273,7 +300,8 @@ def request_of(ns: argparse.Namespace) -> tuple[str, dict[str, Any] | None, str 
                                       "slot": int(ns.cancel[1], 0)}, None
         return "query-pending", ({"vm": ns.vm} if ns.vm else {}), None
     if ns.cmd == "host":
-        return "query-host-devices", {}, None
+        return "query-host-devices", ({"multifunction-only": True} if ns.multifunction_only
+                                      else {}), None
     return "query-version", None, None
 
 

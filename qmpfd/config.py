@@ -75,6 +75,23 @@ class AccessConfig(_Strict):
     audit_log: Path | None = Field(None, alias="audit-log")
 
 
+class DenyEntry(_Strict):
+    """A host function nobody may assign: by class prefix or vendor:device, with the reason."""
+
+    reason: str = Field(min_length=1)
+    class_prefix: str | None = Field(None, alias="class", pattern=r"^(0x)?[0-9a-fA-F]{2,6}$")
+    vendor_device: str | None = Field(None, alias="vendor-device",
+                                      pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")
+
+
+class HostConfig(_Strict):
+    sysfs: Path = Path("/sys")
+    proc: Path = Path("/proc")
+    #: Let a request with "force" take a function the host is using (interface up, mounted disk).
+    allow_force: bool = Field(False, alias="allow-force")
+    deny: list[DenyEntry] = Field(default_factory=list)
+
+
 class VmEntry(_Strict):
     name: str = Field(pattern=VM_NAME_PATTERN)
     qmp: Path
@@ -84,6 +101,7 @@ class Config(_Strict):
     daemon: DaemonConfig = Field(default_factory=lambda: DaemonConfig())
     timeouts: TimeoutConfig = Field(default_factory=lambda: TimeoutConfig())
     access: AccessConfig = Field(default_factory=lambda: AccessConfig())
+    host: HostConfig = Field(default_factory=lambda: HostConfig())
     vm: list[VmEntry] = Field(default_factory=list)
 
 

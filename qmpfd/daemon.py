@@ -17,6 +17,7 @@ from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer
 from qmpfd.config import Config, load_config
 from qmpfd.errors import QmpfdError
+from qmpfd.host.manager import HostDevices
 from qmpfd.state.journal import Journal
 from qmpfd.vm.registry import VmRegistry
 
@@ -32,10 +33,12 @@ class Daemon:
         self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes,
                                 authorize=self.access.admit)
         self.journal = Journal.open(config.daemon.state_dir)
+        self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
-                              check_path=self.access.check_qmp_path)
+                              check_path=self.access.check_qmp_path,
+                              on_removed=self.host.release)
         audit = AuditLog(config.access.audit_log or config.daemon.state_dir / "audit.log")
-        self.commands = Commands(self.vms, self.access, audit)
+        self.commands = Commands(self.vms, self.access, audit, self.host)
         self._stop = asyncio.Event()
 
     async def _dispatch(self, name: str, args: dict[str, Any], session: Any) -> Any:

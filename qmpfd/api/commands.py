@@ -20,7 +20,11 @@ from qmpfd.access.audit import AuditLog
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
 from qmpfd.api.session import Session
-from qmpfd.errors import CommandNotFound, QmpfdError, Unsupported
+from qmpfd.api.xml import parse_devices_xml
+from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError, Unsupported
+from qmpfd.host.assign import HostFunctionRequest
+from qmpfd.host.manager import HostDevices
+from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.vm.registry import VmRegistry
 
 log = logging.getLogger("qmpfd.api")
@@ -37,10 +41,12 @@ class Command:
 
 
 class Commands:
-    def __init__(self, vms: VmRegistry, access: AccessPolicy, audit: AuditLog) -> None:
+    def __init__(self, vms: VmRegistry, access: AccessPolicy, audit: AuditLog,
+                 host: HostDevices) -> None:
         self.vms = vms
         self.access = access
         self.audit = audit
+        self.host = host
         self.table: dict[str, Command] = {}
         reg = self._register
         reg("query-version", m.NoArgs, self.query_version, False)
@@ -57,6 +63,8 @@ class Commands:
         reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
         reg("query-operations", m.QueryPendingArgs, self.query_operations, False)
         reg("vm-qmp", m.VmQmpArgs, self.vm_qmp, True)
+        reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True)
+        reg("query-host-devices", m.QueryHostDevicesArgs, self.query_host_devices, False)
 
     def _register(self, name: str, model: type[BaseModel], handler: Handler,
                   changes_state: bool) -> None:
@@ -132,8 +140,46 @@ class Commands:
 
     # -- hotplug ---------------------------------------------------------------------------
     async def device_attach(self, a: m.DeviceAttachArgs) -> dict[str, Any]:
-        return await self.vms.get(a.vm).attach(a.specs(), bus=a.bus, slot=a.slot,
-                                               dry_run=a.dry_run, timeout=a.timeout)
+        vm = self.vms.get(a.vm)
+        if not a.has_host:
+            return await vm.attach(a.specs(), bus=a.bus, slot=a.slot, dry_run=a.dry_run,
+                                   timeout=a.timeout)
+        requests = [HostFunctionRequest(f.id, f.host, f.function, f.unassigned, f.managed)
+                    for f in a.functions if f.host is not None]
+        assignment = await self.host.plan(requests, vm.name, a.force)
+        specs = a.specs(assignment.guest, assignment.address)
+        if not specs:
+            raise InvalidRequest("functions: every host function is unassigned; nothing would "
+                                 "reach the guest")
+        host_info = {"bind": [addr for addr, _ in assignment.bind],
+                     "unassigned": list(assignment.unassigned)}
+        if a.dry_run:
+            plan = await vm.attach(specs, bus=a.bus, slot=a.slot, dry_run=True)
+            return {**plan, "host": host_info}
+        ids = [f.id for f in a.functions]
+        await self.host.acquire(assignment, vm.name, ids)
+        try:
+            result = await vm.attach(specs, bus=a.bus, slot=a.slot, timeout=a.timeout)
+        except AttachFailed as exc:
+            if not exc.rollback.left:  # still in QEMU: given back once QEMU deletes them
+                await self.host.release(vm.name, ids)
+            raise
+        except BaseException:
+            await self.host.release(vm.name, ids)
+            raise
+        return {**result, "host": host_info}
+
+    async def device_attach_xml(self, a: m.DeviceAttachXmlArgs) -> dict[str, Any]:
+        args: dict[str, Any] = {"vm": a.vm, "functions": parse_devices_xml(a.xml),
+                                "dry-run": a.dry_run, "force": a.force}
+        if a.bus is not None:
+            args["bus"] = a.bus
+        if a.slot is not None:
+            args["slot"] = a.slot
+        return await self.device_attach(m.parse_args(m.DeviceAttachArgs, args))
+
+    async def query_host_devices(self, a: m.QueryHostDevicesArgs) -> list[dict[str, Any]]:
+        return await self.host.query(a.multifunction_only)
 
     async def function_add(self, a: m.FunctionAddArgs) -> dict[str, Any]:
         return await self.vms.get(a.vm).function_add(a.spec(), a.bus, a.slot)
@@ -146,9 +192,17 @@ class Commands:
         return self.vms.get(a.vm).pending_cancel(a.bus, a.slot)
 
     async def device_detach(self, a: m.DeviceDetachArgs) -> dict[str, Any]:
-        return await self.vms.get(a.vm).detach(ids=a.ids, bus=a.bus, slot=a.slot,
-                                               whole_slot=a.whole_slot, timeout=a.timeout,
-                                               force=a.force)
+        result = await self.vms.get(a.vm).detach(ids=a.ids, bus=a.bus, slot=a.slot,
+                                                 whole_slot=a.whole_slot, timeout=a.timeout,
+                                                 force=a.force)
+        if not result.get("unplugging"):
+            # The functions are gone from QEMU: host functions (and the unassigned ones held
+            # with them) go back to their drivers before the reply (a late DEVICE_DELETED does
+            # the same through the VM's on_removed hook).
+            released = await self.host.release(a.vm, result["ids"])
+            if released:
+                result["host-released"] = released
+        return result
 
     async def query_operations(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
         if a.vm:

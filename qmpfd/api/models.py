@@ -52,12 +52,34 @@ class VmQmpArgs(Args):
     arguments: dict[str, Any] | None = None
 
 
+HostAddress = Annotated[
+    str, Field(pattern=r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")]
+
+
 class FunctionArg(Args):
+    """An emulated function ({id, driver, ...}) or a host function ({id, host, ...}, v1.1)."""
+
     id: DeviceId
-    driver: Driver
+    driver: Driver | None = None
     function: FunctionNumber | None = None
     properties: Annotated[dict[Annotated[str, Field(max_length=64)], PropValue],
                           Field(max_length=64)] = Field(default_factory=dict)
+    host: HostAddress | None = None
+    unassigned: bool = False
+    managed: bool = True
+
+    @model_validator(mode="after")
+    def _kind(self) -> FunctionArg:
+        if self.host is None:
+            if self.driver is None:
+                raise ValueError("driver: missing required argument (or give 'host')")
+            if self.unassigned or not self.managed:
+                raise ValueError("unassigned: only for host functions ('host')")
+        elif self.driver not in (None, "vfio-pci"):
+            raise ValueError("driver: a host function is always vfio-pci")
+        if self.unassigned and self.function is not None:
+            raise ValueError("function: an unassigned function has no guest function number")
+        return self
 
 
 class DeviceAttachArgs(Args):
@@ -67,19 +89,53 @@ class DeviceAttachArgs(Args):
     slot: SlotNumber | None = None
     dry_run: bool = Field(False, alias="dry-run")
     timeout: Seconds | None = None
+    force: bool = False
 
     @model_validator(mode="after")
     def _numbers_all_or_none(self) -> DeviceAttachArgs:
-        given = [f.function is not None for f in self.functions]
+        given = [f.function is not None for f in self.functions if not f.unassigned]
         if any(given) and not all(given):
             missing = given.index(False)
             raise ValueError(f"functions[{missing}].function: give 'function' on all functions "
                              "or on none")
         return self
 
-    def specs(self) -> list[FunctionSpec]:
-        return [FunctionSpec(f.id, f.driver, i if f.function is None else f.function,
-                             dict(f.properties)) for i, f in enumerate(self.functions)]
+    @property
+    def has_host(self) -> bool:
+        return any(f.host is not None for f in self.functions)
+
+    def specs(self, host_numbers: dict[str, int] | None = None,
+              host_addresses: dict[str, str] | None = None) -> list[FunctionSpec]:
+        """QEMU functions: emulated ones as given, host ones as vfio-pci with their guest number
+        (``host_numbers``). Without numbers, emulated functions take the lowest free ones."""
+        host_numbers = host_numbers or {}
+        host_addresses = host_addresses or {}
+        used = set(host_numbers.values())
+        free = (n for n in range(8) if n not in used)
+        out = []
+        for f in self.functions:
+            if f.unassigned:
+                continue
+            if f.host is not None:
+                out.append(FunctionSpec(f.id, "vfio-pci", host_numbers[f.id],
+                                        {"host": host_addresses[f.id], **f.properties}))
+            else:
+                number = f.function if f.function is not None else next(free, 8)
+                out.append(FunctionSpec(f.id, str(f.driver), number, dict(f.properties)))
+        return out
+
+
+class DeviceAttachXmlArgs(Args):
+    vm: VmName
+    xml: Annotated[str, Field(min_length=1, max_length=65536)]
+    bus: BusName | None = None
+    slot: SlotNumber | None = None
+    dry_run: bool = Field(False, alias="dry-run")
+    force: bool = False
+
+
+class QueryHostDevicesArgs(Args):
+    multifunction_only: bool = Field(False, alias="multifunction-only")
 
 
 class FunctionAddArgs(Args):

@@ -95,28 +95,29 @@ def _multifunction(dev: Path) -> bool:
     return len(header) > HEADER_TYPE_OFFSET and bool(header[HEADER_TYPE_OFFSET] & MULTIFUNCTION_BIT)
 
 
-def _block_devices(dev: Path, depth: int = 6) -> tuple[str, ...]:
-    """Block devices in the function's subtree (virtio-blk, NVMe, AHCI disks sit deeper)."""
-    found: list[str] = []
+def _class_devices(dev: Path, kind: str, depth: int = 6) -> list[Path]:
+    """Class devices (``net``, ``block``) in the function's subtree: a NIC's interface sits in
+    ``net/`` or deeper (``virtio2/net/eth0``), a disk deeper still (AHCI, NVMe)."""
+    found: list[Path] = []
     base = len(dev.parts)
     for here, dirs, _ in os.walk(dev, followlinks=False):
         p = Path(here)
         if len(p.parts) - base >= depth:
             dirs[:] = []
             continue
-        if p.name == "block":
-            found.extend(sorted(dirs))
+        if p.name == kind:
+            found.extend(p / d for d in sorted(dirs))
             dirs[:] = []
+            continue
         # another PCI function's directory is not ours (bridges have children)
         dirs[:] = [d for d in dirs if not BDF.match(d) and d not in ("subsystem", "driver")]
-    return tuple(found)
+    return found
 
 
 def read_function(dev: Path) -> HostFunction:
     address = dev.name
-    net_dir = dev / "net"
-    net = tuple(sorted((n, _read(net_dir / n / "operstate") or "unknown")
-                       for n in (os.listdir(net_dir) if net_dir.is_dir() else [])))
+    net = tuple((n.name, _read(n / "operstate") or "unknown")
+                for n in _class_devices(dev, "net"))
     virtfns = tuple(sorted(_link_name(dev / v) or "" for v in os.listdir(dev)
                            if v.startswith("virtfn")))
     group = _link_name(dev / "iommu_group")
@@ -132,7 +133,7 @@ def read_function(dev: Path) -> HostFunction:
         virtfns=virtfns,
         reset_methods=tuple((_read(dev / "reset_method") or "").split()),
         net=net,
-        block=_block_devices(dev),
+        block=tuple(b.name for b in _class_devices(dev, "block")),
         boot_vga=_read(dev / "boot_vga") == "1",
     )
 

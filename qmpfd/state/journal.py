@@ -44,12 +44,15 @@ class Journal:
         self._store = store
         self.vms: dict[str, str] = {}
         self.ops: dict[str, Operation] = {}
+        #: host functions held for VMs: address -> {vm, original, ids}
+        self.host: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def open(cls, directory: Path) -> Journal:
         j = cls(StateStore(directory))
         doc = j._store.load()
         j.vms = {str(k): str(v) for k, v in doc.get("vms", {}).items()}
+        j.host = {str(k): dict(v) for k, v in doc.get("host", {}).items()}
         for raw in doc.get("operations", []):
             try:
                 op = Operation(**raw)
@@ -59,7 +62,7 @@ class Journal:
         return j
 
     def _doc(self) -> dict[str, Any]:
-        return {"format": FORMAT, "vms": self.vms,
+        return {"format": FORMAT, "vms": self.vms, "host": self.host,
                 "operations": [asdict(op) for op in self.ops.values()]}
 
     async def _flush(self) -> None:
@@ -86,6 +89,14 @@ class Journal:
 
     async def end(self, op: Operation) -> None:
         if self.ops.pop(op.id, None) is not None:
+            await self._flush()
+
+    async def hold(self, address: str, vm: str, original: str | None, ids: list[str]) -> None:
+        self.host[address] = {"vm": vm, "original": original, "ids": ids}
+        await self._flush()
+
+    async def unhold(self, address: str) -> None:
+        if self.host.pop(address, None) is not None:
             await self._flush()
 
     def for_vm(self, name: str) -> list[Operation]:

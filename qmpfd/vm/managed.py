@@ -45,6 +45,8 @@ from qmpfd.vm.topology import Topology
 log = logging.getLogger("qmpfd.vm")
 
 Emit = Callable[[str, dict[str, Any]], None]
+#: Called with (vm, ids) once QEMU has deleted functions: host functions held for them go back.
+OnRemoved = Callable[[str, list[str]], Coroutine[Any, Any, Any]]
 
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
@@ -54,8 +56,10 @@ FORCE_GRACE = 1.0       # a forced detach still waits this long for an immediate
 class ManagedVm:
     def __init__(self, name: str, qmp: Path, emit: Emit, journal: Journal, *,
                  command_timeout: float, connect_timeout: float, pending_ttl: float,
-                 policies: dict[str, Policy] | None = None) -> None:
+                 policies: dict[str, Policy] | None = None,
+                 on_removed: OnRemoved | None = None) -> None:
         self.name = name
+        self._on_removed = on_removed
         self.qmp = qmp
         self._emit = emit
         self.journal = journal
@@ -179,11 +183,13 @@ class ManagedVm:
                                              "ids": list(op.functions), "recovered": True})
             elif decision.action is Action.FORGET:
                 await self.journal.end(op)
+                await self._removed(list(op.functions))
                 self._emit("SLOT_ATTACH_FAILED", {
                     "vm": self.name, "bus": op.bus, "slot": op.slot, "ids": list(op.functions),
                     "reason": "interrupted before any function reached QEMU"})
             elif decision.action is Action.DETACHED:
                 await self.journal.end(op)
+                await self._removed(list(op.functions))
                 self._emit("SLOT_DETACHED", {"vm": self.name, "bus": op.bus, "slot": op.slot,
                                              "ids": list(op.functions), "recovered": True})
             elif decision.action in (Action.ROLL_BACK, Action.SEND_UNPLUG) and policy:
@@ -197,6 +203,10 @@ class ManagedVm:
                 self._watch_op(op, key, list(decision.ids), done)
             else:  # KEEP_WAITING (or no policy known for the bus any more)
                 self._watch_op(op, key, list(decision.ids))
+
+    async def _removed(self, ids: list[str]) -> None:
+        if self._on_removed is not None:
+            await self._on_removed(self.name, ids)
 
     def _watch_op(self, op: Operation, key: SlotKey, ids: list[str],
                   done: asyncio.Future[None] | None = None) -> None:
@@ -474,6 +484,7 @@ class ManagedVm:
                 return
             if op is not None:
                 self._spawn(self.journal.end(op), "journal")
+            self._spawn(self._removed(ids), "release")
             if emit_detached:
                 self._emit("SLOT_DETACHED", {
                     "vm": self.name, "bus": key[0], "slot": key[1], "ids": ids,

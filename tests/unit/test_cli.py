@@ -43,3 +43,24 @@ def test_bad_usage_exits_2() -> None:
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["attach"])
     assert e.value.code == 2
+
+
+def test_attach_xml_file_goes_to_device_attach_xml(tmp_path: Path) -> None:
+    f = tmp_path / "dev.xml"
+    f.write_text("<hostdev mode='subsystem' type='pci'><source><address bus='1' slot='0'/>"
+                 "</source></hostdev>")
+    cmd, args, _ = request_of(build_parser().parse_args(["attach", "vm1", str(f)]))
+    assert cmd == "device-attach-xml" and args["xml"].startswith("<hostdev")
+
+
+def test_host_tree() -> None:
+    out = render("query-host-devices", [{"slot": "0000:01:00", "functions": [
+        {"function": f, "class": "0x020000", "vendor-name": "Intel Corporation", "vendor": "0x8086",
+         "device-name": "82574L", "device": "0x10d3", "driver": "e1000e" if f else None,
+         "iommu-group": 4, "held-by": None, "denied": None, "multifunction": f == 0,
+         "in-use": ["network interface eth1 is up"] if f == 1 else []} for f in range(2)]}])
+    assert out.splitlines() == [
+        "0000:01:00 multifunction",
+        " ├─ .0 [0x020000] Intel Corporation 82574L (driver -, group 4)",
+        " └─ .1 [0x020000] Intel Corporation 82574L (driver e1000e, group 4, "
+        "IN USE: network interface eth1 is up)"]

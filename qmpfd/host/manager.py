@@ -1,0 +1,101 @@
+"""Host functions held for VMs: planning against a fresh sysfs read, binding, and giving back.
+
+A function is *held* from the moment it leaves its host driver until it is given back; holdings are
+kept in the journal (address -> VM, original driver, the attach they belong to) so that a restarted
+qmpfd still knows what to give back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qmpfd.config import HostConfig
+from qmpfd.errors import QmpfdError
+from qmpfd.host import vfio
+from qmpfd.host.assign import HostAssignment, HostFunctionRequest, plan_host_assignment
+from qmpfd.host.inventory import deny_rules, describe
+from qmpfd.host.pciids import PciIds
+from qmpfd.host.sysfs import HostPci, read_host
+from qmpfd.state.journal import Journal
+
+log = logging.getLogger("qmpfd.host")
+
+
+@dataclass(frozen=True)
+class Holding:
+    vm: str
+    original: str | None
+    ids: tuple[str, ...]     # the device ids of the attach it belongs to (the whole slot)
+
+
+class HostDevices:
+    def __init__(self, cfg: HostConfig, journal: Journal) -> None:
+        self.cfg = cfg
+        self.journal = journal
+        self.deny = deny_rules(cfg)
+        self._ids: PciIds | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def held(self) -> dict[str, Holding]:
+        return {a: Holding(h["vm"], h["original"], tuple(h["ids"]))
+                for a, h in self.journal.host.items()}
+
+    async def read(self) -> HostPci:
+        return await asyncio.to_thread(read_host, self.cfg.sysfs, self.cfg.proc)
+
+    async def query(self, multifunction_only: bool) -> list[dict[str, Any]]:
+        if self._ids is None:
+            self._ids = await asyncio.to_thread(PciIds.load)
+        host = await self.read()
+        held = {a: h.vm for a, h in self.held.items()}
+        return describe(host, self._ids, held, multifunction_only, self.deny)
+
+    async def plan(self, requests: Sequence[HostFunctionRequest], vm: str,
+                   force: bool) -> HostAssignment:
+        host = await self.read()
+        held = {a: h.vm for a, h in self.held.items()}
+        return plan_host_assignment(requests, host, vm=vm, held_by=held, deny=self.deny,
+                                    force=force, allow_force=self.cfg.allow_force)
+
+    async def acquire(self, plan: HostAssignment, vm: str, ids: Sequence[str]) -> None:
+        """Move the plan's functions to vfio-pci and record them as held for ``vm``."""
+        async with self._lock:
+            done: list[tuple[str, str | None]] = []
+            try:
+                for address, _ in plan.bind:
+                    original = await asyncio.to_thread(vfio.bind_vfio, self.cfg.sysfs, address)
+                    done.append((address, original))
+                    await self.journal.hold(address, vm, original, list(ids))
+                for address in plan.address.values():
+                    if address not in self.journal.host:  # already on vfio-pci: still held
+                        await self.journal.hold(address, vm, "vfio-pci", list(ids))
+            except QmpfdError:
+                for address, original in reversed(done):
+                    await self._give_back(address, original)
+                raise
+
+    async def release(self, vm: str, ids: Sequence[str]) -> list[str]:
+        """Give back every function held for ``vm`` by the attach that ``ids`` belong to."""
+        async with self._lock:
+            wanted = set(ids)
+            released = []
+            for address, h in list(self.held.items()):
+                if h.vm == vm and wanted & set(h.ids):
+                    await self._give_back(address, h.original)
+                    released.append(address)
+            return released
+
+    async def _give_back(self, address: str, original: str | None) -> None:
+        try:
+            if original != "vfio-pci":
+                await asyncio.to_thread(vfio.restore_driver, self.cfg.sysfs, address, original)
+        except QmpfdError as exc:
+            log.error("cannot give a host function back", extra={"address": address,
+                                                                  "error": exc.desc})
+            return  # stays held (and journaled) so that it is not forgotten
+        await self.journal.unhold(address)
