@@ -36,7 +36,8 @@ class Daemon:
         self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
                               check_path=self.access.check_qmp_path,
-                              on_removed=self.host.release)
+                              on_removed=self.host.release,
+                              on_connected=self.host.release_absent)
         audit = AuditLog(config.access.audit_log or config.daemon.state_dir / "audit.log")
         self.commands = Commands(self.vms, self.access, audit, self.host)
         self._stop = asyncio.Event()

@@ -90,6 +90,13 @@ class HostDevices:
                     released.append(address)
             return released
 
+    async def release_absent(self, vm: str, present: set[str]) -> list[str]:
+        """After (re)connecting to ``vm``'s QEMU: give back what it holds for attaches none of
+        whose functions QEMU has any more (the VM was restarted or shut down meanwhile)."""
+        gone = [i for h in self.held.values() if h.vm == vm and not set(h.ids) & present
+                for i in h.ids]
+        return await self.release(vm, gone) if gone else []
+
     async def _give_back(self, address: str, original: str | None) -> None:
         try:
             if original != "vfio-pci":

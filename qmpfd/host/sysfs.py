@@ -95,6 +95,15 @@ def _multifunction(dev: Path) -> bool:
     return len(header) > HEADER_TYPE_OFFSET and bool(header[HEADER_TYPE_OFFSET] & MULTIFUNCTION_BIT)
 
 
+def _net_state(iface: Path) -> str:
+    """"up" when the interface is administratively up (IFF_UP), whatever its carrier: the host
+    has put it to use. Otherwise the kernel's operstate."""
+    flags = _read(iface / "flags")
+    if flags is not None and int(flags, 16) & 0x1:
+        return "up"
+    return _read(iface / "operstate") or "unknown"
+
+
 def _class_devices(dev: Path, kind: str, depth: int = 6) -> list[Path]:
     """Class devices (``net``, ``block``) in the function's subtree: a NIC's interface sits in
     ``net/`` or deeper (``virtio2/net/eth0``), a disk deeper still (AHCI, NVMe)."""
@@ -116,8 +125,7 @@ def _class_devices(dev: Path, kind: str, depth: int = 6) -> list[Path]:
 
 def read_function(dev: Path) -> HostFunction:
     address = dev.name
-    net = tuple((n.name, _read(n / "operstate") or "unknown")
-                for n in _class_devices(dev, "net"))
+    net = tuple((n.name, _net_state(n)) for n in _class_devices(dev, "net"))
     virtfns = tuple(sorted(_link_name(dev / v) or "" for v in os.listdir(dev)
                            if v.startswith("virtfn")))
     group = _link_name(dev / "iommu_group")

@@ -47,6 +47,8 @@ log = logging.getLogger("qmpfd.vm")
 Emit = Callable[[str, dict[str, Any]], None]
 #: Called with (vm, ids) once QEMU has deleted functions: host functions held for them go back.
 OnRemoved = Callable[[str, list[str]], Coroutine[Any, Any, Any]]
+#: Called with (vm, ids QEMU holds) after every (re)connection.
+OnConnected = Callable[[str, set[str]], Coroutine[Any, Any, Any]]
 
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
@@ -57,9 +59,11 @@ class ManagedVm:
     def __init__(self, name: str, qmp: Path, emit: Emit, journal: Journal, *,
                  command_timeout: float, connect_timeout: float, pending_ttl: float,
                  policies: dict[str, Policy] | None = None,
-                 on_removed: OnRemoved | None = None) -> None:
+                 on_removed: OnRemoved | None = None,
+                 on_connected: OnConnected | None = None) -> None:
         self.name = name
         self._on_removed = on_removed
+        self._on_connected = on_connected
         self.qmp = qmp
         self._emit = emit
         self.journal = journal
@@ -122,6 +126,8 @@ class ManagedVm:
             topo = await self.topology()
             self._policy_cache = self.policy_name(topo)
             await self.reconcile()
+            if self._on_connected is not None:
+                await self._on_connected(self.name, topo.device_ids())
         except BaseException:
             await self.conn.close()
             raise

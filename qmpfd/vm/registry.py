@@ -12,7 +12,7 @@ from qmpfd.config import Config
 from qmpfd.errors import Conflict, NotFound, QmpfdError
 from qmpfd.hotplug.policies import POLICIES, Policy
 from qmpfd.state.journal import Journal
-from qmpfd.vm.managed import Emit, ManagedVm, OnRemoved
+from qmpfd.vm.managed import Emit, ManagedVm, OnConnected, OnRemoved
 
 log = logging.getLogger("qmpfd.vm")
 
@@ -29,9 +29,11 @@ def configured_policies(config: Config) -> dict[str, Policy]:
 class VmRegistry:
     def __init__(self, config: Config, emit: Emit, journal: Journal,
                  check_path: Callable[[Path], Path] | None = None,
-                 on_removed: OnRemoved | None = None) -> None:
+                 on_removed: OnRemoved | None = None,
+                 on_connected: OnConnected | None = None) -> None:
         self._config = config
         self._on_removed = on_removed
+        self._on_connected = on_connected
         self._check_path = check_path
         self._emit = emit
         self.journal = journal
@@ -53,7 +55,8 @@ class VmRegistry:
         t = self._config.timeouts
         return ManagedVm(name, qmp, self._emit, self.journal, command_timeout=t.command,
                          connect_timeout=t.qmp_connect, pending_ttl=t.pending_expiry,
-                         policies=self.policies, on_removed=self._on_removed)
+                         policies=self.policies, on_removed=self._on_removed,
+                         on_connected=self._on_connected)
 
     async def add(self, name: str, qmp: Path) -> dict[str, Any]:
         """vm-add: connect now or fail; nothing is kept on failure."""

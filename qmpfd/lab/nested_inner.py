@@ -1,0 +1,174 @@
+# ruff: noqa: ASYNC110, ASYNC220, ASYNC221 - a lab script: blocking calls and polling are fine
+"""Runs inside the issue-5 L1 guest (see :mod:`qmpfd.lab.nested`): qmpfd and a second-level QEMU
+on a real kernel with an emulated IOMMU. Prints one ``LAB5 {json}`` line per step.
+
+L2 is held at start (-S): a guest booting under TCG inside TCG does not fit the time, so the
+assignment is proven on QEMU's side (vfio-pci functions in one slot) and on the L1 kernel's side
+(drivers), not by an L2 guest's own view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+
+SLOT = "0000:01:00"
+TMP = Path("/tmp/lab5")
+
+
+def report(step: str, **data: Any) -> None:
+    print("LAB5 " + json.dumps({"step": step, **data}), flush=True)
+
+
+def driver(address: str) -> str | None:
+    link = Path("/sys/bus/pci/devices") / address / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def drivers() -> dict[str, str | None]:
+    return {f"{SLOT}.{i}": driver(f"{SLOT}.{i}") for i in range(4)}
+
+
+def iface_of(address: str) -> str:
+    net = Path("/sys/bus/pci/devices") / address / "net"
+    return sorted(os.listdir(net))[0]
+
+
+async def attempt(c: QMPClient, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"ok": True, "return": await c.execute(cmd, args)}
+    except ExecuteError as exc:
+        return {"ok": False, "class": exc.error_class, "desc": str(exc)}
+
+
+def wait_socket(path: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.1)
+
+
+def start_l2() -> subprocess.Popen[bytes]:
+    for sock in ("l2.qmp", "l2-inspect.qmp"):
+        (TMP / sock).unlink(missing_ok=True)
+    return subprocess.Popen(["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "128",
+                             "-nodefaults", "-display", "none", "-S",
+                             "-device", "pcie-root-port,id=rp1,chassis=1,bus=pcie.0,addr=0x10",
+                             "-qmp", f"unix:{TMP}/l2.qmp,server=on,wait=off",
+                             "-qmp", f"unix:{TMP}/l2-inspect.qmp,server=on,wait=off"],
+                            stderr=(TMP / "l2.log").open("ab"))
+
+
+async def main() -> None:
+    t0 = time.monotonic()
+    TMP.mkdir(parents=True, exist_ok=True)
+    report("start", drivers=drivers(), groups=sorted(os.listdir("/sys/kernel/iommu_groups")))
+    config = TMP / "qmpfd.toml"
+    config.write_text(f'[daemon]\nsocket = "{TMP}/qmpfd.sock"\nstate-dir = "{TMP}/state"\n'
+                      f'log-format = "text"\n[access]\nqmp-dirs = ["{TMP}"]\n')
+    daemon = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(config)],
+                              stderr=(TMP / "qmpfd.log").open("wb"))
+    l2 = start_l2()
+    try:
+        wait_socket(TMP / "qmpfd.sock", 120)
+        wait_socket(TMP / "l2-inspect.qmp", 120)
+        report("started", seconds=round(time.monotonic() - t0, 1))
+        c = QMPClient("lab5")
+        await c.connect(str(TMP / "qmpfd.sock"))
+        report("vm-add", **await attempt(c, "vm-add", {"name": "l2", "qmp": f"{TMP}/l2.qmp"}))
+        inventory = await c.execute("query-host-devices", {"multifunction-only": True})
+        report("inventory", slots=inventory)
+
+        # 1. Only functions 1 and 2: 0 and 3 would stay on e1000e in the same IOMMU group.
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
+            {"id": "p1", "host": f"{SLOT}.1"}, {"id": "p2", "host": f"{SLOT}.2"}]})
+        report("group-check", **r, drivers=drivers())
+
+        # 2. Function 1's interface is up: the host uses it.
+        iface = iface_of(f"{SLOT}.1")
+        subprocess.run(["ip", "link", "set", iface, "up"], check=True)
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
+            {"id": "p1", "host": f"{SLOT}.1"}, {"id": "p2", "host": f"{SLOT}.2"},
+            {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
+            {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
+        report("in-use-check", **r, iface=iface, drivers=drivers())
+        subprocess.run(["ip", "link", "set", iface, "down"], check=True)
+
+        # 3. QEMU refuses the first function plugged: everything goes back to e1000e.
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
+            {"id": "p1", "host": f"{SLOT}.1"},
+            {"id": "p2", "host": f"{SLOT}.2", "properties": {"no-such-property": 1}},
+            {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
+            {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
+        report("failure-gives-back", **r, drivers=drivers())
+
+        # 4. The partial assignment: 1 and 2 to the guest, 0 and 3 held back.
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
+            {"id": "p1", "host": f"{SLOT}.1"}, {"id": "p2", "host": f"{SLOT}.2"},
+            {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
+            {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
+        inspect = QMPClient("inspect")
+        await inspect.connect(str(TMP / "l2-inspect.qmp"))
+        pci = await inspect.execute("query-pci")
+        in_l2 = [{"id": d["qdev_id"], "bus": d["bus"], "slot": d["slot"],
+                  "function": d["function"]}
+                 for b in pci for d in b["devices"] if d["qdev_id"] in ("p1", "p2")]
+        for b in pci:
+            for d in b["devices"]:
+                for dd in (d.get("pci_bridge") or {}).get("devices", []):
+                    if dd["qdev_id"] in ("p1", "p2"):
+                        in_l2.append({"id": dd["qdev_id"], "bus": dd["bus"],
+                                      "slot": dd["slot"], "function": dd["function"]})
+        qom = await inspect.execute("qom-list", {"path": "/machine/peripheral"})
+        held = await c.execute("query-host-devices", {"multifunction-only": True})
+        report("assigned", **r, drivers=drivers(), in_l2=in_l2,
+               peripheral=sorted(p["name"] for p in qom if p["type"].startswith("child<")),
+               held_by=[f.get("held-by") for s in held for f in s["functions"]])
+        placed = {}
+        for dev in ("p1", "p2"):
+            path = f"/machine/peripheral/{dev}"
+            placed[dev] = {
+                "addr": await inspect.execute("qom-get", {"path": path, "property": "addr"}),
+                "bus": await inspect.execute("qom-get", {"path": path, "property": "parent_bus"}),
+                "host": await inspect.execute("qom-get", {"path": path, "property": "host"})}
+        report("placement", placed=placed)
+        await inspect.disconnect()
+
+        # 5. The VM goes away (QEMU exits) and comes back without those devices: qmpfd
+        # reconnects and gives all four functions back to e1000e.
+        l2.kill()
+        l2.wait()
+        report("l2-stopped", drivers=drivers())
+        l2 = start_l2()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(d != "e1000e" for d in drivers().values()):
+            await asyncio.sleep(0.5)
+        held = await c.execute("query-host-devices", {"multifunction-only": True})
+        report("given-back", drivers=drivers(),
+               held_by=[f.get("held-by") for s in held for f in s["functions"]],
+               vms=await c.execute("query-vms"))
+        await c.disconnect()
+    except Exception as exc:
+        report("error", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        report("done", seconds=round(time.monotonic() - t0, 1))
+        l2.kill()
+        daemon.terminate()
+        try:
+            daemon.wait(20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        print("qmpfd log tail:\n" + (TMP / "qmpfd.log").read_text()[-1500:], flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
