@@ -118,7 +118,7 @@ async def main() -> None:
             {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
         inspect = QMPClient("inspect")
         await inspect.connect(str(TMP / "l2-inspect.qmp"))
-        pci = await inspect.execute("query-pci")
+        pci: Any = await inspect.execute("query-pci")
         in_l2 = [{"id": d["qdev_id"], "bus": d["bus"], "slot": d["slot"],
                   "function": d["function"]}
                  for b in pci for d in b["devices"] if d["qdev_id"] in ("p1", "p2")]
@@ -128,8 +128,8 @@ async def main() -> None:
                     if dd["qdev_id"] in ("p1", "p2"):
                         in_l2.append({"id": dd["qdev_id"], "bus": dd["bus"],
                                       "slot": dd["slot"], "function": dd["function"]})
-        qom = await inspect.execute("qom-list", {"path": "/machine/peripheral"})
-        held = await c.execute("query-host-devices", {"multifunction-only": True})
+        qom: Any = await inspect.execute("qom-list", {"path": "/machine/peripheral"})
+        held: Any = await c.execute("query-host-devices", {"multifunction-only": True})
         report("assigned", **r, drivers=drivers(), in_l2=in_l2,
                peripheral=sorted(p["name"] for p in qom if p["type"].startswith("child<")),
                held_by=[f.get("held-by") for s in held for f in s["functions"]])
