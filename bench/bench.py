@@ -1,0 +1,318 @@
+"""qmpfd benchmarks (issue 6): one command, one machine, everything side by side.
+
+    bench/run            # writes bench/results.md and bench/chart.png
+
+1. Overhead: N-function attach+detach (N = 1, 2, 4, 8) through qmpfd vs the same device_add /
+   device_del sequence sent directly with qemu.qmp to an identical VM, interleaved A/B; time to
+   "QMP done" and to "the guest sees every function" (the guest's own report, 0.2 s polling).
+2. libvirt 9.0 (bench/libvirt_bench.py, run by the system python3 with python3-libvirt):
+   attachDeviceFlags of one function vs qmpfd with one and eight; the multifunction case refused.
+3. Unplug: time to the last DEVICE_DELETED, acpi-pcihp vs pcie-native (q35).
+4. Scale: one qmpfd holding 50 and 100 QEMUs (held at start, no guest), concurrent 4-function
+   attaches on all: throughput, p50/p99, qmpfd's RSS and CPU time per VM.
+5. The pure planner: planning time against topology size (buses x slots).
+Benchmarks, not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qmpfd.hotplug.plan import FunctionSpec, plan_attach  # noqa: E402
+from qmpfd.hotplug.policies import policy_for  # noqa: E402
+from qmpfd.lab.vm import LabVm, LabVmSpec  # noqa: E402
+from qmpfd.vm.topology import RawBus, RawDevice, Topology  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_RUNS", "8"))
+DRIVERS = ["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"] * 2
+
+
+def pct(values: list[float], p: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "p95": pct(values, 95), "n": len(values)}
+
+
+class Daemon:
+    def __init__(self, work: Path) -> None:
+        self.sock = work / "qmpfd.sock"
+        cfg = work / "qmpfd.toml"
+        cfg.write_text(f'[daemon]\nsocket = "{self.sock}"\nstate-dir = "{work}/state"\n'
+                       f'log-level = "warning"\n[access]\nqmp-dirs = ["{work}"]\n')
+        self.proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)],
+                                     stderr=(work / "qmpfd.log").open("wb"))
+        while not self.sock.exists():
+            time.sleep(0.05)
+
+    def usage(self) -> tuple[int, float]:
+        """(RSS bytes, CPU seconds) of the daemon."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        rss = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))) * 1024
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text().split(")")[1].split()
+        return rss, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def client(path: Path) -> QMPClient:
+    c = QMPClient("bench")
+    await c.connect(str(path))
+    return c
+
+
+async def guest_sees(vm: LabVm, cond: Callable[[set[str]], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = vm.guest_pci()
+        if seen is not None and cond(seen):
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("guest did not report")
+
+
+# -- 1. overhead --------------------------------------------------------------------------
+async def qmpfd_cycle(c: QMPClient, vm: LabVm, name: str, n: int, tag: str) -> dict[str, float]:
+    before = vm.guest_pci() or set()
+    funcs = [{"id": f"{tag}f{i}", "driver": DRIVERS[i]} for i in range(n)]
+    t0 = time.perf_counter()
+    await c.execute("device-attach", {"vm": name, "functions": funcs})
+    qmp_done = time.perf_counter() - t0
+    await guest_sees(vm, lambda s: len(s - before) >= n)
+    seen = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    await c.execute("device-detach", {"vm": name, "ids": [f["id"] for f in funcs]})
+    detached = time.perf_counter() - t1
+    await guest_sees(vm, lambda s: s == before)
+    return {"attach_qmp": qmp_done, "attach_guest": seen, "detach": detached}
+
+
+async def raw_cycle(c: QMPClient, events: EventListener, vm: LabVm, n: int,
+                    tag: str) -> dict[str, float]:
+    """What a careful user sends by hand: non-zero functions, then function 0 with
+    multifunction=on; one device_del; wait for every DEVICE_DELETED."""
+    before = vm.guest_pci() or set()
+    ids = [f"{tag}f{i}" for i in range(n)]
+    t0 = time.perf_counter()
+    for fn in [*range(1, n), 0]:
+        args: dict[str, Any] = {"driver": DRIVERS[fn], "id": ids[fn], "bus": "pci.0",
+                                "addr": f"0x10.{fn:x}" if n > 1 else "0x10"}
+        if n > 1 and fn == 0:
+            args["multifunction"] = "on"
+        await c.execute("device_add", args)
+    qmp_done = time.perf_counter() - t0
+    await guest_sees(vm, lambda s: len(s - before) >= n)
+    seen = time.perf_counter() - t0
+    events.clear()
+    t1 = time.perf_counter()
+    await c.execute("device_del", {"id": ids[0]})
+    pending = set(ids)
+    while pending:
+        ev = await asyncio.wait_for(events.get(), 30)
+        if ev["event"] == "DEVICE_DELETED" and ev["data"].get("device"):
+            pending.discard(ev["data"]["device"])
+    detached = time.perf_counter() - t1
+    await guest_sees(vm, lambda s: s == before)
+    return {"attach_qmp": qmp_done, "attach_guest": seen, "detach": detached}
+
+
+async def overhead(work: Path, daemon: Daemon) -> dict[str, Any]:
+    a = LabVm("ovh-a", work / "a", LabVmSpec(machine="pc"))
+    b = LabVm("ovh-b", work / "b", LabVmSpec(machine="pc"))
+    a.start()
+    b.start()
+    try:
+        c = await client(daemon.sock)
+        await c.execute("vm-add", {"name": "ovh-a", "qmp": str(a.qmp_socket)})
+        raw = await client(b.qmp_socket)
+        events = EventListener()
+        raw.register_listener(events)
+        out: dict[str, Any] = {}
+        for n in (1, 2, 4, 8):
+            res: dict[str, list[dict[str, float]]] = {"qmpfd": [], "raw": []}
+            for r in range(RUNS):  # interleaved A/B
+                res["qmpfd"].append(await qmpfd_cycle(c, a, "ovh-a", n, f"q{n}r{r}"))
+                res["raw"].append(await raw_cycle(raw, events, b, n, f"r{n}r{r}"))
+            out[str(n)] = {k: {m: summary([x[m] for x in v]) for m in v[0]}
+                           for k, v in res.items()}
+        await c.disconnect()
+        await raw.disconnect()
+        return out
+    finally:
+        a.stop()
+        b.stop()
+
+
+# -- 3. unplug ------------------------------------------------------------------------------
+async def unplug(work: Path, daemon: Daemon) -> dict[str, Any]:
+    out = {}
+    c = await client(daemon.sock)
+    for machine in ("q35", "q35-native"):
+        vm = LabVm(f"unp-{machine}", work / machine, LabVmSpec(machine=machine, root_ports=2))
+        vm.start()
+        try:
+            await c.execute("vm-add", {"name": vm.name, "qmp": str(vm.qmp_socket)})
+            times = []
+            for r in range(max(3, RUNS // 2)):
+                cyc = await qmpfd_cycle(c, vm, vm.name, 4, f"u{r}")
+                times.append(cyc["detach"])
+            policy = (await c.execute("query-policy", {"vm": vm.name}))["policy"]
+            out[policy] = summary(times)
+            await c.execute("vm-remove", {"name": vm.name})
+        finally:
+            vm.stop()
+    await c.disconnect()
+    return out
+
+
+# -- 4. scale -------------------------------------------------------------------------------
+def start_bare_qemu(work: Path, i: int) -> tuple[subprocess.Popen[bytes], Path]:
+    sock = work / f"s{i}.qmp"
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "32",
+                             "-nodefaults", "-display", "none", "-S",
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return proc, sock
+
+
+async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any]:
+    out = {}
+    for count in sizes:
+        d = work / f"scale{count}"
+        d.mkdir()
+        daemon = Daemon(d)
+        procs = [start_bare_qemu(d, i) for i in range(count)]
+        try:
+            while not all(s.exists() for _, s in procs):
+                await asyncio.sleep(0.1)
+            rss0, cpu0 = daemon.usage()
+            c = await client(daemon.sock)
+            for i, (_, sock) in enumerate(procs):
+                await c.execute("vm-add", {"name": f"s{i}", "qmp": str(sock)})
+            rss1, cpu1 = daemon.usage()
+            clients = [await client(daemon.sock) for _ in range(8)]
+            latencies: list[float] = []
+
+            async def one(i: int) -> None:
+                cl = clients[i % len(clients)]
+                t = time.perf_counter()
+                await cl.execute("device-attach", {"vm": f"s{i}", "functions": [
+                    {"id": f"x{i}f{f}", "driver": "virtio-rng-pci"} for f in range(4)]})
+                latencies.append(time.perf_counter() - t)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(count)))
+            wall = time.perf_counter() - t0
+            rss2, cpu2 = daemon.usage()
+            out[str(count)] = {
+                "attaches_per_s": count / wall, "p50": pct(latencies, 50),
+                "p99": pct(latencies, 99), "rss_mb": rss2 / 2**20,
+                "rss_per_vm_kb": (rss1 - rss0) / count / 1024,
+                "cpu_s_per_vm_adopt": (cpu1 - cpu0) / count,
+                "cpu_s_per_vm_attach": (cpu2 - cpu1) / count}
+            for cl in [*clients, c]:
+                await cl.disconnect()
+        finally:
+            daemon.stop()
+            for p, _ in procs:
+                p.kill()
+            for p, _ in procs:
+                p.wait()
+    return out
+
+
+# -- 5. planner -----------------------------------------------------------------------------
+def planner() -> dict[str, float]:
+    out = {}
+    for buses in (1, 4, 16, 64):
+        raws = [RawBus(name=f"b{b}", path=f"/b{b}", bus_type="PCI", owner_type="pci-bridge",
+                       owner_is_pci_device=True, handler_path="/acpi", handler_type="PIIX4_PM",
+                       devices=tuple(RawDevice(f"/machine/peripheral/d{b}x{s}", "e1000", s << 3)
+                                     for s in range(31)))
+                for b in range(buses)]  # every slot but the last of every bus is taken
+        topo = Topology.from_raw(raws)
+        policies = {b.name: policy_for("x86_64", "pc", b.mechanism) for b in topo.buses}
+        specs = [FunctionSpec(f"n{i}", "e1000", i) for i in range(8)]
+        reps = 50
+        t = time.perf_counter()
+        for _ in range(reps):
+            plan_attach(topo, specs, policies)
+        out[f"{buses}x32"] = (time.perf_counter() - t) / reps * 1e6
+    return out
+
+
+# -- 2. libvirt -----------------------------------------------------------------------------
+def libvirt(work: Path) -> dict[str, Any]:
+    script = Path(__file__).with_name("libvirt_bench.py")
+    proc = subprocess.run(["/usr/bin/python3", str(script), str(work / "libvirt"), str(RUNS)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def versions() -> dict[str, str]:
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.machine())
+    return {"machine": f"{os.cpu_count()} CPUs ({cpu}), "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+            "kernel": platform.release(), "qemu": qemu, "python": platform.python_version()}
+
+
+async def main() -> None:
+    from bench.report import write_report
+
+    results: dict[str, Any] = {"versions": versions(), "runs": RUNS}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="qmpfd-bench-") as tmp:
+        work = Path(tmp)
+        daemon = Daemon(work)
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("overhead", lambda: overhead(work / "ovh", daemon)),
+            ("unplug", lambda: unplug(work / "unp", daemon)),
+        ]
+        try:
+            for name, fn in steps:
+                print(f"bench: {name} ...", flush=True)
+                results[name] = await fn()
+        finally:
+            daemon.stop()
+        print("bench: libvirt ...", flush=True)
+        results["libvirt"] = libvirt(work)
+        print("bench: scale ...", flush=True)
+        results["scale"] = await scale(work)
+    print("bench: planner ...", flush=True)
+    results["planner_us"] = planner()
+    results["seconds"] = time.monotonic() - started
+    out = Path(__file__).parent
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out / "results.md", out / "chart.png")
+    print(f"bench: done in {results['seconds']:.0f} s -> bench/results.md, bench/chart.png")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
