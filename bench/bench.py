@@ -45,7 +45,7 @@ DRIVERS = ["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"] * 2
 
 def pct(values: list[float], p: float) -> float:
     v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+    return v[min(len(v) - 1, round(p / 100 * (len(v) - 1)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -66,7 +66,8 @@ class Daemon:
     def usage(self) -> tuple[int, float]:
         """(RSS bytes, CPU seconds) of the daemon."""
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        rss = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))) * 1024
+        rss_kb = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))
+        rss = int(rss_kb) * 1024
         stat = Path(f"/proc/{self.proc.pid}/stat").read_text().split(")")[1].split()
         return rss, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -196,6 +197,13 @@ def start_bare_qemu(work: Path, i: int) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, sock
 
 
+async def timed_attach(cl: QMPClient, i: int, latencies: list[float]) -> None:
+    t = time.perf_counter()
+    await cl.execute("device-attach", {"vm": f"s{i}", "functions": [
+        {"id": f"x{i}f{f}", "driver": "virtio-rng-pci"} for f in range(4)]})
+    latencies.append(time.perf_counter() - t)
+
+
 async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any]:
     out = {}
     for count in sizes:
@@ -204,7 +212,7 @@ async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any
         daemon = Daemon(d)
         procs = [start_bare_qemu(d, i) for i in range(count)]
         try:
-            while not all(s.exists() for _, s in procs):
+            while not all(s.exists() for _, s in procs):  # noqa: ASYNC110 - QEMU start-up
                 await asyncio.sleep(0.1)
             rss0, cpu0 = daemon.usage()
             c = await client(daemon.sock)
@@ -213,16 +221,9 @@ async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any
             rss1, cpu1 = daemon.usage()
             clients = [await client(daemon.sock) for _ in range(8)]
             latencies: list[float] = []
-
-            async def one(i: int) -> None:
-                cl = clients[i % len(clients)]
-                t = time.perf_counter()
-                await cl.execute("device-attach", {"vm": f"s{i}", "functions": [
-                    {"id": f"x{i}f{f}", "driver": "virtio-rng-pci"} for f in range(4)]})
-                latencies.append(time.perf_counter() - t)
-
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(count)))
+            await asyncio.gather(*(timed_attach(clients[i % len(clients)], i, latencies)
+                                   for i in range(count)))
             wall = time.perf_counter() - t0
             rss2, cpu2 = daemon.usage()
             out[str(count)] = {
@@ -278,8 +279,8 @@ def versions() -> dict[str, str]:
                           text=True).stdout.splitlines()[0]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.machine())
-    return {"machine": f"{os.cpu_count()} CPUs ({cpu}), "
-                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"machine": f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB",
             "kernel": platform.release(), "qemu": qemu, "python": platform.python_version()}
 
 

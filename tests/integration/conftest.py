@@ -133,3 +133,15 @@ async def qemu_execute(vm: LabVm, cmd: str, args: dict[str, Any] | None = None) 
         return await qmp.execute(cmd, args)
     finally:
         await qmp.disconnect()
+
+
+def adopt(daemon: Path, name: str, qmp: Path) -> dict[str, Any]:
+    """vm-add, for the synchronous module-scoped fixtures that start lab VMs."""
+    async def run() -> dict[str, Any]:
+        c = await connect(daemon)
+        try:
+            result: dict[str, Any] = await c.execute("vm-add", {"name": name, "qmp": str(qmp)})
+            return result
+        finally:
+            await c.qmp.disconnect()
+    return asyncio.run(run())

@@ -19,7 +19,14 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import PENDING_EXPIRY, Client, connect, qemu_view, start_lab_vm
+from tests.integration.conftest import (
+    PENDING_EXPIRY,
+    Client,
+    adopt,
+    connect,
+    qemu_view,
+    start_lab_vm,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +36,8 @@ VM = "api-pc"
 @pytest.fixture(scope="module")
 def lab(workdir: Path, daemon: Path) -> Iterator[LabVm]:
     vm = start_lab_vm(workdir, VM, LabVmSpec(machine="pc"))
-
-    async def adopt() -> None:
-        c = await connect(daemon)
-        await c.execute("vm-add", {"name": VM, "qmp": str(vm.qmp_socket)})
-        await c.qmp.disconnect()
-
     try:
-        asyncio.run(adopt())
+        adopt(daemon, VM, vm.qmp_socket)
         yield vm
     finally:
         vm.stop()

@@ -8,7 +8,6 @@ nested lab of issue 5, which is not built yet; see the README.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from qmpfd.lab.vm import LabVm, LabVmSpec
-from tests.integration.conftest import Client, connect, qemu_view, start_lab_vm
+from tests.integration.conftest import Client, adopt, qemu_view, start_lab_vm
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +27,7 @@ VM = "hostdev-target"
 @pytest.fixture(scope="module")
 def target(workdir: Path, daemon: Path) -> Iterator[LabVm]:
     lab = start_lab_vm(workdir, VM, LabVmSpec(machine="pc", paused=True))
-
-    async def adopt() -> None:
-        c = await connect(daemon)
-        await c.execute("vm-add", {"name": VM, "qmp": str(lab.qmp_socket)})
-        await c.qmp.disconnect()
-
-    asyncio.run(adopt())
+    adopt(daemon, VM, lab.qmp_socket)
     yield lab
     lab.stop()
 

@@ -18,7 +18,14 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
+from tests.integration.conftest import (
+    Client,
+    adopt,
+    connect,
+    qemu_execute,
+    qemu_view,
+    start_lab_vm,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,19 +51,8 @@ def guest(request: pytest.FixtureRequest, workdir: Path, daemon: Path) -> Iterat
     machine = request.param
     name = f"hp-{machine}"
     lab = start_lab_vm(workdir, name, LabVmSpec(machine=machine, root_ports=4))
-
-    async def adopt() -> dict[str, Any]:
-        c = await connect(daemon)
-        try:
-            result: dict[str, Any] = await c.execute(
-                "vm-add", {"name": name, "qmp": str(lab.qmp_socket)})
-            return result
-        finally:
-            await c.qmp.disconnect()
-
     try:
-        info = asyncio.run(adopt())
-        yield Guest(name, machine, lab, info)
+        yield Guest(name, machine, lab, adopt(daemon, name, lab.qmp_socket))
     finally:
         lab.stop()
 

@@ -12,7 +12,6 @@ the new DRCs); the busybox guest has neither, so it never shows the new function
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from qmpfd.lab.vm import LabVm, LabVmSpec
-from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
+from tests.integration.conftest import Client, adopt, qemu_execute, qemu_view, start_lab_vm
 
 pytestmark = pytest.mark.integration
 
@@ -30,18 +29,8 @@ VM = "ppc-pseries"
 @pytest.fixture(scope="module")
 def pseries(workdir: Path, daemon: Path) -> Iterator[tuple[LabVm, dict[str, Any]]]:
     lab = start_lab_vm(workdir, VM, LabVmSpec(machine="pseries", extra_phbs=1))
-
-    async def adopt() -> dict[str, Any]:
-        c = await connect(daemon)
-        try:
-            result: dict[str, Any] = await c.execute("vm-add", {"name": VM,
-                                                                "qmp": str(lab.qmp_socket)})
-            return result
-        finally:
-            await c.qmp.disconnect()
-
     try:
-        yield lab, asyncio.run(adopt())
+        yield lab, adopt(daemon, VM, lab.qmp_socket)
     finally:
         lab.stop()
 

@@ -12,28 +12,16 @@ from typing import Any
 import pytest
 
 from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import Client, connect, start_lab_vm
+from tests.integration.conftest import Client, adopt, start_lab_vm
 
 pytestmark = pytest.mark.integration
-
-
-def adopt(daemon: Path, name: str, lab: LabVm) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        c = await connect(daemon)
-        try:
-            result: dict[str, Any] = await c.execute("vm-add", {"name": name,
-                                                                "qmp": str(lab.qmp_socket)})
-            return result
-        finally:
-            await c.qmp.disconnect()
-    return asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
 def switch_vm(workdir: Path, daemon: Path) -> Iterator[LabVm]:
     lab = start_lab_vm(workdir, "topo-switch", LabVmSpec(
         machine="q35-native", root_ports=0, switch_downstream_ports=2))
-    adopt(daemon, "topo-switch", lab)
+    adopt(daemon, "topo-switch", lab.qmp_socket)
     yield lab
     lab.stop()
 
@@ -42,7 +30,7 @@ def switch_vm(workdir: Path, daemon: Path) -> Iterator[LabVm]:
 def bridge_vm(workdir: Path, daemon: Path) -> Iterator[LabVm]:
     lab = start_lab_vm(workdir, "topo-bridge", LabVmSpec(
         machine="q35", root_ports=0, bridge_behind_port=True))
-    adopt(daemon, "topo-bridge", lab)
+    adopt(daemon, "topo-bridge", lab.qmp_socket)
     yield lab
     lab.stop()
 
