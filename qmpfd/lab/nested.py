@@ -29,9 +29,11 @@ for m in $(cat /modules.order); do insmod "/modules/$m" || echo "LAB5-INSMOD-FAI
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /host || echo "LAB5-9P-FAILED"
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
-mount -t tmpfs tmp /host/tmp; mount -t tmpfs run /host/run
+# /tmp stays the host's (read-only): the repository may live there. Writable space is /run.
+mount -t tmpfs run /host/run
 echo "LAB5-L1-READY"
-chroot /host /bin/sh -c 'cd {repo} && PYTHONPATH={repo} {python} -m qmpfd.lab.nested_inner' 2>&1
+chroot /host /bin/sh -c 'mkdir -p /run/tmp && cd {repo} &&
+  TMPDIR=/run/tmp PYTHONPATH={repo} {python} -m qmpfd.lab.nested_inner' 2>&1
 echo "LAB5-DONE"
 poweroff -f
 """
