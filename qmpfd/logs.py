@@ -37,4 +37,6 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("qemu").setLevel(logging.WARNING)  # qemu.qmp is chatty at INFO
+    # qemu.qmp logs every failed connect at ERROR; qmpfd reports connection state itself
+    # (VM_DISCONNECTED, reconnect attempts at debug), so only its critical messages pass.
+    logging.getLogger("qemu").setLevel(logging.CRITICAL)

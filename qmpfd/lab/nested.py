@@ -33,7 +33,7 @@ mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs d
 mount -t tmpfs run /host/run
 echo "LAB5-L1-READY"
 chroot /host /bin/sh -c 'mkdir -p /run/tmp && cd {repo} &&
-  TMPDIR=/run/tmp PYTHONPATH={repo} {python} -m qmpfd.lab.nested_inner' 2>&1
+  LAB5_BOOT_L2={boot_l2} TMPDIR=/run/tmp PYTHONPATH={repo} {python} -m qmpfd.lab.nested_inner' 2>&1
 echo "LAB5-DONE"
 poweroff -f
 """
@@ -76,7 +76,7 @@ def module_closure(moddir: Path, names: list[str]) -> list[str]:
     return order
 
 
-def build_l1_initramfs(workdir: Path) -> Path:
+def build_l1_initramfs(workdir: Path, boot_l2: bool = False) -> Path:
     kernel = find_kernel("amd64")
     moddir = modules_dir(kernel_version(kernel))
     root = workdir / "l1-root"
@@ -88,7 +88,8 @@ def build_l1_initramfs(workdir: Path) -> Path:
         shutil.copy2(moddir / m, root / "modules" / Path(m).name)
     (root / "modules.order").write_text("\n".join(Path(m).name for m in mods) + "\n")
     init = root / "init"
-    init.write_text(L1_INIT.format(repo=REPO, python=sys.executable))
+    init.write_text(L1_INIT.format(repo=REPO, python=sys.executable,
+                                   boot_l2="1" if boot_l2 else ""))
     init.chmod(0o755)
     files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
     archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files,
@@ -99,9 +100,9 @@ def build_l1_initramfs(workdir: Path) -> Path:
     return out
 
 
-def l1_command(workdir: Path, console: Path) -> list[str]:
+def l1_command(workdir: Path, console: Path, boot_l2: bool = False) -> list[str]:
     kernel = find_kernel("amd64")
-    initrd = build_l1_initramfs(workdir)
+    initrd = build_l1_initramfs(workdir, boot_l2)
     return [
         # intremap: vfio_iommu_type1 refuses a platform without interrupt remapping (EPERM).
         "qemu-system-x86_64", "-machine", "q35,accel=tcg,kernel-irqchip=split", "-cpu", "max",
@@ -120,13 +121,13 @@ def l1_command(workdir: Path, console: Path) -> list[str]:
     ]
 
 
-def run_lab(timeout: float = 1500.0) -> tuple[list[str], float]:
+def run_lab(timeout: float = 1500.0, boot_l2: bool = False) -> tuple[list[str], float]:
     """Run the whole lab; returns (L1 console lines, seconds)."""
     with tempfile.TemporaryDirectory(prefix="qmpfd-lab5-") as tmp:
         work = Path(tmp)
         console = work / "l1.console"
         started = time.monotonic()
-        proc = subprocess.Popen(l1_command(work, console), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(l1_command(work, console, boot_l2), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             proc.wait(timeout)
@@ -139,6 +140,6 @@ def run_lab(timeout: float = 1500.0) -> tuple[list[str], float]:
 
 
 if __name__ == "__main__":
-    lines, seconds = run_lab()
+    lines, seconds = run_lab(boot_l2="--boot-l2" in sys.argv)
     print("\n".join(lines))
     print(f"lab took {seconds:.1f} s")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from qmpfd.errors import QemuError
 from qmpfd.vm.connection import VmConnection
@@ -25,6 +26,19 @@ class VmIdentity:
     machine_family: str  # "pc", "q35", "pseries", "virt", "s390-ccw-virtio", ...
     qemu: str           # "7.2.22"
     qemu_version: tuple[int, int, int]
+
+
+T = TypeVar("T")
+
+
+async def gather_all(*aws: Awaitable[T]) -> list[T]:
+    """asyncio.gather that lets every awaitable finish and then raises the first error, so a
+    lost connection does not leave 'exception was never retrieved' warnings behind."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
 
 
 def machine_family(machine: str) -> str:
@@ -133,7 +147,7 @@ async def _read_bus(conn: VmConnection, path: str, name: str, bus_type: str, own
         handler_type = await conn.execute("qom-get", {"path": handler, "property": "type"})
     children = [(p["name"], _link_type(p["type"]) or "?") for p in props
                 if p["name"].startswith("child[")]
-    found = await asyncio.gather(*(_read_device(conn, path, c, t) for c, t in children))
+    found = await gather_all(*(_read_device(conn, path, c, t) for c, t in children))
     results = [r for r in found if r is not None]
     devices = tuple(sorted((d for d, _ in results), key=lambda d: d.devfn))
     below = [(f"{d.path}/{bname}", bname, btype, d.type)
@@ -152,7 +166,7 @@ async def read_topology(conn: VmConnection,
     raws: list[RawBus] = []
     level = [(p, n, t, o, False) for p, n, t, o in roots]
     while level:
-        results = await asyncio.gather(*(_read_bus(conn, *item) for item in level))
+        results = await gather_all(*(_read_bus(conn, *item) for item in level))
         level = []
         for raw, below in results:
             raws.append(raw)
