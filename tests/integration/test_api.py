@@ -277,3 +277,27 @@ def test_qmpfctl_end_to_end(daemon: Path, lab: LabVm) -> None:
     unreachable = subprocess.run([sys.executable, "-m", "qmpfd.cli", "--socket", "/nonexistent",
                                   "vm", "list"], capture_output=True, text=True, timeout=30)
     assert unreachable.returncode == 1 and unreachable.stderr.startswith("qmpfctl: ")
+
+
+def test_stalled_and_vanishing_clients_do_not_block_others(daemon: Path) -> None:
+    """A client stuck halfway through a message, one that never reads, and one that vanishes
+    mid-request: the next client is served at once and the daemon stays up."""
+    stalled = socket.socket(socket.AF_UNIX)
+    stalled.connect(str(daemon))
+    stalled.sendall(b'{"execute":"qmp_capabilities"}\n{"execute": "query-vers')  # never finished
+    deaf = socket.socket(socket.AF_UNIX)
+    deaf.connect(str(daemon))
+    deaf.sendall(b'{"execute":"qmp_capabilities"}\n' +
+                 b'{"execute":"query-commands"}\n' * 2000)  # replies it never reads
+    for _ in range(20):
+        gone = socket.socket(socket.AF_UNIX)
+        gone.connect(str(daemon))
+        gone.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-vms"}\n')
+        gone.close()  # before the reply
+    try:
+        _, neg, reply = raw_exchange(daemon, [b'{"execute":"qmp_capabilities"}\n',
+                                              b'{"execute":"query-version","id":"alive"}\n'])
+        assert neg == {"return": {}} and reply["id"] == "alive"
+    finally:
+        stalled.close()
+        deaf.close()
