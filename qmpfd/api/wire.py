@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from qmpfd import VERSION_TUPLE
-from qmpfd.errors import QmpfdError
+from qmpfd.errors import InvalidRequest, QmpfdError
 
 Message = dict[str, Any]
 
@@ -79,8 +79,6 @@ def parse_request(line: bytes) -> Message:
 
 def check_request(obj: Message) -> tuple[str, dict[str, Any]]:
     """Validate the envelope (not the arguments): return the command name and its arguments."""
-    from qmpfd.errors import InvalidRequest
-
     unknown = set(obj) - {"execute", "arguments", "id", "control"}
     if unknown:
         raise InvalidRequest(f"QMP input member '{sorted(unknown)[0]}' is unexpected")
