@@ -74,6 +74,7 @@ class ManagedVm:
         self.tracker = DeletionTracker()
         self.conn = self._new_connection()
         self.identity: VmIdentity | None = None
+        self._policy_cache: str | None = None   # the headline policy, as last read
         self._roots: list[tuple[str, str, str, str]] | None = None
         self._alloc = asyncio.Lock()
         self._attaching: set[SlotKey] = set()
@@ -115,8 +116,6 @@ class ManagedVm:
                 "machine": ident.machine if ident else None,
                 "qemu": ident.qemu if ident else None, "policy": self._policy_cache,
                 "connected": self.conn.connected}
-
-    _policy_cache: str | None = None
 
     async def _connect_and_learn(self) -> None:
         await self.conn.connect(self._connect_timeout)
