@@ -61,7 +61,7 @@ class ApiServer:
         inherited = inherited_socket()
         if inherited is not None:
             self._server = await asyncio.start_unix_server(
-                self._on_client, sock=inherited, limit=self._max_line)
+                self._on_client, sock=inherited)
             log.info("serving on a socket inherited from systemd")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ class ApiServer:
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
-                self._on_client, path=str(path), limit=self._max_line)
+                self._on_client, path=str(path))
         finally:
             os.umask(old)
         if group:

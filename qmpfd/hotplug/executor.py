@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
+from qmpfd.errors import QemuError, QmpfdError, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.plan import Plan, Step
 from qmpfd.vm.connection import VmConnection
@@ -107,7 +107,7 @@ async def rollback(plan: Plan, added: list[str], conn: VmConnection,
 
 
 async def execute_unplug(targets: list[str], ids: list[str], conn: VmConnection,
-                         tracker: DeletionTracker, timeout: float) -> asyncio.Future[None]:
+                         tracker: DeletionTracker) -> asyncio.Future[None]:
     """Send the policy's device_del commands; return the future of all DEVICE_DELETED events.
 
     The caller waits on it with its own timeout and may leave it running: a late DEVICE_DELETED
@@ -122,6 +122,3 @@ async def execute_unplug(targets: list[str], ids: list[str], conn: VmConnection,
         raise
     return done
 
-
-__all__ = ["AttachFailed", "RollbackResult", "Timeout", "execute_attach", "execute_unplug",
-           "rollback", "verify_attached"]

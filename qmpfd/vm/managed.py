@@ -404,7 +404,7 @@ class ManagedVm:
             await fault_point("detach-begin")
             try:
                 done = await execute_unplug(policy.unplug_targets(members), all_ids, self.conn,
-                                            self.tracker, policy.timeouts.unplug)
+                                            self.tracker)
             except QmpfdError:
                 await self.journal.end(op)
                 raise
@@ -497,5 +497,3 @@ class ManagedVm:
 
         fut.add_done_callback(finished)
 
-
-__all__ = ["ManagedVm", "QemuError"]

@@ -217,6 +217,15 @@ async def attached_then_paused(d: DaemonProcess, lab: LabVm) -> tuple[Client, se
     return c, before
 
 
+async def completes_later(c: Client, lab: LabVm, before: set[str], fault: str,
+                          expected: str) -> None:
+    """The guest runs again: the pending unplug completes and everything agrees."""
+    await c.wait_event("SLOT_DETACHED", 60)
+    await settled(c)
+    record(fault, expected, await agreement(c, lab, before))
+    await c.qmp.disconnect()
+
+
 async def test_guest_ignores_unplug(daemon_proc: DaemonProcess, lab: LabVm) -> None:
     c, before = await attached_then_paused(daemon_proc, lab)
     try:
@@ -228,11 +237,8 @@ async def test_guest_ignores_unplug(daemon_proc: DaemonProcess, lab: LabVm) -> N
         assert again.value.error_class == "Conflict"
     finally:
         await qemu_execute(lab, "cont")
-    await c.wait_event("SLOT_DETACHED", 60)
-    await settled(c)
-    record("guest ignores unplug (paused)", "Timeout; completes later",
-           await agreement(c, lab, before))
-    await c.qmp.disconnect()
+    await completes_later(c, lab, before, "guest ignores unplug (paused)",
+                          "Timeout; completes later")
 
 
 async def test_force_detach_returns_at_once_for_paused_guest(daemon_proc: DaemonProcess,
@@ -247,8 +253,5 @@ async def test_force_detach_returns_at_once_for_paused_guest(daemon_proc: Daemon
             "unplugging"}
     finally:
         await qemu_execute(lab, "cont")
-    await c.wait_event("SLOT_DETACHED", 60)
-    await settled(c)
-    record("force detach, paused guest", "returns at once; completes later",
-           await agreement(c, lab, before))
-    await c.qmp.disconnect()
+    await completes_later(c, lab, before, "force detach, paused guest",
+                          "returns at once; completes later")
