@@ -47,6 +47,15 @@ if grep -q qmpfd.dump-sysfs /proc/cmdline; then
   echo "SYSFS-F /proc/mounts $(base64 -w0 < /proc/mounts)"
   echo "SYSFS-END"
 fi
+if [ -x /usr/sbin/rtas_errd ]; then
+  # pseries: QEMU announces a PCI hotplug or unplug with an RTAS event. rtas_errd reads it and
+  # runs drmgr, which configures (or releases) the function's DRC and adds (removes) the
+  # function through rpadlpar_io: the same chain a pseries distribution runs.
+  insmod /lib/modules/*/kernel/drivers/pci/hotplug/rpaphp.ko
+  insmod /lib/modules/*/kernel/drivers/pci/hotplug/rpadlpar_io.ko
+  mkdir -p /var/lock /var/log /tmp
+  /usr/sbin/rtas_errd
+fi
 echo "GUEST-READY"
 last="-"
 while true; do
@@ -90,11 +99,39 @@ def find_busybox(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
                         f"for amd64; busybox-static:{arch} is unpacked into .cache/lab)")
 
 
+def guest_userland(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> list[Path]:
+    """Trees copied into the initramfs beside busybox, for guests that need more than a shell.
+
+    A pseries guest learns of PCI hotplug only through rtas_errd and drmgr (dynamically linked,
+    with their ppc64el libraries) and the kernel's RPA hotplug modules; ``scripts/setup``
+    unpacks them from Debian's packages. Other guests need nothing more.
+    """
+    if arch != "ppc64el":
+        return []
+    userland = cache / "userland-ppc64el"
+    kernel = cache / "kernel-ppc64el"  # only its lib/modules is copied
+    if not (userland / ".complete").exists() or not any(
+            kernel.glob("lib/modules/*/kernel/drivers/pci/hotplug/rpaphp.ko")):
+        raise LabSetupError("the ppc64el guest's hotplug userland (rtas_errd, drmgr, rpaphp) is "
+                            "missing: run scripts/setup")
+    return [userland, kernel]
+
+
+def _tree_digest(trees: list[Path]) -> int:
+    """A checksum of the trees' file names and sizes, so a changed tree makes a new initramfs."""
+    listing = sorted(f"{p.relative_to(t)}:{p.lstat().st_size}" for t in trees
+                     for p in t.rglob("*") if not p.is_dir())
+    return zlib.crc32("\n".join(listing).encode())
+
+
 def build_initramfs(cache: Path = DEFAULT_CACHE, busybox: Path | None = None,
                     arch: str = "amd64") -> Path:
-    """Build (once) a gzipped cpio initramfs holding busybox and the reporting init."""
+    """Build (once) a gzipped cpio initramfs holding busybox, the reporting init and the
+    architecture's :func:`guest_userland`."""
     bb = busybox or find_busybox(arch, cache)
-    tag = f"{arch}-{bb.stat().st_size}-{zlib.crc32(INIT_SCRIPT.encode()):08x}"
+    extras = guest_userland(arch, cache)
+    tag = (f"{arch}-{bb.stat().st_size}-{zlib.crc32(INIT_SCRIPT.encode()):08x}"
+           + (f"-{_tree_digest(extras):08x}" if extras else ""))
     out = cache / f"initramfs-{tag}.cpio.gz"
     if out.exists():
         return out
@@ -106,6 +143,10 @@ def build_initramfs(cache: Path = DEFAULT_CACHE, busybox: Path | None = None,
         for d in ("bin", "proc", "sys", "dev"):
             (root / d).mkdir()
         shutil.copy2(bb, root / "bin" / "busybox")
+        for tree in extras:
+            for top in ("lib", "lib64", "usr"):
+                if (tree / top).is_dir():
+                    shutil.copytree(tree / top, root / top, symlinks=True, dirs_exist_ok=True)
         init = root / "init"
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)

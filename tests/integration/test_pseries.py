@@ -1,29 +1,41 @@
 """ppc64 pseries: the spapr policy on real qemu-system-ppc64 with a booted Debian ppc64el guest.
 
-What is proven here: a pseries VM is recognised (policy spapr), every PHB (pci.0 and PHBs given with
--device) is a hotpluggable bus, a multifunction attach puts every function in one slot in QEMU
-(function 0 last, verified by qmpfd and by QEMU's own query-pci), and the detach through function 0
-removes every function.
+Proven here, by QEMU's own view and by the guest's: a pseries VM is recognised (policy spapr),
+every PHB (pci.0 and PHBs given with -device) is a hotpluggable bus, a multifunction attach puts
+every function in one slot (function 0 last) and the guest sees them all in one slot, and the
+detach through function 0 removes every function from QEMU and from the guest.
 
-What is not: the guest's own view. A pseries guest learns of a PCI hotplug through an RTAS event
-that its userspace must act on (rtas_errd + drmgr from ppc64-diag/powerpc-utils, which configure
-the new DRCs); the busybox guest has neither, so it never shows the new functions. See the README.
+The guest learns of hotplug the way a pseries distribution does: QEMU raises an RTAS event per
+function, rtas_errd (ppc64-diag) reads it and runs drmgr (powerpc-utils), which configures the
+DRC and adds the function through rpadlpar_io; unplug runs the same chain backwards. The guest's
+initramfs carries those programs (see qmpfd.lab.guest.guest_userland).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qmpfd.lab.vm import LabVm, LabVmSpec
-from tests.integration.conftest import Client, adopt, qemu_execute, qemu_view, start_lab_vm
+from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from tests.integration.conftest import (
+    SPAPR_UNPLUG,
+    Client,
+    adopt,
+    qemu_execute,
+    qemu_view,
+    start_lab_vm,
+)
 
 pytestmark = pytest.mark.integration
 
 VM = "ppc-pseries"
+#: How long the guest may take to show (or drop) every function. Under TCG, drmgr configures
+#: one function at a time, a few seconds each; this bounds the wait, it is not a speed check.
+GUEST_WAIT = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +53,14 @@ def test_pseries_guest_boots_and_is_spapr(pseries: tuple[LabVm, dict[str, Any]])
     assert lab.guest_pci() is not None  # the ppc64el guest booted and reports
 
 
+async def test_query_policy_shows_spapr_and_the_configured_timeout(
+        client: Client, pseries: tuple[LabVm, dict[str, Any]]) -> None:
+    policy = await client.execute("query-policy", {"vm": VM})
+    assert policy["policy"] == "spapr"
+    assert policy["timeouts"]["unplug"] == SPAPR_UNPLUG  # the config's override, not the default
+    assert {b["mechanism"] for b in policy["buses"]} == {"spapr"}
+
+
 async def test_every_phb_is_hotpluggable(client: Client,
                                          pseries: tuple[LabVm, dict[str, Any]]) -> None:
     slots = await client.execute("query-slots", {"vm": VM})
@@ -51,6 +71,7 @@ async def test_every_phb_is_hotpluggable(client: Client,
 async def test_attach_and_cascading_detach(client: Client, pseries: tuple[LabVm, dict[str, Any]],
                                            bus: str, n: int) -> None:
     lab, _ = pseries
+    before = lab.guest_pci() or set()
     funcs = [{"id": f"s{n}f{i}", "driver": "virtio-net-pci" if i == 0 else "virtio-rng-pci"}
              for i in range(n)]
     ids = {f["id"] for f in funcs}
@@ -62,10 +83,20 @@ async def test_attach_and_cascading_detach(client: Client, pseries: tuple[LabVm,
               if d["qdev_id"] in ids}
     assert set(placed) == ids and {slot for slot, _ in placed.values()} == {reply["slot"]}
     assert sorted(fn for _, fn in placed.values()) == list(range(n))
+    # The guest's own view: all n functions, in one slot of the PHB's domain.
+    after = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= n,
+                                    GUEST_WAIT)
+    groups = slot_groups(after - before)
+    assert list(groups.values()) == [set(range(n))], groups
+    domain = 0 if bus == "pci.0" else 1
+    assert next(iter(groups)).startswith(f"{domain:04x}:00:{reply['slot']:02x}"), groups
+
     detached = await client.execute("device-detach", {"vm": VM, "ids": sorted(ids)})
     assert sorted(detached["ids"]) == sorted(ids)
     peripheral, in_pci = await qemu_view(lab)
     assert not ids & (peripheral | in_pci)
+    seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, GUEST_WAIT)
+    assert seen == before
 
 
 async def test_refused_function_rolls_back(client: Client,
