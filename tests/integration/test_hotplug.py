@@ -210,6 +210,39 @@ async def test_unplug_timeout_then_late_completion(client: Client, guest: Guest)
     assert not {"slowf0", "slowf1"} & peripheral
 
 
+async def test_second_detach_while_first_is_pending_is_a_conflict(daemon: Path, client: Client,
+                                                                   guest: Guest) -> None:
+    """Native PCIe: a second attention-button press inside the 5 s window would cancel the
+    unplug in the guest (pciehp), so qmpfd refuses a second detach of the slot instead of
+    sending it, and the first one completes."""
+    if EXPECTED_POLICY[guest.machine] != "pcie-native":
+        pytest.skip("ACPI unplug completes within milliseconds: no pending window to hit")
+    _, before = await attach_and_see(client, guest, "dbl", 2)
+    ids = ["dblf0", "dblf1"]
+    first = asyncio.create_task(client.execute("device-detach", {"vm": guest.name, "ids": ids}))
+    other = await connect(daemon)
+    try:
+        for _ in range(100):  # until the first detach has pressed the button (bounded: 10 s)
+            slots = await other.execute("query-slots", {"vm": guest.name})
+            if {f["state"] for s in slots for f in s["functions"] if f["id"] in ids} \
+                    == {"unplugging"}:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the first detach never showed the slot as unplugging")
+        with pytest.raises(ExecuteError) as err:
+            await other.execute("device-detach", {"vm": guest.name, "ids": ids})
+        assert err.value.error_class == "Conflict"
+    finally:
+        await other.qmp.disconnect()
+    reply = await asyncio.wait_for(first, 60)
+    assert sorted(reply["ids"]) == ids and reply["seconds"] >= ATTENTION_BUTTON_DELAY - 0.5
+    seen = await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == before, 30)
+    assert seen == before
+    peripheral, in_pci = await qemu_view(guest.lab)
+    assert not set(ids) & (peripheral | in_pci)
+
+
 async def test_query_policy_shows_mechanism_and_timeouts(client: Client, guest: Guest) -> None:
     policy = await client.execute("query-policy", {"vm": guest.name})
     assert policy["policy"] == EXPECTED_POLICY[guest.machine]
