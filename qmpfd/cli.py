@@ -115,6 +115,12 @@ def render(command: str, result: Any) -> str:
     if command == "vm-add":
         return (f"adopted {result['name']}: {result['arch']} {result['machine']} "
                 f"QEMU {result['qemu']}, policy {result['policy']}")
+    if command == "vm-remove" and result:
+        if result.get("host-released"):
+            return ("removed; its QEMU is gone, host functions given back: "
+                    + ", ".join(result["host-released"]))
+        return ("removed; its QEMU still runs, host functions stay held: "
+                + ", ".join(result.get("host-held", [])))
     if result == {}:
         return "ok"
     return json.dumps(result, indent=2)

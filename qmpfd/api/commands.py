@@ -109,8 +109,20 @@ class Commands:
         return await self.vms.get(a.vm).conn.execute(a.command, a.arguments)
 
     async def vm_remove(self, a: m.VmArgs) -> dict[str, Any]:
+        """Stop managing the VM. Host functions held for it stay held while its QEMU may still
+        use them; when its QEMU is verifiably gone they go back to their host drivers now,
+        since no later reconnect would ever give them back."""
+        gone = await self.vms.get(a.name).qemu_gone()
         await self.vms.remove(a.name)
-        return {}
+        held = sorted(addr for addr, h in self.host.held.items() if h.vm == a.name)
+        if not held:
+            return {}
+        if gone:
+            ids = [i for h in self.host.held.values() if h.vm == a.name for i in h.ids]
+            return {"host-released": await self.host.release(a.name, ids)}
+        log.warning("VM removed while its QEMU holds host functions; they stay held",
+                    extra={"vm": a.name, "host": held})
+        return {"host-held": held}
 
     async def query_vms(self, _: m.NoArgs) -> list[dict[str, Any]]:
         out = []

@@ -21,6 +21,10 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient
 
 SLOT = "0000:01:00"
+#: The partial assignment: functions 1 and 2 to the guest, 0 and 3 held back (same IOMMU group).
+PARTIAL = [{"id": "p1", "host": f"{SLOT}.1"}, {"id": "p2", "host": f"{SLOT}.2"},
+           {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
+           {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]
 TMP = Path("/run/lab5")  # /tmp is the host's, read-only, in the lab
 
 
@@ -126,10 +130,7 @@ async def main() -> None:
         # 2. Function 1's interface is up: the host uses it.
         iface = iface_of(f"{SLOT}.1")
         subprocess.run(["ip", "link", "set", iface, "up"], check=True)
-        r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
-            {"id": "p1", "host": f"{SLOT}.1"}, {"id": "p2", "host": f"{SLOT}.2"},
-            {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
-            {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": PARTIAL})
         report("in-use-check", **r, iface=iface, drivers=drivers())
         subprocess.run(["ip", "link", "set", iface, "down"], check=True)
 
@@ -142,10 +143,7 @@ async def main() -> None:
         report("failure-gives-back", **r, drivers=drivers())
 
         # 4. The partial assignment: 1 and 2 to the guest, 0 and 3 held back.
-        r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
-            {"id": "p1", "host": f"{SLOT}.1"}, {"id": "p2", "host": f"{SLOT}.2"},
-            {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
-            {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": PARTIAL})
         inspect = QMPClient("inspect")
         await inspect.connect(str(TMP / "l2-inspect.qmp"))
         pci: Any = await inspect.execute("query-pci")
@@ -186,6 +184,17 @@ async def main() -> None:
         report("given-back", drivers=drivers(),
                held_by=[f.get("held-by") for s in held for f in s["functions"]],
                vms=await c.execute("query-vms"))
+        # 6. vm-remove: while the VM's QEMU runs (and uses them) its functions stay held; once
+        # that QEMU is gone, nothing would ever reconnect to give them back, so vm-remove does.
+        attach = await attempt(c, "device-attach", {"vm": "l2", "functions": PARTIAL})
+        live = await attempt(c, "vm-remove", {"name": "l2"})
+        live_drivers = drivers()
+        readd = await attempt(c, "vm-add", {"name": "l2", "qmp": f"{TMP}/l2.qmp"})
+        l2.kill()
+        l2.wait()
+        dead = await attempt(c, "vm-remove", {"name": "l2"})
+        report("vm-remove", attach=attach, live=live, live_drivers=live_drivers, readd=readd,
+               dead=dead, drivers=drivers())
         if os.environ.get("LAB5_BOOT_L2"):
             await running_l2(c)
         await c.disconnect()

@@ -52,6 +52,7 @@ OnConnected = Callable[[str, set[str]], Coroutine[Any, Any, Any]]
 
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
+QEMU_PROBE_TIMEOUT = 2.0  # seconds a liveness probe of the QMP socket may take
 FORCE_GRACE = 1.0       # a forced detach still waits this long for an immediate completion
 
 
@@ -156,6 +157,25 @@ class ManagedVm:
                 return
         finally:
             self._reconnecting = False
+
+    async def qemu_gone(self) -> bool:
+        """True only when nothing listens on the VM's QMP socket any more: the socket file is
+        gone or refuses connections, which a living QEMU never does. Used to decide whether
+        host functions held for the VM may be given back; any doubt (a slow or busy QEMU)
+        answers False, because giving a device back under a running QEMU is the worse error."""
+        if self.conn.connected:
+            return False
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.qmp)),
+                                               QEMU_PROBE_TIMEOUT)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return False
 
     async def stop(self) -> None:
         self._stopping = True

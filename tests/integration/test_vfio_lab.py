@@ -85,6 +85,17 @@ def test_vm_gone_gives_all_four_back_to_e1000e(lab: dict[str, Any]) -> None:
     assert not any(step["held_by"])
 
 
+def test_vm_remove_keeps_functions_of_a_running_qemu_and_gives_back_a_dead_ones(
+        lab: dict[str, Any]) -> None:
+    step = lab["vm-remove"]
+    assert step["attach"]["ok"], step
+    assert step["live"]["ok"] and sorted(step["live"]["return"]["host-held"]) == ALL
+    assert step["live_drivers"] == {a: "vfio-pci" for a in ALL}  # its QEMU still uses them
+    assert step["readd"]["ok"], step
+    assert step["dead"]["ok"] and sorted(step["dead"]["return"]["host-released"]) == ALL
+    assert step["drivers"] == {a: "e1000e" for a in ALL}
+
+
 def test_booted_second_level_guest_sees_two_functions_in_one_slot(lab: dict[str, Any]) -> None:
     assert lab["l2-boot"]["ok"], lab["l2-boot"]
     step = lab["l2-guest-sees"]

@@ -64,3 +64,10 @@ def test_host_tree() -> None:
         " ├─ .0 [0x020000] Intel Corporation 82574L (driver -, group 4)",
         " └─ .1 [0x020000] Intel Corporation 82574L (driver e1000e, group 4, "
         "IN USE: network interface eth1 is up)"]
+
+
+def test_vm_remove_says_what_became_of_held_host_functions() -> None:
+    assert render("vm-remove", {}) == "ok"
+    assert "stay held: 0000:01:00.1" in render("vm-remove", {"host-held": ["0000:01:00.1"]})
+    assert "given back: 0000:01:00.1" in render("vm-remove",
+                                               {"host-released": ["0000:01:00.1"]})
