@@ -201,7 +201,7 @@ class Commands:
         return [p.describe(vm.name) for vm in vms for p in vm.pending.all()]
 
     async def pending_cancel(self, a: m.SlotRef) -> dict[str, Any]:
-        return self.vms.get(a.vm).pending_cancel(a.bus, a.slot)
+        return await self.vms.get(a.vm).pending_cancel(a.bus, a.slot)
 
     async def device_detach(self, a: m.DeviceDetachArgs) -> dict[str, Any]:
         result = await self.vms.get(a.vm).detach(ids=a.ids, bus=a.bus, slot=a.slot,

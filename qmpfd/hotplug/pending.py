@@ -3,6 +3,10 @@
 A non-zero function waits here, not in QEMU, until function 0 of its slot arrives; the queue is
 then flushed as one attach. Keeping queued functions out of QEMU means a queue that is cancelled
 or expires needs no guest cooperation to clean up.
+
+Queues are also kept in the journal (:meth:`PendingSlot.to_record`), so a restarted qmpfd still
+flushes them when function 0 arrives: a management plane that queued function 1 before an
+upgrade must not see function 0 attached alone afterwards.
 """
 
 from __future__ import annotations
@@ -34,6 +38,25 @@ class PendingSlot:
             raise Conflict(f"id: '{spec.id}' is already queued for {self.bus} slot {self.slot}")
         self.functions[spec.function] = spec
 
+    def to_record(self, now_mono: float, now_wall: float) -> dict[str, Any]:
+        """A JSON record for the journal; expiry as wall-clock time, which survives a restart
+        (the monotonic clock does not)."""
+        return {"bus": self.bus, "slot": self.slot, "created": self.created_at,
+                "expires": now_wall + (self.expires_at - now_mono),
+                "functions": [{"id": f.id, "driver": f.driver, "function": f.function,
+                               "properties": dict(f.properties)}
+                              for f in self.functions.values()]}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], now_mono: float, now_wall: float) -> PendingSlot:
+        entry = cls(str(rec["bus"]), int(rec["slot"]),
+                    now_mono + (float(rec["expires"]) - now_wall),
+                    created_at=float(rec.get("created", now_wall)))
+        for f in rec["functions"]:
+            entry.add(FunctionSpec(str(f["id"]), str(f["driver"]), int(f["function"]),
+                                   dict(f.get("properties") or {})))
+        return entry
+
     def describe(self, vm: str) -> dict[str, Any]:
         return {
             "vm": vm, "bus": self.bus, "slot": self.slot,
@@ -48,6 +71,19 @@ class PendingQueues:
 
     def __init__(self) -> None:
         self._slots: dict[SlotKey, PendingSlot] = {}
+
+    @classmethod
+    def restore(cls, records: list[dict[str, Any]], now_mono: float,
+                now_wall: float) -> PendingQueues:
+        """Queues from journal records; a record this version cannot read is skipped."""
+        queues = cls()
+        for rec in records:
+            try:
+                entry = PendingSlot.from_record(rec, now_mono, now_wall)
+            except (KeyError, TypeError, ValueError, Conflict):
+                continue
+            queues._slots[(entry.bus, entry.slot)] = entry
+        return queues
 
     def __contains__(self, key: SlotKey) -> bool:
         return key in self._slots

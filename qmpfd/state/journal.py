@@ -46,6 +46,8 @@ class Journal:
         self.ops: dict[str, Operation] = {}
         #: host functions held for VMs: address -> {vm, original, ids}
         self.host: dict[str, dict[str, Any]] = {}
+        #: queued functions (function-add): vm -> "bus/slot" -> PendingSlot record
+        self.pending: dict[str, dict[str, dict[str, Any]]] = {}
 
     @classmethod
     def open(cls, directory: Path) -> Journal:
@@ -53,6 +55,8 @@ class Journal:
         doc = j._store.load()
         j.vms = {str(k): str(v) for k, v in doc.get("vms", {}).items()}
         j.host = {str(k): dict(v) for k, v in doc.get("host", {}).items()}
+        j.pending = {str(vm): {str(k): dict(r) for k, r in queues.items()}
+                     for vm, queues in doc.get("pending", {}).items() if isinstance(queues, dict)}
         for raw in doc.get("operations", []):
             try:
                 op = Operation(**raw)
@@ -62,7 +66,7 @@ class Journal:
         return j
 
     def _doc(self) -> dict[str, Any]:
-        return {"format": FORMAT, "vms": self.vms, "host": self.host,
+        return {"format": FORMAT, "vms": self.vms, "host": self.host, "pending": self.pending,
                 "operations": [asdict(op) for op in self.ops.values()]}
 
     async def _flush(self) -> None:
@@ -74,6 +78,7 @@ class Journal:
 
     async def vm_removed(self, name: str) -> None:
         self.vms.pop(name, None)
+        self.pending.pop(name, None)
         for op_id in [i for i, op in self.ops.items() if op.vm == name]:
             del self.ops[op_id]
         await self._flush()
@@ -97,6 +102,17 @@ class Journal:
 
     async def unhold(self, address: str) -> None:
         if self.host.pop(address, None) is not None:
+            await self._flush()
+
+    async def queue_saved(self, vm: str, record: dict[str, Any]) -> None:
+        self.pending.setdefault(vm, {})[f"{record['bus']}/{record['slot']}"] = record
+        await self._flush()
+
+    async def queue_dropped(self, vm: str, bus: str, slot: int) -> None:
+        queues = self.pending.get(vm, {})
+        if queues.pop(f"{bus}/{slot}", None) is not None:
+            if not queues:
+                del self.pending[vm]
             await self._flush()
 
     def for_vm(self, name: str) -> list[Operation]:

@@ -80,7 +80,8 @@ class ManagedVm:
         self._alloc = asyncio.Lock()
         self._attaching: set[SlotKey] = set()
         self._unplugging: dict[SlotKey, list[str]] = {}
-        self.pending = PendingQueues()
+        self.pending = PendingQueues.restore(list(journal.pending.get(name, {}).values()),
+                                             time.monotonic(), time.time())
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._reconnecting = False
@@ -126,6 +127,7 @@ class ManagedVm:
             topo = await self.topology()
             self._policy_cache = self.policy_name(topo)
             await self.reconcile()
+            await self._prune_queues(await self.topology())
             if self._on_connected is not None:
                 await self._on_connected(self.name, topo.device_ids())
         except BaseException:
@@ -363,6 +365,7 @@ class ManagedVm:
                 if not policy.multifunction:
                     raise Unsupported(policy.unsupported_reason)
                 entry = self.pending.queue(spec, bus, slot, self._pending_ttl)
+                await self._save_queue(entry)
                 self._emit("FUNCTION_QUEUED", {"vm": self.name, "bus": bus, "slot": slot,
                                                "function": spec.function, "id": spec.id})
                 return {"queued": True, **entry.describe(self.name)}
@@ -378,19 +381,46 @@ class ManagedVm:
             result = await self.attach(functions, bus=bus, slot=slot, own=key)
         finally:
             self._attaching.discard(key)
+            # Only now does the queue leave the journal: a crash during the flush leaves it
+            # there, and the restarted qmpfd offers it again (see _prune_queues).
+            if queued is not None:
+                await self.journal.queue_dropped(self.name, bus, slot)
         return {"queued": False, **result}
 
-    def pending_cancel(self, bus: str, slot: int) -> dict[str, Any]:
-        entry = self.pending.pop((bus, slot))
+    async def _save_queue(self, entry: PendingSlot) -> None:
+        await self.journal.queue_saved(self.name, entry.to_record(time.monotonic(), time.time()))
+
+    async def _drop_queue(self, entry: PendingSlot) -> None:
+        self.pending.pop((entry.bus, entry.slot))
+        await self.journal.queue_dropped(self.name, entry.bus, entry.slot)
+
+    async def pending_cancel(self, bus: str, slot: int) -> dict[str, Any]:
+        entry = self.pending.get((bus, slot))
         if entry is None:
             raise NotFound(f"bus/slot: nothing is queued for {bus} slot {slot}")
+        await self._drop_queue(entry)
         return entry.describe(self.name)
+
+    async def _prune_queues(self, topo: Topology) -> None:
+        """After (re)connecting: drop restored queues that QEMU has overtaken (their slot is
+        occupied, or one of their ids exists), which a crash in the middle of a flush or a
+        change made behind qmpfd's back can leave."""
+        present = topo.device_ids()
+        for entry in self.pending.all():
+            b = topo.bus(entry.bus)
+            ids = {f.id for f in entry.functions.values()}
+            if b is None or not b.slot(entry.slot).empty or ids & present:
+                log.warning("queued functions dropped: QEMU has their slot or ids",
+                            extra={"vm": self.name, "bus": entry.bus, "slot": entry.slot,
+                                   "ids": sorted(ids)})
+                await self._drop_queue(entry)
+                self._emit("PENDING_EXPIRED", self._queue_event(entry))
 
     async def _expire_queues(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             for entry in self.pending.expired(time.monotonic()):
-                self.pending.pop((entry.bus, entry.slot))
+                await self._drop_queue(entry)
                 self._emit("PENDING_EXPIRED", self._queue_event(entry))
 
     def _queue_event(self, entry: PendingSlot) -> dict[str, Any]:

@@ -255,3 +255,49 @@ async def test_force_detach_returns_at_once_for_paused_guest(daemon_proc: Daemon
         await qemu_execute(lab, "cont")
     await completes_later(c, lab, before, "force detach, paused guest",
                           "returns at once; completes later")
+
+
+QUEUED = {"vm": "f", "id": "qf1", "driver": "virtio-rng-pci", "bus": "pci.0", "slot": 0x10,
+          "function": 1}
+HEAD = {**QUEUED, "id": "qf0", "driver": "e1000", "function": 0}
+
+
+@pytest.mark.parametrize("point", [None, "attach-begin"])
+async def test_queued_function_survives_sigkill(daemon_proc: DaemonProcess, lab: LabVm,
+                                                point: str | None) -> None:
+    """A function queued by function-add is in the journal: after SIGKILL (while queued, or
+    while function 0 was flushing the queue) the restarted qmpfd still lists it, and function 0
+    then brings both functions into the slot, never function 0 alone."""
+    before = lab.guest_pci() or set()
+    daemon_proc.start(**({"QMPFD_CRASH_AT": point} if point else {}))
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    assert (await c.execute("function-add", QUEUED))["queued"] is True
+    if point is None:
+        assert daemon_proc.proc is not None
+        daemon_proc.proc.kill()
+    else:
+        with pytest.raises(Exception):  # noqa: B017 - the connection dies with the daemon
+            await c.execute("function-add", HEAD)
+    assert daemon_proc.wait_killed() == -9
+    with contextlib.suppress(Exception):
+        await c.qmp.disconnect()
+    daemon_proc.start()
+    c = await connect(daemon_proc.socket)
+    await settled(c)
+    pending = await c.execute("query-pending", {"vm": "f"})
+    assert [[f["id"] for f in p["functions"]] for p in pending] == [["qf1"]]
+    peripheral, _ = await qemu_view(lab)
+    assert not {"qf0", "qf1"} & peripheral  # queued means: not in QEMU
+    reply = await c.execute("function-add", HEAD)
+    assert reply["queued"] is False
+    assert sorted(f["id"] for f in reply["functions"]) == ["qf0", "qf1"]
+    seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 2, 60)
+    assert list(slot_groups(seen - before).values()) == [{0, 1}]
+    MATRIX.append(MatrixRow(
+        "SIGKILL qmpfd with a function queued" + (" mid-flush" if point else ""),
+        "queue kept; function 0 flushes it", "both after function 0",
+        "2 functions, one slot", "queue restored, then slot present", "pass"))
+    await c.execute("device-detach", {"vm": "f", "ids": ["qf0", "qf1"]})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
+    assert await c.execute("query-pending") == []
+    await c.qmp.disconnect()

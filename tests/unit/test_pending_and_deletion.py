@@ -52,3 +52,29 @@ async def test_guest_error_and_disconnect_fail_the_wait() -> None:
 
 async def test_expect_nothing_is_done_at_once() -> None:
     assert DeletionTracker().expect([]).done()
+
+
+def test_queue_record_round_trip_keeps_functions_and_remaining_time() -> None:
+    q = PendingQueues()
+    entry = q.queue(FunctionSpec("n1", "e1000", 1, {"mac": "52:54:00:00:00:01"}), "pci.0", 5,
+                    ttl=300)
+    q.queue(FunctionSpec("n2", "virtio-rng-pci", 2), "pci.0", 5, ttl=300)
+    # Saved at monotonic 1000 / wall 50_000; restored in a new process at monotonic 20 and
+    # wall 50_100: 100 s of the 300 have passed.
+    rec = entry.to_record(now_mono=entry.expires_at - 300, now_wall=50_000)
+    restored = PendingQueues.restore([rec], now_mono=20.0, now_wall=50_100)
+    again = restored.get(("pci.0", 5))
+    assert again is not None
+    assert again.functions == entry.functions
+    assert again.expires_at == pytest.approx(20.0 + 200)
+
+
+def test_unreadable_queue_records_are_skipped() -> None:
+    good = {"bus": "pci.0", "slot": 3, "expires": 10.0,
+            "functions": [{"id": "a1", "driver": "e1000", "function": 1}]}
+    bad = [{"bus": "pci.0"}, {"bus": "pci.0", "slot": "x", "expires": 1, "functions": []},
+           {"bus": "pci.0", "slot": 4, "expires": 1, "functions": [
+               {"id": "d", "driver": "e1000", "function": 1},
+               {"id": "d", "driver": "e1000", "function": 2}]}]
+    restored = PendingQueues.restore([*bad, good], now_mono=0.0, now_wall=0.0)
+    assert restored.keys() == {("pci.0", 3)}
