@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ class HostDevices:
                     released.append(address)
             return released
 
-    async def release_absent(self, vm: str, present: set[str]) -> list[str]:
+    async def release_absent(self, vm: str, present: AbstractSet[str]) -> list[str]:
         """After (re)connecting to ``vm``'s QEMU: give back what it holds for attaches none of
         whose functions QEMU has any more (the VM was restarted or shut down meanwhile)."""
         gone = [i for h in self.held.values() if h.vm == vm and not set(h.ids) & present

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ Emit = Callable[[str, dict[str, Any]], None]
 #: Called with (vm, ids) once QEMU has deleted functions: host functions held for them go back.
 OnRemoved = Callable[[str, list[str]], Coroutine[Any, Any, Any]]
 #: Called with (vm, ids QEMU holds) after every (re)connection.
-OnConnected = Callable[[str, set[str]], Coroutine[Any, Any, Any]]
+OnConnected = Callable[[str, AbstractSet[str]], Coroutine[Any, Any, Any]]
 
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds

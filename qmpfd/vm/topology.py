@@ -13,6 +13,7 @@ bus, whatever the guest has done.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 # Handlers implementing ACPI PCI hotplug (hw/acpi/pcihp.c): PIIX4 PM on pc, ICH9 LPC on q35.
 ACPI_PCIHP_HANDLERS = frozenset({"PIIX4_PM", "ICH9-LPC"})
@@ -103,11 +104,17 @@ class Bus:
     def hotpluggable(self) -> bool:
         return self.mechanism is not None
 
+    @cached_property
+    def _by_slot(self) -> dict[int, tuple[Function, ...]]:
+        """The functions of each occupied slot, built once: the planner asks for every slot
+        of every bus, and scanning the devices per slot made that quadratic."""
+        by: dict[int, list[Function]] = {}
+        for d in self.devices:
+            by.setdefault(d.slot, []).append(Function(d.function, d.id, d.type))
+        return {n: tuple(sorted(fs, key=lambda f: f.function)) for n, fs in by.items()}
+
     def slot(self, number: int) -> Slot:
-        funcs = tuple(sorted(
-            (Function(d.function, d.id, d.type) for d in self.devices if d.slot == number),
-            key=lambda f: f.function))
-        return Slot(self.name, number, self.hotpluggable, funcs)
+        return Slot(self.name, number, self.hotpluggable, self._by_slot.get(number, ()))
 
     def slots(self) -> list[Slot]:
         """Every slot of a hotpluggable bus; only the occupied ones of any other bus."""
@@ -157,8 +164,13 @@ class Topology:
     def bus(self, name: str) -> Bus | None:
         return next((b for b in self.buses if b.name == name), None)
 
-    def device_ids(self) -> set[str]:
-        return {d.id for b in self.buses for d in b.devices if d.id is not None}
+    @cached_property
+    def _device_ids(self) -> frozenset[str]:
+        return frozenset(i for b in self.buses for d in b.devices if (i := d.id) is not None)
+
+    def device_ids(self) -> frozenset[str]:
+        """Every user-given device id in the VM (computed once per topology read)."""
+        return self._device_ids
 
     def find_device(self, dev_id: str) -> tuple[Bus, RawDevice] | None:
         for b in self.buses:
