@@ -212,17 +212,19 @@ async def test_unplug_timeout_then_late_completion(client: Client, guest: Guest)
 
 async def test_second_detach_while_first_is_pending_is_a_conflict(daemon: Path, client: Client,
                                                                    guest: Guest) -> None:
-    """Native PCIe: a second attention-button press inside the 5 s window would cancel the
-    unplug in the guest (pciehp), so qmpfd refuses a second detach of the slot instead of
-    sending it, and the first one completes."""
-    if EXPECTED_POLICY[guest.machine] != "pcie-native":
-        pytest.skip("ACPI unplug completes within milliseconds: no pending window to hit")
+    """A second detach of a slot whose unplug is pending is refused, not sent, and the first
+    completes. Native PCIe is where it matters: a second attention-button press inside the 5 s
+    window would cancel the unplug in the guest (pciehp). ACPI ejects within milliseconds, so
+    there the guest is paused to hold the unplug pending."""
+    native = EXPECTED_POLICY[guest.machine] == "pcie-native"
     _, before = await attach_and_see(client, guest, "dbl", 2)
     ids = ["dblf0", "dblf1"]
+    if not native:
+        await qemu_execute(guest.lab, "stop")
     first = asyncio.create_task(client.execute("device-detach", {"vm": guest.name, "ids": ids}))
     other = await connect(daemon)
     try:
-        for _ in range(100):  # until the first detach has pressed the button (bounded: 10 s)
+        for _ in range(100):  # until the first detach has sent its device_del (bounded: 10 s)
             slots = await other.execute("query-slots", {"vm": guest.name})
             if {f["state"] for s in slots for f in s["functions"] if f["id"] in ids} \
                     == {"unplugging"}:
@@ -235,8 +237,12 @@ async def test_second_detach_while_first_is_pending_is_a_conflict(daemon: Path, 
         assert err.value.error_class == "Conflict"
     finally:
         await other.qmp.disconnect()
+        if not native:
+            await qemu_execute(guest.lab, "cont")
     reply = await asyncio.wait_for(first, 60)
-    assert sorted(reply["ids"]) == ids and reply["seconds"] >= ATTENTION_BUTTON_DELAY - 0.5
+    assert sorted(reply["ids"]) == ids
+    if native:
+        assert reply["seconds"] >= ATTENTION_BUTTON_DELAY - 0.5, reply
     seen = await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == before, 30)
     assert seen == before
     peripheral, in_pci = await qemu_view(guest.lab)
