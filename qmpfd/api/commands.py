@@ -114,12 +114,11 @@ class Commands:
         since no later reconnect would ever give them back."""
         gone = await self.vms.get(a.name).qemu_gone()
         await self.vms.remove(a.name)
-        held = sorted(addr for addr, h in self.host.held.items() if h.vm == a.name)
+        held = self.host.held_for(a.name)
         if not held:
             return {}
         if gone:
-            ids = [i for h in self.host.held.values() if h.vm == a.name for i in h.ids]
-            return {"host-released": await self.host.release(a.name, ids)}
+            return {"host-released": await self.host.release_vm(a.name)}
         log.warning("VM removed while its QEMU holds host functions; they stay held",
                     extra={"vm": a.name, "host": held})
         return {"host-held": held}

@@ -91,6 +91,15 @@ class HostDevices:
                     released.append(address)
             return released
 
+    def held_for(self, vm: str) -> list[str]:
+        """Addresses of the host functions held for ``vm``."""
+        return sorted(a for a, h in self.held.items() if h.vm == vm)
+
+    async def release_vm(self, vm: str) -> list[str]:
+        """Give back every function held for ``vm`` (its QEMU is gone for good)."""
+        ids = [i for h in self.held.values() if h.vm == vm for i in h.ids]
+        return await self.release(vm, ids) if ids else []
+
     async def release_absent(self, vm: str, present: AbstractSet[str]) -> list[str]:
         """After (re)connecting to ``vm``'s QEMU: give back what it holds for attaches none of
         whose functions QEMU has any more (the VM was restarted or shut down meanwhile)."""

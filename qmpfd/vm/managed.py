@@ -128,7 +128,8 @@ class ManagedVm:
             topo = await self.topology()
             self._policy_cache = self.policy_name(topo)
             await self.reconcile()
-            await self._prune_queues(await self.topology())
+            topo = await self.topology()  # reconciliation may have rolled functions back
+            await self._prune_queues(topo)
             if self._on_connected is not None:
                 await self._on_connected(self.name, topo.device_ids())
         except BaseException:
@@ -414,15 +415,17 @@ class ManagedVm:
                 log.warning("queued functions dropped: QEMU has their slot or ids",
                             extra={"vm": self.name, "bus": entry.bus, "slot": entry.slot,
                                    "ids": sorted(ids)})
-                await self._drop_queue(entry)
-                self._emit("PENDING_EXPIRED", self._queue_event(entry))
+                await self._expire(entry)
 
     async def _expire_queues(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             for entry in self.pending.expired(time.monotonic()):
-                await self._drop_queue(entry)
-                self._emit("PENDING_EXPIRED", self._queue_event(entry))
+                await self._expire(entry)
+
+    async def _expire(self, entry: PendingSlot) -> None:
+        await self._drop_queue(entry)
+        self._emit("PENDING_EXPIRED", self._queue_event(entry))
 
     def _queue_event(self, entry: PendingSlot) -> dict[str, Any]:
         return {"vm": self.name, "bus": entry.bus, "slot": entry.slot,
