@@ -293,10 +293,9 @@ async def test_queued_function_survives_sigkill(daemon_proc: DaemonProcess, lab:
     assert sorted(f["id"] for f in reply["functions"]) == ["qf0", "qf1"]
     seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 2, 60)
     assert list(slot_groups(seen - before).values()) == [{0, 1}]
-    MATRIX.append(MatrixRow(
-        "SIGKILL qmpfd with a function queued" + (" mid-flush" if point else ""),
-        "queue kept; function 0 flushes it", "both after function 0",
-        "2 functions, one slot", "queue restored, then slot present", "pass"))
+    record("SIGKILL qmpfd with a function queued" + (" mid-flush" if point else ""),
+           "queue kept; function 0 flushes it",
+           ("both after function 0", "2 functions, one slot", "queue restored, then slot present"))
     await c.execute("device-detach", {"vm": "f", "ids": ["qf0", "qf1"]})
     await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
     assert await c.execute("query-pending") == []
