@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach  # noqa: E402
 from qmpfd.hotplug.policies import policy_for  # noqa: E402
-from qmpfd.lab.vm import LabVm, LabVmSpec  # noqa: E402
-from qmpfd.vm.topology import RawBus, RawDevice, Topology  # noqa: E402
+from lab.vm import LabVm, LabVmSpec  # noqa: E402
+from qmpfd.qemu.topology import RawBus, RawDevice, Topology  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "8"))
 DRIVERS = ["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"] * 2

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +21,23 @@ from qmpfd.config import Config, load_config
 from qmpfd.errors import QmpfdError
 from qmpfd.host.manager import HostDevices
 from qmpfd.state.journal import Journal
+from qmpfd.state.lock import lock_state_dir, prepare_state_dir
+from qmpfd.state.log import JournalDamaged
 from qmpfd.vm.registry import VmRegistry
 
 log = logging.getLogger("qmpfd")
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, set_aside_damaged: bool = False) -> None:
         self.config = config
-        config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         d = config.daemon
+        prepare_state_dir(d.state_dir)
+        self._lock_fd = lock_state_dir(d.state_dir)   # before reading anything in it
         self.access = AccessPolicy.from_config(config.access)
         self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes,
                                 authorize=self.access.admit)
-        self.journal = Journal.open(config.daemon.state_dir)
+        self.journal = open_journal(d.state_dir, set_aside_damaged)
         self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
                               check_path=self.access.check_qmp_path,
@@ -50,7 +55,6 @@ class Daemon:
 
     async def run(self) -> None:
         d = self.config.daemon
-        d.state_dir.mkdir(parents=True, exist_ok=True)
         # Re-adopt (and reconcile) before listening: the first client already sees every VM
         # and no operation left over from a crash. Unreachable VMs are retried in the background.
         await self.vms.readopt()
@@ -62,6 +66,25 @@ class Daemon:
         log.info("shutting down")
         await self.server.close()
         await self.vms.close()
+        await self.journal.drain()
+        await self.commands.audit.close()
+        self.journal.close()
+
+
+def open_journal(state_dir: Path, set_aside_damaged: bool) -> Journal:
+    """The journal, or a clear refusal: a damaged journal is only set aside when asked to."""
+    try:
+        return Journal.open(state_dir)
+    except JournalDamaged as exc:
+        if not set_aside_damaged:
+            raise QmpfdError(f"{exc}; refusing to start (start with "
+                             "--set-aside-damaged-journal to move it aside and start with an "
+                             "empty journal)") from None
+        aside = exc.path.with_name(f"{exc.path.name}.damaged-{int(time.time())}")
+        os.replace(exc.path, aside)
+        log.error("damaged journal moved aside; starting empty",
+                  extra={"path": str(aside), "error": str(exc)})
+        return Journal.open(state_dir)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--socket", type=Path, help="API socket path (overrides the config)")
     p.add_argument("--state-dir", type=Path, help="state directory (overrides the config)")
     p.add_argument("--log-format", choices=["json", "text"], help="overrides the config")
+    p.add_argument("--set-aside-damaged-journal", action="store_true",
+                   help="if the journal is damaged, move it aside and start empty "
+                        "(otherwise qmpfd refuses to start)")
     p.add_argument("--version", action="version", version=f"qmpfd {__version__}")
     return p.parse_args(argv)
 
@@ -90,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.daemon.log_level, config.daemon.log_format)
 
     async def run() -> None:
-        daemon = Daemon(config)
+        daemon = Daemon(config, set_aside_damaged=args.set_aside_damaged_journal)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
@@ -98,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
+    except QmpfdError as exc:
+        log.error("fatal: %s", exc.desc)
+        print(f"qmpfd: {exc.desc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         log.error("fatal: %s", exc)
+        print(f"qmpfd: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,25 +1,48 @@
 """The audit log: one JSON line per state-changing request, with the peer's uid and the outcome.
 
-Appended with aiofiles so a slow disk never blocks the event loop; each line is written whole.
+The file is opened once (0600, append-only) and kept open; each line is one ``write`` in a
+thread, so a slow disk never blocks the event loop and lines never interleave. Writing the audit
+line comes after the request was carried out, so a failure to write it (a full or read-only
+disk) is logged loudly but never turns a request QEMU carried out into an error reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-import aiofiles
+from qmpfd.access.peer import Peer
 
-from qmpfd.api.session import Peer
+log = logging.getLogger("qmpfd.access")
 
 
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd = -1
         self._lock = asyncio.Lock()
+        self.failures = 0
+
+    def _open(self) -> int:
+        if self._fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+        return self._fd
+
+    def _write(self, data: bytes) -> None:
+        fd = self._open()
+        try:
+            os.write(fd, data)
+        except OSError:
+            os.close(fd)        # reopened next time: the file may have been fixed or rotated
+            self._fd = -1
+            raise
 
     async def record(self, peer: Peer, command: str, arguments: dict[str, Any],
                      outcome: str) -> None:
@@ -28,6 +51,17 @@ class AuditLog:
             "command": command, "arguments": arguments, "outcome": outcome,
         }, default=str, separators=(",", ":")) + "\n"
         async with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            async with aiofiles.open(self.path, "a") as f:
-                await f.write(line)
+            try:
+                await asyncio.to_thread(self._write, line.encode())
+            except OSError as exc:
+                self.failures += 1
+                log.error("audit log not written", extra={"path": str(self.path),
+                                                           "command": command,
+                                                           "outcome": outcome,
+                                                           "error": str(exc)})
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -9,7 +9,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmpfd.api.session import Peer
+from qmpfd.access.peer import Peer
 from qmpfd.config import AccessConfig
 from qmpfd.errors import InvalidRequest
 

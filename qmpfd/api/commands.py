@@ -6,7 +6,6 @@ one table, and no handler sees arguments pydantic has not validated.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from qmpfd import __version__
 from qmpfd.access.audit import AuditLog
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
+from qmpfd.api import replies
 from qmpfd.api.session import Session
 from qmpfd.api.xml import parse_devices_xml
 from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError, Unsupported
@@ -26,6 +26,7 @@ from qmpfd.host.assign import HostFunctionRequest
 from qmpfd.host.manager import HostDevices
 from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.vm.registry import VmRegistry
+from qmpfd.vm.results import RemoveResult
 
 log = logging.getLogger("qmpfd.api")
 
@@ -54,7 +55,7 @@ class Commands:
         reg("vm-add", m.VmAddArgs, self.vm_add, True)
         reg("vm-remove", m.VmArgs, self.vm_remove, True)
         reg("query-vms", m.NoArgs, self.query_vms, False)
-        reg("query-slots", m.VmRef, self.query_slots, False)
+        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False)
         reg("query-policy", m.VmRef, self.query_policy, False)
         reg("device-attach", m.DeviceAttachArgs, self.device_attach, True)
         reg("function-add", m.FunctionAddArgs, self.function_add, True)
@@ -100,13 +101,14 @@ class Commands:
 
     # -- VMs -------------------------------------------------------------------------------
     async def vm_add(self, a: m.VmAddArgs) -> dict[str, Any]:
-        return await self.vms.add(a.name, self.access.check_qmp_path(Path(a.qmp)))
+        info = await self.vms.add(a.name, self.access.check_qmp_path(Path(a.qmp)))
+        return replies.vm_added(info)
 
     async def vm_qmp(self, a: m.VmQmpArgs) -> Any:
         if not self.access.passthrough:
             raise Unsupported("vm-qmp: raw QMP passthrough is disabled "
                               "(config access.qmp-passthrough)")
-        return await self.vms.get(a.vm).conn.execute(a.command, a.arguments)
+        return await self.vms.get(a.vm).passthrough(a.command, a.arguments)
 
     async def vm_remove(self, a: m.VmArgs) -> dict[str, Any]:
         """Stop managing the VM. Host functions held for it stay held while its QEMU may still
@@ -118,33 +120,28 @@ class Commands:
         if not held:
             return {}
         if gone:
-            return {"host-released": await self.host.release_vm(a.name)}
+            return replies.vm_removed(RemoveResult(
+                host_released=await self.host.release_vm(a.name)))
         log.warning("VM removed while its QEMU holds host functions; they stay held",
                     extra={"vm": a.name, "host": held})
-        return {"host-held": held}
+        return replies.vm_removed(RemoveResult(host_held=held))
 
     async def query_vms(self, _: m.NoArgs) -> list[dict[str, Any]]:
-        out = []
-        for vm in self.vms.all():
-            topo = None
-            if vm.conn.connected:
-                with contextlib.suppress(QmpfdError):
-                    topo = await vm.topology()
-            d = vm.describe(topo)
-            out.append({k: d[k] for k in ("name", "qmp", "connected", "arch", "machine",
-                                          "policy", "qemu")})
-        return out
+        return [replies.vm(vm.info()) for vm in self.vms.all()]
 
-    async def query_slots(self, a: m.VmRef) -> list[dict[str, Any]]:
-        return await self.vms.get(a.vm).query_slots()
+    async def query_slots(self, a: m.QuerySlotsArgs) -> list[dict[str, Any]]:
+        vm = self.vms.get(a.vm)
+        if a.refresh:
+            async with vm.alloc:
+                await vm.refresh()
+        return replies.slots(vm.slots())
 
     async def query_policy(self, a: m.VmRef) -> dict[str, Any]:
         vm = self.vms.get(a.vm)
-        topo = await vm.topology()
-        policies = vm.policies(topo)
-        headline = vm.policy_name(topo)
+        policies = vm.policies()
+        headline = vm.policy_name()
         per_bus = [{"bus": b.name, "mechanism": b.mechanism, "policy": policies[b.name].name}
-                   for b in topo.buses if b.hotpluggable]
+                   for b in vm.table.topology.buses if b.hotpluggable]
         chosen = next((p for p in policies.values() if p.name == headline), None)
         base = chosen.describe() if chosen else {"policy": headline}
         return {"vm": vm.name, **base, "buses": per_bus}
@@ -153,8 +150,8 @@ class Commands:
     async def device_attach(self, a: m.DeviceAttachArgs) -> dict[str, Any]:
         vm = self.vms.get(a.vm)
         if not a.has_host:
-            return await vm.attach(a.specs(), bus=a.bus, slot=a.slot, dry_run=a.dry_run,
-                                   timeout=a.timeout)
+            return replies.attached(await vm.attach(a.specs(), bus=a.bus, slot=a.slot,
+                                                    dry_run=a.dry_run, timeout=a.timeout))
         requests = [HostFunctionRequest(f.id, f.host, f.function, f.unassigned, f.managed)
                     for f in a.functions if f.host is not None]
         assignment = await self.host.plan(requests, vm.name, a.force)
@@ -165,8 +162,8 @@ class Commands:
         host_info = {"bind": [addr for addr, _ in assignment.bind],
                      "unassigned": list(assignment.unassigned)}
         if a.dry_run:
-            plan = await vm.attach(specs, bus=a.bus, slot=a.slot, dry_run=True)
-            return {**plan, "host": host_info}
+            result = await vm.attach(specs, bus=a.bus, slot=a.slot, dry_run=True)
+            return {**replies.attached(result), "host": host_info}
         ids = [f.id for f in a.functions]
         await self.host.acquire(assignment, vm.name, ids)
         try:
@@ -178,7 +175,7 @@ class Commands:
         except BaseException:
             await self.host.release(vm.name, ids)
             raise
-        return {**result, "host": host_info}
+        return {**replies.attached(result), "host": host_info}
 
     async def device_attach_xml(self, a: m.DeviceAttachXmlArgs) -> dict[str, Any]:
         args: dict[str, Any] = {"vm": a.vm, "functions": parse_devices_xml(a.xml),
@@ -193,30 +190,24 @@ class Commands:
         return await self.host.query(a.multifunction_only)
 
     async def function_add(self, a: m.FunctionAddArgs) -> dict[str, Any]:
-        return await self.vms.get(a.vm).function_add(a.spec(), a.bus, a.slot)
+        return replies.function_added(
+            await self.vms.get(a.vm).function_add(a.spec(), a.bus, a.slot))
 
     async def query_pending(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
         vms = [self.vms.get(a.vm)] if a.vm else self.vms.all()
-        return [p.describe(vm.name) for vm in vms for p in vm.pending.all()]
+        return [replies.pending(vm.name, p) for vm in vms for p in vm.pending.all()]
 
     async def pending_cancel(self, a: m.SlotRef) -> dict[str, Any]:
-        return await self.vms.get(a.vm).pending_cancel(a.bus, a.slot)
+        return replies.pending(a.vm, await self.vms.get(a.vm).pending_cancel(a.bus, a.slot))
 
     async def device_detach(self, a: m.DeviceDetachArgs) -> dict[str, Any]:
         result = await self.vms.get(a.vm).detach(ids=a.ids, bus=a.bus, slot=a.slot,
                                                  whole_slot=a.whole_slot, timeout=a.timeout,
                                                  force=a.force)
-        if not result.get("unplugging"):
-            # The functions are gone from QEMU: host functions (and the unassigned ones held
-            # with them) go back to their drivers before the reply (a late DEVICE_DELETED does
-            # the same through the VM's on_removed hook).
-            released = await self.host.release(a.vm, result["ids"])
-            if released:
-                result["host-released"] = released
-        return result
+        return replies.detached(result)
 
     async def query_operations(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
         if a.vm:
             self.vms.get(a.vm)  # NotFound for an unknown VM
-        return [op.describe() for op in self.vms.journal.ops.values()
+        return [replies.operation(op) for op in self.vms.journal.ops.values()
                 if a.vm is None or op.vm == a.vm]

@@ -46,6 +46,12 @@ class VmRef(Args):
     vm: VmName
 
 
+class QuerySlotsArgs(VmRef):
+    #: read QEMU's topology again first (qmpfd keeps it current; this is for changes made
+    #: behind its back on another monitor)
+    refresh: bool = False
+
+
 class VmQmpArgs(Args):
     vm: VmName
     command: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]

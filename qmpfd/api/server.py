@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qmpfd.access.peer import Peer
 from qmpfd.api import wire
-from qmpfd.api.session import Dispatcher, Peer, Session
+from qmpfd.api.session import Dispatcher, Session
+from qmpfd.errors import QmpfdError
 
 log = logging.getLogger("qmpfd.api")
 
@@ -35,6 +37,20 @@ def inherited_socket() -> socket.socket | None:
     if count < 1:
         return None
     return socket.socket(fileno=SD_LISTEN_FDS_START)
+
+
+class SocketBusy(QmpfdError):
+    """Something still answers on the API socket: it is never unlinked from under it."""
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def peer_of(sock: socket.socket | None) -> Peer:
@@ -65,6 +81,9 @@ class ApiServer:
             log.info("serving on a socket inherited from systemd")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        if _answers(path):
+            raise SocketBusy(f"socket {path} is served by another process (another qmpfd?); "
+                             "it was left alone")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket from a previous run; nobody listens on it
         # Create with a tight umask so the socket never exists with looser permissions.

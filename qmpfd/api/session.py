@@ -18,9 +18,9 @@ import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
+from qmpfd.access.peer import Peer
 from qmpfd.api import wire
 from qmpfd.errors import CommandNotFound, QmpfdError
 
@@ -28,15 +28,6 @@ log = logging.getLogger("qmpfd.api")
 
 EVENT_QUEUE_LIMIT = 1024
 READ_CHUNK = 65536
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end, from SO_PEERCRED (None when the platform cannot tell)."""
-
-    pid: int | None
-    uid: int | None
-    gid: int | None
 
 
 Dispatcher = Callable[[str, dict[str, Any], "Session"], Awaitable[Any]]

@@ -115,4 +115,4 @@ class HostDevices:
             log.error("cannot give a host function back", extra={"address": address,
                                                                   "error": exc.desc})
             return  # stays held (and journaled) so that it is not forgotten
-        await self.journal.unhold(address)
+        self.journal.unhold(address)

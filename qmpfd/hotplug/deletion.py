@@ -20,7 +20,6 @@ class DeletionTracker:
 
     def __init__(self) -> None:
         self._waits: list[tuple[set[str], asyncio.Future[None]]] = []
-        self.deleted_log: list[str] = []
         #: Called with each deleted id, after waiters are updated (slot bookkeeping hooks in here).
         self.on_deleted: list[Callable[[str], None]] = []
 
@@ -31,7 +30,6 @@ class DeletionTracker:
             dev = data.get("device")
             if not dev:
                 return  # a child path such as .../virtio-backend, not a function
-            self.deleted_log.append(dev)
             for remaining, fut in self._waits:
                 remaining.discard(dev)
                 if not remaining and not fut.done():

@@ -1,22 +1,32 @@
 """Running a :class:`~qmpfd.hotplug.plan.Plan` against QEMU, with rollback.
 
-The executor is the only hotplug code that sends QMP. It sends the plan's steps in order, checks
-the result with ``query-pci`` (and QOM for buses the guest has not numbered yet), and on any failure
-takes back what it added, using the policy's rollback commands and waiting for DEVICE_DELETED.
+The executor is the only hotplug code that sends QMP.
+
+Plug is pipelined: the non-zero functions' ``device_add`` commands go out together (QEMU keeps
+them hidden from the guest while the slot has no function 0), and once every one of them has been
+answered, function 0 goes last. A ``device_add`` QEMU accepted with an explicit bus and address
+is there: nothing is read back.
+
+Rollback assumes the worst: a ``device_add`` whose reply did not come in time may still have
+happened, so it counts as added. Because QEMU runs a monitor's commands in order, anything sent
+after it (a probe, a ``device_del``) sees its outcome; a probe tells which of those late ones
+exist, and the policy's ``device_del`` commands take back everything that does. A reply never
+says "rolled back" while QEMU holds a function of the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from qmpfd.errors import QemuError, QmpfdError, VmGone
+from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.plan import Plan, Step
-from qmpfd.vm.connection import VmConnection
-from qmpfd.vm.introspect import pci_functions
+from qmpfd.hotplug.slots import SlotTable
+from qmpfd.qemu.link import QmpLink
+from qmpfd.qemu.topology import peripheral
 
 log = logging.getLogger("qmpfd.hotplug")
 
@@ -37,64 +47,95 @@ class AttachFailed(QmpfdError):
         self.rollback = rollback
 
 
-async def verify_attached(plan: Plan, conn: VmConnection) -> None:
-    """Every function of the plan is in QEMU on the planned bus, slot and function."""
-    seen = await pci_functions(conn)
-    for f in plan.functions:
-        path = f"/machine/peripheral/{f.id}"
-        addr, parent = await asyncio.gather(
-            conn.execute("qom-get", {"path": path, "property": "addr"}),
-            conn.execute("qom-get", {"path": path, "property": "parent_bus"}),
-        )
-        if int(addr) != (plan.slot << 3 | f.function) or not str(parent).endswith("/" + plan.bus):
-            raise QemuError(f"'{f.id}' landed at {parent} devfn {addr}, not {plan.bus} "
-                            f"{plan.slot}.{f.function}")
-        if f.id in seen:
-            _, slot, function = seen[f.id]
-            if (slot, function) != (plan.slot, f.function):
-                raise QemuError(f"query-pci shows '{f.id}' at {slot}.{function}, "
-                                f"not {plan.slot}.{f.function}")
+def _where(step: Step) -> str:
+    return f"function {step.function} ('{step.id}', {step.arguments.get('driver')})"
 
 
-async def execute_attach(plan: Plan, conn: VmConnection, tracker: DeletionTracker,
+async def _send(link: QmpLink, steps: Sequence[Step], timeout: float
+                ) -> tuple[list[Step], list[Step], tuple[Step, QmpfdError] | None]:
+    """Send ``steps`` together; (accepted, unanswered in time, first refusal or loss)."""
+    results = await asyncio.gather(
+        *(link.execute(s.execute, dict(s.arguments), timeout=timeout) for s in steps),
+        return_exceptions=True)
+    accepted: list[Step] = []
+    late: list[Step] = []
+    failure: tuple[Step, QmpfdError] | None = None
+    for step, res in zip(steps, results, strict=True):
+        if isinstance(res, Timeout):
+            late.append(step)
+        elif isinstance(res, QmpfdError):
+            if failure is None or isinstance(res, VmGone):
+                failure = (step, res)
+        elif isinstance(res, BaseException):
+            raise res
+        else:
+            accepted.append(step)
+    if failure is None and late:
+        failure = (late[0], Timeout(f"QEMU did not answer device_add within {timeout:g} s"))
+    return accepted, late, failure
+
+
+async def execute_attach(plan: Plan, link: QmpLink, tracker: DeletionTracker, table: SlotTable,
                          after_step: Callable[[int], Awaitable[None]] | None = None) -> None:
-    """Send the plan's steps in order, verify, and roll back on any failure.
-
-    ``after_step(n)`` is called once the n-th step (1-based) has been accepted by QEMU.
-    """
+    """Plug the plan's functions (non-zero together, then function 0), and roll back on any
+    failure. ``after_step(n)`` runs once n device_adds have been accepted (fault injection)."""
+    key = (plan.bus, plan.slot)
+    timeout = plan.policy.timeouts.plug
+    batches = [list(plan.steps[:-1]), [plan.steps[-1]]] if len(plan.steps) > 1 \
+        else [list(plan.steps)]
     added: list[str] = []
-    step: Step | None = None
-    try:
-        for n, step in enumerate(plan.steps, 1):
-            await conn.execute(step.execute, dict(step.arguments),
-                               timeout=plan.policy.timeouts.plug)
-            added.append(step.id)
-            if after_step is not None:
+    late: list[str] = []
+    for batch in batches:
+        ok, unanswered, failure = await _send(link, batch, timeout)
+        table.added(key, [peripheral(s.id, str(s.arguments["driver"]), plan.slot, s.function)
+                          for s in (*ok, *unanswered)])
+        added += [s.id for s in ok]
+        late += [s.id for s in unanswered]
+        if failure is not None:
+            step, exc = failure
+            if isinstance(exc, VmGone):
+                raise AttachFailed(exc, f"{_where(step)}: {exc.desc}",
+                                   RollbackResult(left=added + late)) from exc
+            result = await rollback(plan, added, late, link, tracker, table)
+            tail = "; rolled back" if not result.left else (
+                f"; rollback still waiting for the guest to release {', '.join(result.left)}")
+            raise AttachFailed(exc, f"{_where(step)}: {exc.desc}{tail}", result) from exc
+        if after_step is not None:
+            for n in range(len(added) - len(ok) + 1, len(added) + 1):
                 await after_step(n)
-        step = None
-        await verify_attached(plan, conn)
-    except QmpfdError as exc:
-        where = (f"function {step.function} ('{step.id}', {step.arguments.get('driver')})"
-                 if step is not None else "verification")
-        if isinstance(exc, VmGone):
-            raise AttachFailed(exc, f"{where}: {exc.desc}", RollbackResult(left=added)) from exc
-        result = await rollback(plan, added, conn, tracker)
-        tail = "; rolled back" if not result.left else (
-            f"; rollback still waiting for the guest to release {', '.join(result.left)}")
-        raise AttachFailed(exc, f"{where}: {exc.desc}{tail}", result) from exc
 
 
-async def rollback(plan: Plan, added: list[str], conn: VmConnection,
-                   tracker: DeletionTracker) -> RollbackResult:
+async def _exists(link: QmpLink, dev_id: str) -> bool:
+    """Whether QEMU holds the device now (sent after its device_add, so it sees the outcome)."""
+    try:
+        await link.execute("qom-get", {"path": f"/machine/peripheral/{dev_id}",
+                                       "property": "type"})
+    except QemuError:
+        return False
+    return True
+
+
+async def rollback(plan: Plan, added: list[str], late: list[str], link: QmpLink,
+                   tracker: DeletionTracker, table: SlotTable) -> RollbackResult:
+    """Take back ``added`` and whichever of ``late`` QEMU did carry out; wait for their
+    DEVICE_DELETED within the policy's unplug timeout."""
+    try:
+        for dev_id in late:
+            if await _exists(link, dev_id):
+                added.append(dev_id)
+            else:
+                table.deleted(dev_id)
+    except VmGone:
+        return RollbackResult(left=added + late)
     if not added:
         return RollbackResult()
     done = tracker.expect(added)
     for step in plan.rollback_steps(added):
         try:
-            await conn.execute(step.execute, dict(step.arguments))
+            await link.execute(step.execute, dict(step.arguments))
         except QemuError as exc:
             log.warning("rollback device_del refused", extra={"id": step.id, "error": exc.desc})
-        except VmGone:
+        except (VmGone, Timeout):
             done.cancel()
             return RollbackResult(left=list(added))
     try:
@@ -106,7 +147,7 @@ async def rollback(plan: Plan, added: list[str], conn: VmConnection,
     return RollbackResult(removed=list(added))
 
 
-async def execute_unplug(targets: list[str], ids: list[str], conn: VmConnection,
+async def execute_unplug(targets: list[str], ids: list[str], link: QmpLink,
                          tracker: DeletionTracker) -> asyncio.Future[None]:
     """Send the policy's device_del commands; return the future of all DEVICE_DELETED events.
 
@@ -116,9 +157,8 @@ async def execute_unplug(targets: list[str], ids: list[str], conn: VmConnection,
     done = tracker.expect(ids)
     try:
         for target in targets:
-            await conn.execute("device_del", {"id": target})
+            await link.execute("device_del", {"id": target})
     except QmpfdError:
         done.cancel()
         raise
     return done
-

@@ -57,14 +57,6 @@ class PendingSlot:
                                    dict(f.get("properties") or {})))
         return entry
 
-    def describe(self, vm: str) -> dict[str, Any]:
-        return {
-            "vm": vm, "bus": self.bus, "slot": self.slot,
-            "functions": [{"function": f.function, "id": f.id, "driver": f.driver}
-                          for f in sorted(self.functions.values(), key=lambda f: f.function)],
-            "expires-in": max(0.0, round(self.expires_at - time.monotonic(), 1)),
-        }
-
 
 class PendingQueues:
     """The queues of one VM, keyed by (bus, slot)."""
@@ -97,13 +89,20 @@ class PendingQueues:
     def get(self, key: SlotKey) -> PendingSlot | None:
         return self._slots.get(key)
 
-    def queue(self, spec: FunctionSpec, bus: str, slot: int, ttl: float) -> PendingSlot:
-        entry = self._slots.get((bus, slot))
-        if entry is None:
+    def preview(self, spec: FunctionSpec, bus: str, slot: int, ttl: float) -> PendingSlot:
+        """The slot's queue as it would be with ``spec`` added; raises on a clash and stores
+        nothing (the journal writes it first, then :meth:`put`)."""
+        current = self._slots.get((bus, slot))
+        if current is None:
             entry = PendingSlot(bus, slot, time.monotonic() + ttl)
-        entry.add(spec)  # raises before anything is stored
-        self._slots[(bus, slot)] = entry
+        else:
+            entry = PendingSlot(bus, slot, current.expires_at, dict(current.functions),
+                                current.created_at)
+        entry.add(spec)
         return entry
+
+    def put(self, entry: PendingSlot) -> None:
+        self._slots[(entry.bus, entry.slot)] = entry
 
     def pop(self, key: SlotKey) -> PendingSlot | None:
         return self._slots.pop(key, None)

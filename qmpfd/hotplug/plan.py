@@ -4,13 +4,13 @@ how to roll back. Pure code: no QEMU, so ``dry-run`` costs nothing and every rul
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.errors import InvalidRequest, Unsupported
 from qmpfd.hotplug.policies.base import Policy, SlotMember
-from qmpfd.vm.topology import Bus, Topology
+from qmpfd.hotplug.slots import SlotTable
 
 MAX_FUNCTIONS = 8
 #: device_add arguments qmpfd sets itself; a request may not pass them as properties.
@@ -65,17 +65,6 @@ class Plan:
         return [Step("device_del", {"id": i}, i, by_id[i].function)
                 for i in self.policy.rollback_targets(members)]
 
-    def describe(self, vm: str) -> dict[str, Any]:
-        return {
-            "vm": vm,
-            "bus": self.bus,
-            "slot": self.slot,
-            "policy": self.policy.name,
-            "functions": [{"id": f.id, "function": f.function} for f in self.functions],
-            "steps": [s.as_json() for s in self.steps],
-            "rollback": [s.as_json() for s in self.rollback_steps(self.ids)],
-        }
-
 
 def check_functions(functions: Sequence[FunctionSpec]) -> None:
     """The request-level rules of the contract, each error naming the field at fault."""
@@ -104,56 +93,20 @@ def check_functions(functions: Sequence[FunctionSpec]) -> None:
                              "to the guest")
 
 
-def choose_slot(topology: Topology, bus: str | None, slot: int | None,
-                taken: Collection[tuple[str, int]]) -> tuple[Bus, int]:
-    """The given slot if it is usable, else the first free hotpluggable slot (topology order)."""
-    if bus is not None:
-        b = topology.bus(bus)
-        if b is None:
-            raise NotFound(f"bus: no PCI bus '{bus}' in this VM")
-        if not b.hotpluggable:
-            raise Unsupported(f"bus: '{bus}' does not support hotplugging")
-        candidates = [b]
-    else:
-        if slot is not None:
-            raise InvalidRequest("slot: given without bus")
-        candidates = [b for b in topology.buses if b.hotpluggable]
-        if not candidates:
-            raise Unsupported("bus: this VM has no hotpluggable PCI bus (pc needs ACPI hotplug; "
-                              "q35 needs free pcie-root-ports created at start)")
-    for b in candidates:
-        numbers = [slot] if slot is not None else range(b.slot_count)
-        for n in numbers:
-            if not 0 <= n < b.slot_count:
-                raise InvalidRequest(f"slot: bus '{b.name}' has slots 0-{b.slot_count - 1}")
-            if b.slot(n).empty and (b.name, n) not in taken:
-                return b, n
-            if slot is not None:
-                owners = ", ".join(f.id or f.driver for f in b.slot(n).functions) or "an operation"
-                raise Conflict(f"slot: {b.name} slot {n} is taken (by {owners})")
-    where = f"bus '{bus}'" if bus else "any hotpluggable bus"
-    raise Conflict(f"slot: no free slot on {where}")
-
-
 def plan_attach(
-    topology: Topology,
+    table: SlotTable,
     functions: Sequence[FunctionSpec],
     policy_of: Mapping[str, Policy],
     *,
     bus: str | None = None,
     slot: int | None = None,
-    taken: Collection[tuple[str, int]] = (),
-    busy_ids: Collection[str] = (),
 ) -> Plan:
-    """Plan an attach. ``policy_of`` maps bus name to its policy; ``taken`` are slots reserved by
-    queues or operations in flight; ``busy_ids`` are ids in use outside QEMU's view (queued)."""
+    """Plan an attach against the VM's slot table (which knows every slot and id taken by QEMU,
+    a queue or an operation in flight). ``policy_of`` maps bus name to its policy."""
     check_functions(functions)
-    in_use = topology.device_ids() | set(busy_ids)
-    for i, f in enumerate(functions):
-        if f.id in in_use:
-            raise Conflict(f"functions[{i}].id: a device with id '{f.id}' already exists in "
-                           "this VM")
-    target, number = choose_slot(topology, bus, slot, taken)
+    table.check_new_ids([(f"functions[{i}].id", f.id) for i, f in enumerate(functions)])
+    bus_name, number = table.choose(bus, slot)
+    target = table.bus(bus_name)
     policy = policy_of[target.name]
     if len(functions) > 1 and not policy.multifunction:
         raise Unsupported(policy.unsupported_reason or

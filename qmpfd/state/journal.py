@@ -1,23 +1,33 @@
-"""The journal: managed VMs and operations in flight, saved before QEMU is touched.
+"""The journal: managed VMs, operations in flight, host functions held, queued functions.
 
-An operation is written *before* its first QMP command and removed after its last event, so after a
-crash (SIGKILL at any point) the journal names every slot that may be half-done. It records intent
-(the ids and their function numbers), not progress: reconciliation asks QEMU which of those ids
-exist, which is the truth even when the crash fell between a command and a journal write.
+It records intent, not progress: an operation is journaled (and synced) *before* its first QMP
+command, and reconciliation asks QEMU which of its ids exist, which is the truth even when a crash
+fell between a command and a journal write. So an attach needs one synced record ("begin"); its
+"end" need not be synced, because recovery that finds every id present treats it as done.
+
+Memory follows the disk: a durable change is made in memory only once its record is written
+(see :mod:`qmpfd.state.log`). Records that only confirm what already happened (an operation
+ended, a function given back) change memory at once and are written without failing anyone.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qmpfd.state.store import StateStore
+from qmpfd.state import records as r
+from qmpfd.state.log import AppendLog, JournalDamaged, fsync_dir
 
-FORMAT = 1
+log = logging.getLogger("qmpfd.state")
+
+LOG_NAME = "journal.log"
+LEGACY_NAME = "state.json"   # format 1: one JSON document (migrated on first start)
 
 
 @dataclass
@@ -30,22 +40,25 @@ class Operation:
     policy: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     started: float = field(default_factory=time.time)
-    #: detach: the device_del commands have been sent (do not press a PCIe button twice).
+    #: the device_del commands have been sent (do not press a PCIe button twice).
     sent: bool = False
 
-    def describe(self) -> dict[str, Any]:
-        return {"operation": self.id, "kind": self.kind, "vm": self.vm, "bus": self.bus,
-                "slot": self.slot, "ids": sorted(self.functions, key=self.functions.__getitem__),
-                "policy": self.policy, "started": self.started, "sent": self.sent,
-                "age": round(time.time() - self.started, 1)}
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.functions, key=self.functions.__getitem__)
+
+    def record(self) -> r.OpRecord:
+        return r.OpRecord.model_validate(asdict(self))
+
+
+def _op(rec: r.OpRecord) -> Operation:
+    return Operation(**rec.model_dump())
 
 
 class Journal:
-    def __init__(self, store: StateStore) -> None:
-        self._store = store
-        self._changes = 0      # changes made in memory so far (group commit, see _flush)
-        self._saved = 0        # of those, how many are on disk
-        self._flush_lock = asyncio.Lock()
+    def __init__(self, log_file: AppendLog) -> None:
+        self._log = log_file
+        self._log.snapshot = lambda: r.encode(self._snapshot())
         self.vms: dict[str, str] = {}
         self.ops: dict[str, Operation] = {}
         #: host functions held for VMs: address -> {vm, original, ids}
@@ -53,82 +66,148 @@ class Journal:
         #: queued functions (function-add): vm -> "bus/slot" -> PendingSlot record
         self.pending: dict[str, dict[str, dict[str, Any]]] = {}
 
+    @property
+    def path(self) -> Path:
+        return self._log.path
+
+    @property
+    def syncs(self) -> int:
+        return self._log.syncs
+
     @classmethod
     def open(cls, directory: Path) -> Journal:
-        j = cls(StateStore(directory))
-        doc = j._store.load()
-        j.vms = {str(k): str(v) for k, v in doc.get("vms", {}).items()}
-        j.host = {str(k): dict(v) for k, v in doc.get("host", {}).items()}
-        j.pending = {str(vm): {str(k): dict(r) for k, r in queues.items()}
-                     for vm, queues in doc.get("pending", {}).items() if isinstance(queues, dict)}
-        for raw in doc.get("operations", []):
-            try:
-                op = Operation(**raw)
-            except TypeError:
-                continue  # a record from an incompatible version: nothing we can act on
-            j.ops[op.id] = op
+        """Load the journal (migrating a format-1 state.json). Raises JournalDamaged."""
+        path = directory / LOG_NAME
+        legacy = directory / LEGACY_NAME
+        if not path.exists() and legacy.exists():
+            _migrate(legacy, path)
+        log_file = AppendLog(path)
+        j = cls(log_file)
+        for rec in log_file.open():
+            j._apply(rec)
         return j
 
-    def _doc(self) -> dict[str, Any]:
-        return {"format": FORMAT, "vms": self.vms, "host": self.host, "pending": self.pending,
-                "operations": [asdict(op) for op in self.ops.values()]}
+    def close(self) -> None:
+        self._log.close()
 
-    async def _flush(self) -> None:
-        """Put the in-memory journal on disk; return once a write holding this caller's change
-        has been fsynced. Concurrent callers share writes (group commit): whoever waits for
-        the lock while another write runs usually finds its change written by the next one,
-        so N operations starting together cost about two fsync rounds, not N."""
-        self._changes += 1
-        mine = self._changes
-        async with self._flush_lock:
-            if self._saved >= mine:
-                return
-            covered = self._changes  # every change so far is in memory, so in this write
-            await self._store.save(self._doc())
-            self._saved = covered
+    async def drain(self) -> None:
+        await self._log.drain()
 
+    # -- applying records (load and live use share this one function) ----------------------
+    def _apply(self, rec: r.Record) -> None:
+        match rec:
+            case r.Snapshot():
+                self.vms = dict(rec.vms)
+                self.ops = {o.id: _op(o) for o in rec.ops}
+                self.host = {a: h.model_dump() for a, h in rec.host.items()}
+                self.pending = {vm: {k: dict(q) for k, q in qs.items()}
+                                for vm, qs in rec.pending.items()}
+            case r.VmAdded():
+                self.vms[rec.name] = rec.qmp
+            case r.VmRemoved():
+                self.vms.pop(rec.name, None)
+                self.pending.pop(rec.name, None)
+                for op_id in [i for i, op in self.ops.items() if op.vm == rec.name]:
+                    del self.ops[op_id]
+            case r.OpBegun():
+                self.ops[rec.op.id] = _op(rec.op)
+            case r.OpSent():
+                if rec.id in self.ops:
+                    self.ops[rec.id].sent = True
+            case r.OpEnded():
+                self.ops.pop(rec.id, None)
+            case r.HostHeld():
+                self.host[rec.address] = rec.holding.model_dump()
+            case r.HostReleased():
+                self.host.pop(rec.address, None)
+            case r.QueueSaved():
+                q = rec.queue
+                self.pending.setdefault(rec.vm, {})[f"{q.get('bus')}/{q.get('slot')}"] = dict(q)
+            case r.QueueDropped():
+                queues = self.pending.get(rec.vm, {})
+                queues.pop(f"{rec.bus}/{rec.slot}", None)
+                if not queues:
+                    self.pending.pop(rec.vm, None)
+
+    def _snapshot(self) -> r.Snapshot:
+        return r.Snapshot(
+            t="snapshot", format=r.FORMAT, vms=dict(self.vms),
+            ops=[op.record() for op in self.ops.values()],
+            host={a: r.HostRecord.model_validate(h) for a, h in self.host.items()},
+            pending={vm: {k: dict(q) for k, q in qs.items()} for vm, qs in self.pending.items()})
+
+    async def _commit(self, rec: r.Record) -> None:
+        await self._log.commit(r.encode(rec), lambda: self._apply(rec))
+
+    def _settle(self, rec: r.Record, *, sync: bool = False) -> None:
+        self._apply(rec)
+        self._log.settle(r.encode(rec), sync=sync)
+
+    # -- VMs -----------------------------------------------------------------------------
     async def vm_added(self, name: str, qmp: str) -> None:
-        self.vms[name] = qmp
-        await self._flush()
+        if self.vms.get(name) != qmp:
+            await self._commit(r.VmAdded(t="vm+", name=name, qmp=qmp))
 
     async def vm_removed(self, name: str) -> None:
-        self.vms.pop(name, None)
-        self.pending.pop(name, None)
-        for op_id in [i for i, op in self.ops.items() if op.vm == name]:
-            del self.ops[op_id]
-        await self._flush()
+        await self._commit(r.VmRemoved(t="vm-", name=name))
 
+    # -- operations ----------------------------------------------------------------------
     async def begin(self, op: Operation) -> Operation:
-        self.ops[op.id] = op
-        await self._flush()
+        """Durable before QEMU is touched: a crash after this leaves a record to reconcile."""
+        rec = r.OpBegun(t="op+", op=op.record())
+        await self._log.commit(r.encode(rec), lambda: self.ops.__setitem__(op.id, op))
         return op
 
-    async def mark_sent(self, op: Operation) -> None:
+    def mark_sent(self, op: Operation) -> None:
+        """device_del was accepted: QEMU has done it, so this never fails the request."""
         op.sent = True
-        await self._flush()
+        self._settle(r.OpSent(t="op~", id=op.id), sync=True)
 
-    async def end(self, op: Operation) -> None:
-        if self.ops.pop(op.id, None) is not None:
-            await self._flush()
-
-    async def hold(self, address: str, vm: str, original: str | None, ids: list[str]) -> None:
-        self.host[address] = {"vm": vm, "original": original, "ids": ids}
-        await self._flush()
-
-    async def unhold(self, address: str) -> None:
-        if self.host.pop(address, None) is not None:
-            await self._flush()
-
-    async def queue_saved(self, vm: str, record: dict[str, Any]) -> None:
-        self.pending.setdefault(vm, {})[f"{record['bus']}/{record['slot']}"] = record
-        await self._flush()
-
-    async def queue_dropped(self, vm: str, bus: str, slot: int) -> None:
-        queues = self.pending.get(vm, {})
-        if queues.pop(f"{bus}/{slot}", None) is not None:
-            if not queues:
-                del self.pending[vm]
-            await self._flush()
+    def end(self, op: Operation) -> None:
+        if op.id in self.ops:
+            self._settle(r.OpEnded(t="op-", id=op.id))
 
     def for_vm(self, name: str) -> list[Operation]:
         return [op for op in self.ops.values() if op.vm == name]
+
+    # -- host functions ------------------------------------------------------------------
+    async def hold(self, address: str, vm: str, original: str | None, ids: list[str]) -> None:
+        await self._commit(r.HostHeld(t="host+", address=address, holding=r.HostRecord(
+            vm=vm, original=original, ids=list(ids))))
+
+    def unhold(self, address: str) -> None:
+        if address in self.host:
+            self._settle(r.HostReleased(t="host-", address=address))
+
+    # -- queued functions ----------------------------------------------------------------
+    async def queue_saved(self, vm: str, record: dict[str, Any]) -> None:
+        await self._commit(r.QueueSaved(t="queue+", vm=vm, queue=record))
+
+    async def queue_cancelled(self, vm: str, bus: str, slot: int) -> None:
+        """A client dropped the queue: durable, so a failure leaves the queue as it was."""
+        await self._commit(r.QueueDropped(t="queue-", vm=vm, bus=bus, slot=slot))
+
+    def queue_consumed(self, vm: str, bus: str, slot: int) -> None:
+        """The queue was flushed into QEMU or expired: only confirms what happened."""
+        if f"{bus}/{slot}" in self.pending.get(vm, {}):
+            self._settle(r.QueueDropped(t="queue-", vm=vm, bus=bus, slot=slot))
+
+
+def _migrate(legacy: Path, path: Path) -> None:
+    """state.json (format 1) -> journal.log holding one snapshot; state.json kept aside."""
+    try:
+        doc = json.loads(legacy.read_bytes())
+        snap = r.Snapshot(
+            t="snapshot", format=r.FORMAT, vms=doc.get("vms", {}),
+            ops=[r.OpRecord.model_validate(o) for o in doc.get("operations", [])],
+            host={a: r.HostRecord.model_validate(h) for a, h in doc.get("host", {}).items()},
+            pending=doc.get("pending", {}))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise JournalDamaged(legacy, 1, f"cannot migrate: {str(exc).splitlines()[0]}") from None
+    tmp = path.with_suffix(".migrate")
+    tmp.write_bytes(r.encode(snap))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    os.replace(legacy, legacy.with_suffix(".json.migrated"))
+    fsync_dir(path.parent)
+    log.info("state.json migrated to journal.log", extra={"path": str(path)})

@@ -6,13 +6,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from qmpfd.config import Config
 from qmpfd.errors import Conflict, NotFound, QmpfdError
 from qmpfd.hotplug.policies import POLICIES, Policy
 from qmpfd.state.journal import Journal
-from qmpfd.vm.managed import Emit, ManagedVm, OnConnected, OnRemoved
+from qmpfd.vm.events import Emit
+from qmpfd.vm.managed import ManagedVm, OnConnected, OnRemoved
+from qmpfd.vm.results import VmInfo
 
 log = logging.getLogger("qmpfd.vm")
 
@@ -58,8 +59,9 @@ class VmRegistry:
                          policies=self.policies, on_removed=self._on_removed,
                          on_connected=self._on_connected)
 
-    async def add(self, name: str, qmp: Path) -> dict[str, Any]:
-        """vm-add: connect now or fail; nothing is kept on failure."""
+    async def add(self, name: str, qmp: Path) -> VmInfo:
+        """vm-add: connect now or fail; nothing is kept on failure (not even when only the
+        journal write fails: the VM is not adopted then)."""
         async with self._lock:
             if name in self._vms or name in self._adding:
                 raise Conflict(f"name: a VM named '{name}' is already managed")
@@ -70,11 +72,15 @@ class VmRegistry:
         try:
             vm = self._new(name, qmp)
             info = await vm.start()
+            try:
+                await self.journal.vm_added(name, str(qmp))
+            except BaseException:
+                await vm.stop()
+                raise
             self._vms[name] = vm
-            await self.journal.vm_added(name, str(qmp))
-            log.info("VM adopted", extra={"vm": name, "policy": info["policy"],
-                                          "machine": info["machine"]})
-            return {k: info[k] for k in ("name", "arch", "machine", "qemu", "policy")}
+            log.info("VM adopted", extra={"vm": name, "policy": info.policy,
+                                          "machine": info.machine})
+            return info
         finally:
             self._adding.discard(name)
 
@@ -94,19 +100,22 @@ class VmRegistry:
             vm = self._new(name, path)
             self._vms[name] = vm
             info = await vm.start(keep_trying=True)
-            log.info("VM re-adopted" if info["connected"] else "VM not reachable; retrying",
+            log.info("VM re-adopted" if info.connected else "VM not reachable; retrying",
                      extra={"vm": name})
 
         await asyncio.gather(*(one(n, q) for n, q in wanted.items()))
         for name, qmp in wanted.items():
             if name in self._vms:
-                await self.journal.vm_added(name, qmp)
+                try:
+                    await self.journal.vm_added(name, qmp)
+                except QmpfdError as exc:   # still managed now; the config names it again
+                    log.error("VM not journaled", extra={"vm": name, "error": exc.desc})
 
     async def remove(self, name: str) -> None:
         vm = self.get(name)
+        await self.journal.vm_removed(name)   # durable first: a failed write changes nothing
         del self._vms[name]
         await vm.stop()
-        await self.journal.vm_removed(name)
 
     async def close(self) -> None:
         """Daemon shutdown: drop connections, keep the journal (the VMs stay managed)."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener, QMPClient
 
-from qmpfd.lab.vm import LabVm, LabVmSpec
+from lab.vm import LabVm, LabVmSpec
 
 PENDING_EXPIRY = 15
 SPAPR_UNPLUG = 300

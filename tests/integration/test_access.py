@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError
 
-from qmpfd.lab.vm import LabVm, LabVmSpec
+from lab.vm import LabVm, LabVmSpec
 from tests.integration.conftest import connect, start_lab_vm
 from tests.integration.faults_support import DaemonProcess
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_runs_to_the_end() -> None:
-    out = subprocess.run([sys.executable, "-m", "qmpfd.lab.demo"], capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "lab.demo"], capture_output=True,
+                         cwd=Path(__file__).parents[2], text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # The guest's own report: four functions of one slot (the demo checks it too).
     shown = out.stdout.split("now shows", 1)[1].splitlines()[1].split()

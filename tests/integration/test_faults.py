@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
 from tests.integration.faults_support import MATRIX, DaemonProcess, MatrixRow, QmpPipe
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmpfd.lab.vm import LabVm, LabVmSpec
+from lab.vm import LabVm, LabVmSpec
 from tests.integration.conftest import start_lab_vm
 from tests.integration.faults_support import DaemonProcess
 

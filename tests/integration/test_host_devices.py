@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from qmpfd.lab.vm import LabVm, LabVmSpec
+from lab.vm import LabVm, LabVmSpec
 from tests.integration.conftest import Client, adopt, qemu_view, start_lab_vm
 
 pytestmark = pytest.mark.integration

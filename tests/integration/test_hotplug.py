@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import (
     Client,
     adopt,

@@ -8,7 +8,7 @@ detach through function 0 removes every function from QEMU and from the guest.
 The guest learns of hotplug the way a pseries distribution does: QEMU raises an RTAS event per
 function, rtas_errd (ppc64-diag) reads it and runs drmgr (powerpc-utils), which configures the
 DRC and adds the function through rpadlpar_io; unplug runs the same chain backwards. The guest's
-initramfs carries those programs (see qmpfd.lab.guest.guest_userland).
+initramfs carries those programs (see lab.guest.guest_userland).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import (
     SPAPR_UNPLUG,
     Client,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import Client, adopt, start_lab_vm
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from qmpfd.lab.nested import run_lab
+from lab.nested import run_lab
 
 pytestmark = pytest.mark.integration
 

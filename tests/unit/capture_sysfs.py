@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qmpfd.lab.vm import LabVm, LabVmSpec
+from lab.vm import LabVm, LabVmSpec
 
 DATA = Path(__file__).parent / "data"
 

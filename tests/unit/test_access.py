@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from qmpfd.access.policy import AccessPolicy
-from qmpfd.api.session import Peer
+from qmpfd.access.peer import Peer
 from qmpfd.errors import InvalidRequest
 
 

@@ -1,50 +1,186 @@
-"""The journal's group commit, against an in-memory store (no disk)."""
+"""The append-only journal: durability rules, group commit, torn and damaged files, compaction.
+
+These use real files in a temporary directory (the journal *is* file handling) but no QEMU.
+What can be counted is asserted: fdatasyncs per operation, writes per group.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import os
+import stat
+import zlib
+from pathlib import Path
 
 import pytest
 
-from qmpfd.state.journal import Journal
+from qmpfd.state import log as log_mod
+from qmpfd.state.journal import Journal, Operation
+from qmpfd.state.log import JournalDamaged, StateWriteError
 
 
-class SlowStore:
-    """Records every saved document; each save takes a moment, like an fsync."""
-
-    def __init__(self, fail_first: bool = False) -> None:
-        self.saved: list[dict[str, Any]] = []
-        self.fail_first = fail_first
-
-    async def save(self, doc: dict[str, Any]) -> None:
-        snapshot = json.loads(json.dumps(doc))  # what would be on disk
-        await asyncio.sleep(0.01)
-        if self.fail_first:
-            self.fail_first = False
-            raise OSError("disk full")
-        self.saved.append(snapshot)
+def op(kind: str = "attach", n: int = 4) -> Operation:
+    return Operation(kind, "vm1", "pci.0", 5, {f"f{i}": i for i in range(n)}, "acpi-pcihp")
 
 
-async def test_concurrent_changes_share_writes_and_each_is_on_disk_when_it_returns() -> None:
-    store = SlowStore()
-    journal = Journal(store)  # type: ignore[arg-type]
+def line(payload: bytes) -> bytes:
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+async def reopened(path: Path, j: Journal) -> Journal:
+    await j.drain()
+    j.close()
+    return Journal.open(path)
+
+
+async def test_state_survives_reopen(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    await j.vm_added("vm1", "/run/qemu/vm1.qmp")
+    o = await j.begin(op())
+    j.mark_sent(o)
+    again = await reopened(tmp_path, j)
+    assert again.vms == {"vm1": "/run/qemu/vm1.qmp"}
+    assert [x.id for x in again.for_vm("vm1")] == [o.id] and again.ops[o.id].sent
+    again.end(again.ops[o.id])
+    assert (await reopened(tmp_path, again)).ops == {}
+
+
+async def test_attach_costs_one_sync_and_its_end_none(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    before = j.syncs
+    o = await j.begin(op())
+    assert j.syncs == before + 1, "begin is synced before QEMU is touched"
+    j.end(o)
+    await j.drain()
+    assert j.syncs == before + 1, "the end record is written but not synced"
+    assert o.id not in j.ops
+
+
+async def test_concurrent_changes_share_syncs_and_each_is_on_disk_when_it_returns(
+        tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
 
     async def add(i: int) -> None:
-        await journal.vm_added(f"vm{i}", f"/run/qemu/vm{i}.qmp")
-        # Returning means: a saved document already holds this change.
-        assert any(f"vm{i}" in doc["vms"] for doc in store.saved)
+        await j.vm_added(f"vm{i}", f"/run/qemu/vm{i}.qmp")
+        assert f"vm{i}".encode() in (tmp_path / "journal.log").read_bytes()
 
     await asyncio.gather(*(add(i) for i in range(20)))
-    assert len(store.saved) <= 3  # not 20: one write covers everyone who waited
-    assert set(store.saved[-1]["vms"]) == {f"vm{i}" for i in range(20)}
+    assert j.syncs <= 3, f"{j.syncs} syncs for 20 concurrent changes (group commit)"
+    assert set((await reopened(tmp_path, j)).vms) == {f"vm{i}" for i in range(20)}
 
 
-async def test_a_failed_write_is_retried_by_the_next_caller_not_counted_as_saved() -> None:
-    store = SlowStore(fail_first=True)
-    journal = Journal(store)  # type: ignore[arg-type]
-    with pytest.raises(OSError):
-        await journal.vm_added("a", "/run/qemu/a.qmp")
-    await journal.vm_added("b", "/run/qemu/b.qmp")
-    assert store.saved[-1]["vms"] == {"a": "/run/qemu/a.qmp", "b": "/run/qemu/b.qmp"}
+async def test_failed_write_changes_nothing_and_names_the_file(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    await j.vm_added("vm1", "/x")
+    size = (tmp_path / "journal.log").stat().st_size
+    real = j._log._fd
+    j._log._fd = os.open("/dev/full", os.O_WRONLY)   # every write: ENOSPC
+    with pytest.raises(StateWriteError) as err:
+        await j.begin(op())
+    assert str(tmp_path / "journal.log") in err.value.desc
+    assert "No space left on device" in err.value.desc
+    assert j.ops == {}, "memory changed although the record is not on disk"
+    with pytest.raises(StateWriteError):
+        await j.vm_removed("vm1")
+    assert j.vms == {"vm1": "/x"}
+    os.close(j._log._fd)
+    j._log._fd = real
+    assert (tmp_path / "journal.log").stat().st_size == size
+    again = await reopened(tmp_path, j)
+    assert again.ops == {} and again.vms == {"vm1": "/x"}
+
+
+async def test_settle_records_are_retried_in_order(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(log_mod, "RETRY_DELAY", 0.05)
+    j = Journal.open(tmp_path)
+    o = await j.begin(op())
+    real = j._log._fd
+    j._log._fd = os.open("/dev/full", os.O_WRONLY)
+    j.end(o)                                 # never fails the caller: QEMU already did it
+    assert o.id not in j.ops
+    await asyncio.sleep(0.12)
+    os.close(j._log._fd)
+    j._log._fd = real
+    await asyncio.sleep(0.1)
+    await j.drain()
+    assert (await reopened(tmp_path, j)).ops == {}
+
+
+async def test_torn_last_record_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    await j.vm_added("vm1", "/x")
+    await j.vm_added("vm2", "/y")
+    j.close()
+    path = tmp_path / "journal.log"
+    good = path.read_bytes()
+    whole = good.splitlines(keepends=True)[-1]
+    path.write_bytes(good + whole[:17])       # a crash in the middle of the next append
+    again = Journal.open(tmp_path)
+    assert again.vms == {"vm1": "/x", "vm2": "/y"}
+    assert path.read_bytes() == good, "the torn tail is cut off before new appends"
+
+
+@pytest.mark.parametrize("content, cause", [
+    (b"garbage that is no journal\n", "line 1: no checksum"),
+    (b"\x00\x00\x00\x00\x00\x00", "line 1: not a journal record"),
+    (line(b'{"t":"vm+","name":"a","qmp":"/x"}').replace(b'"a"', b'"b"'),
+     "line 1: checksum mismatch"),
+    (line(b'{"t":"vm+","name":"\xff\xfe","qmp":"/x"}'), "line 1: not UTF-8"),
+    (line(b'{"t":"vm+","name":["web1"],"qmp":"/x"}'), "line 1: vm+.name: Input should be"),
+    (line(b'{"t":"nonsense"}'), "line 1: "),
+    (line(b'[1,2,3]'), "line 1: "),
+])
+def test_damaged_journal_is_refused_naming_file_and_line(tmp_path: Path, content: bytes,
+                                                         cause: str) -> None:
+    (tmp_path / "journal.log").write_bytes(content)
+    with pytest.raises(JournalDamaged) as err:
+        Journal.open(tmp_path)
+    assert str(tmp_path / "journal.log") in str(err.value) and cause in str(err.value)
+
+
+def test_damage_before_the_last_line_is_not_taken_for_a_torn_tail(tmp_path: Path) -> None:
+    good = line(b'{"t":"vm+","name":"a","qmp":"/x"}')
+    (tmp_path / "journal.log").write_bytes(good + b"0000 broken\n" + good)
+    with pytest.raises(JournalDamaged, match="line 2"):
+        Journal.open(tmp_path)
+
+
+def test_state_json_of_format_1_is_migrated(tmp_path: Path) -> None:
+    o = op()
+    (tmp_path / "state.json").write_text(json.dumps({
+        "format": 1, "vms": {"vm1": "/x"}, "host": {},
+        "pending": {}, "operations": [{**o.__dict__}]}))
+    j = Journal.open(tmp_path)
+    assert j.vms == {"vm1": "/x"} and list(j.ops) == [o.id]
+    assert not (tmp_path / "state.json").exists() and (tmp_path / "state.json.migrated").exists()
+
+
+def test_state_json_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"vms": ["web1"]}')
+    with pytest.raises(JournalDamaged, match="state.json"):
+        Journal.open(tmp_path)
+
+
+async def test_compaction_keeps_state_and_shrinks_the_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.setattr(log_mod, "COMPACT_AFTER", 50)
+    j = Journal.open(tmp_path)
+    await j.vm_added("keep", "/k")
+    for i in range(60):
+        o = await j.begin(op())
+        j.end(o)
+        await j.vm_added(f"vm{i}", "/x")
+        await j.vm_removed(f"vm{i}")
+    kept = await j.begin(op("detach"))
+    again = await reopened(tmp_path, j)
+    assert again.vms == {"keep": "/k"} and list(again.ops) == [kept.id]
+    assert len((tmp_path / "journal.log").read_bytes().splitlines()) < 60
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    assert stat.S_IMODE((tmp_path / "journal.log").stat().st_mode) == 0o600
+    j.close()

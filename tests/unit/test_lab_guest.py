@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpfd.lab.guest import LabSetupError, guest_userland
+from lab.guest import LabSetupError, guest_userland
 
 
 def test_x86_and_arm_guests_need_only_busybox(tmp_path: Path) -> None:

@@ -5,17 +5,23 @@ import pytest
 
 from qmpfd.errors import Conflict, QemuError, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
-from qmpfd.hotplug.pending import PendingQueues
+from qmpfd.hotplug.pending import PendingQueues, PendingSlot
 from qmpfd.hotplug.plan import FunctionSpec
+
+
+def queue(q: PendingQueues, spec: FunctionSpec, bus: str, slot: int, ttl: float) -> PendingSlot:
+    entry = q.preview(spec, bus, slot, ttl)
+    q.put(entry)
+    return entry
 
 
 def test_queue_refuses_duplicate_function_and_id_without_changing() -> None:
     q = PendingQueues()
-    q.queue(FunctionSpec("a", "e1000", 2), "pci.0", 5, ttl=60)
+    queue(q, FunctionSpec("a", "e1000", 2), "pci.0", 5, ttl=60)
     with pytest.raises(Conflict, match="function 2"):
-        q.queue(FunctionSpec("b", "e1000", 2), "pci.0", 5, ttl=60)
+        queue(q, FunctionSpec("b", "e1000", 2), "pci.0", 5, ttl=60)
     with pytest.raises(Conflict, match="'a'"):
-        q.queue(FunctionSpec("a", "e1000", 3), "pci.0", 5, ttl=60)
+        queue(q, FunctionSpec("a", "e1000", 3), "pci.0", 5, ttl=60)
     entry = q.get(("pci.0", 5))
     assert entry is not None and list(entry.functions) == [2]
     assert q.ids() == {"a"} and q.keys() == {("pci.0", 5)}
@@ -23,7 +29,7 @@ def test_queue_refuses_duplicate_function_and_id_without_changing() -> None:
 
 def test_queue_expiry_is_from_first_function() -> None:
     q = PendingQueues()
-    q.queue(FunctionSpec("a", "e1000", 1), "pci.0", 5, ttl=10)
+    queue(q, FunctionSpec("a", "e1000", 1), "pci.0", 5, ttl=10)
     assert q.expired(time.monotonic()) == []
     assert [e.slot for e in q.expired(time.monotonic() + 11)] == [5]
 
@@ -56,9 +62,9 @@ async def test_expect_nothing_is_done_at_once() -> None:
 
 def test_queue_record_round_trip_keeps_functions_and_remaining_time() -> None:
     q = PendingQueues()
-    entry = q.queue(FunctionSpec("n1", "e1000", 1, {"mac": "52:54:00:00:00:01"}), "pci.0", 5,
+    entry = queue(q, FunctionSpec("n1", "e1000", 1, {"mac": "52:54:00:00:00:01"}), "pci.0", 5,
                     ttl=300)
-    q.queue(FunctionSpec("n2", "virtio-rng-pci", 2), "pci.0", 5, ttl=300)
+    queue(q, FunctionSpec("n2", "virtio-rng-pci", 2), "pci.0", 5, ttl=300)
     # Saved at monotonic 1000 / wall 50_000; restored in a new process at monotonic 20 and
     # wall 50_100: 100 s of the 300 have passed.
     rec = entry.to_record(now_mono=entry.expires_at - 300, now_wall=50_000)

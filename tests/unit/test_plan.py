@@ -3,16 +3,24 @@ import pytest
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach
 from qmpfd.hotplug.policies import POLICIES, Policy, policy_for
-from qmpfd.vm.topology import Topology
-from tests.unit.topologies import pc_raw, q35_raw, topo
+from qmpfd.api.replies import plan as describe
+from qmpfd.hotplug.slots import SlotTable
+from qmpfd.qemu.topology import Topology
+from tests.unit.topologies import pc_raw, q35_raw
+from tests.unit.topologies import topo as raw_topo
 
 
 def specs(n: int, start: int = 0) -> list[FunctionSpec]:
     return [FunctionSpec(f"d{i}", "virtio-rng-pci", i) for i in range(start, start + n)]
 
 
-def policies(t: Topology, arch: str = "x86_64") -> dict[str, Policy]:
-    return {b.name: policy_for(arch, "pc", b.mechanism) for b in t.buses}
+def topo(raws: object) -> SlotTable:
+    return SlotTable(raw_topo(raws))  # type: ignore[arg-type]
+
+
+def policies(t: SlotTable | Topology, arch: str = "x86_64") -> dict[str, Policy]:
+    buses = t.topology.buses if isinstance(t, SlotTable) else t.buses
+    return {b.name: policy_for(arch, "pc", b.mechanism) for b in buses}
 
 
 def test_non_zero_functions_first_function_zero_last_with_multifunction() -> None:
@@ -43,7 +51,8 @@ def test_properties_pass_through() -> None:
 def test_taken_slots_are_skipped_so_concurrent_attaches_differ() -> None:
     t = topo(q35_raw(native=True))
     first = plan_attach(t, specs(2), policies(t))
-    second = plan_attach(t, specs(2), policies(t), taken={(first.bus, first.slot)})
+    t.reserve((first.bus, first.slot), first.ids)
+    second = plan_attach(t, [FunctionSpec(f"e{i}", "e1000", i) for i in range(2)], policies(t))
     assert (first.bus, first.slot) == ("rp1", 0)
     assert (second.bus, second.slot) == ("rp2", 0)
 
@@ -51,7 +60,9 @@ def test_taken_slots_are_skipped_so_concurrent_attaches_differ() -> None:
 def test_no_free_slot_is_a_conflict() -> None:
     t = topo(q35_raw(native=True))
     with pytest.raises(Conflict, match="no free slot"):
-        plan_attach(t, specs(2), policies(t), taken={("rp1", 0), ("rp2", 0)})
+        t.reserve(("rp1", 0), ["x"])
+        t.reserve(("rp2", 0), ["y"])
+        plan_attach(t, specs(2), policies(t))
 
 
 def test_given_slot_occupied_names_the_owner() -> None:
@@ -78,8 +89,9 @@ def test_id_clash_with_existing_device_or_queue() -> None:
     t = topo(q35_raw(native=True, occupied_rp1=True))
     with pytest.raises(Conflict, match="nic0"):
         plan_attach(t, [FunctionSpec("nic0", "e1000", 0)], policies(t))
-    with pytest.raises(Conflict, match="d0"):
-        plan_attach(t, specs(1), policies(t), busy_ids={"d0"})
+    t.queue(("rp2", 0), "d0")
+    with pytest.raises(Conflict, match=r"functions\[0\]\.id: id 'd0' is in use by rp2 slot 0"):
+        plan_attach(t, specs(1), policies(t))
 
 
 @pytest.mark.parametrize(("functions", "field"), [
@@ -107,7 +119,7 @@ def test_unsupported_architecture_is_clear() -> None:
     t = topo(pc_raw())
     with pytest.raises(Unsupported, match="riscv64"):
         plan_attach(t, specs(2), {b.name: policy_for("riscv64", "virt", b.mechanism)
-                                  for b in t.buses})
+                                  for b in t.topology.buses})
 
 
 def test_rollback_acpi_ejects_slot_once_native_removes_each_hidden_function() -> None:
@@ -124,7 +136,7 @@ def test_rollback_acpi_ejects_slot_once_native_removes_each_hidden_function() ->
 
 def test_dry_run_description_lists_steps_and_rollback() -> None:
     t = topo(pc_raw())
-    d = plan_attach(t, specs(2), policies(t)).describe("vm1")
+    d = describe("vm1", plan_attach(t, specs(2), policies(t)))
     assert d["policy"] == "acpi-pcihp"
     assert [s["arguments"]["id"] for s in d["steps"]] == ["d1", "d0"]
     assert d["rollback"] == [{"execute": "device_del", "arguments": {"id": "d0"}}]

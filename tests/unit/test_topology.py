@@ -1,4 +1,4 @@
-from qmpfd.vm.topology import MECH_ACPI, MECH_PCIE, RawDevice
+from qmpfd.qemu.topology import MECH_ACPI, MECH_PCIE, RawDevice
 from tests.unit.topologies import pc_raw, q35_raw, switch_raw, topo
 
 
@@ -44,7 +44,7 @@ def test_device_ids_only_for_peripherals() -> None:
 
 
 def test_pseries_phb_is_its_own_handler_spapr() -> None:
-    from qmpfd.vm.topology import MECH_SPAPR, RawBus, Topology
+    from qmpfd.qemu.topology import MECH_SPAPR, RawBus, Topology
     phb = RawBus(name="pci.0", path="/machine/unattached/device[4]/pci.0", bus_type="PCI",
                  owner_type="spapr-pci-host-bridge", owner_is_pci_device=False,
                  handler_path="/machine/unattached/device[4]",

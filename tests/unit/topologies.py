@@ -1,8 +1,8 @@
-"""Topologies as QEMU 7.2 reports them (read from real VMs with qmpfd.vm.introspect), as data."""
+"""Topologies as QEMU 7.2 reports them (read from real VMs with qmpfd.qemu.introspect), as data."""
 
 from __future__ import annotations
 
-from qmpfd.vm.topology import RawBus, RawDevice, Topology
+from qmpfd.qemu.topology import RawBus, RawDevice, Topology
 
 ACPI = "/machine/unattached/device[24]"
 

@@ -1,5 +1,5 @@
 # ruff: noqa: ASYNC110, ASYNC220, ASYNC221 - a lab script: blocking calls and polling are fine
-"""Runs inside the issue-5 L1 guest (see :mod:`qmpfd.lab.nested`): qmpfd and a second-level QEMU
+"""Runs inside the issue-5 L1 guest (see :mod:`lab.nested`): qmpfd and a second-level QEMU
 on a real kernel with an emulated IOMMU. Prints one ``LAB5 {json}`` line per step.
 
 First against an L2 QEMU held at start (-S): QEMU's own view and the L1 kernel's drivers. Then,
@@ -74,7 +74,7 @@ def start_l2() -> subprocess.Popen[bytes]:
 
 async def running_l2(c: QMPClient) -> None:
     """A booted L2 guest: it sees functions 0 and 2 of one slot, and detach gives them back."""
-    from qmpfd.lab.vm import LabVm, LabVmSpec
+    from lab.vm import LabVm, LabVmSpec
 
     vm = LabVm("l2run", TMP / "l2run", LabVmSpec(machine="q35", root_ports=1, memory_mb=128))
     t = time.monotonic()

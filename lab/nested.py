@@ -3,7 +3,7 @@ device (e1000e functions behind a root port, so they share one IOMMU group as on
 
 L1 runs the host's Debian kernel with the modules it needs (virtio, 9p, vfio, e1000e), mounts
 the host's root read-only over virtio-9p and chroots into it, so the same qemu, python and qmpfd
-run inside; :mod:`qmpfd.lab.nested_inner` then drives qmpfd against a second-level (L2) QEMU there.
+run inside; :mod:`lab.nested_inner` then drives qmpfd against a second-level (L2) QEMU there.
 Results come back on L1's serial console as ``LAB5 {json}`` lines.
 """
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qmpfd.lab.guest import DEFAULT_CACHE, LabSetupError, find_busybox, find_kernel
+from lab.guest import DEFAULT_CACHE, LabSetupError, find_busybox, find_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "vfio_iommu_type1", "vfio-pci", "e1000e"]
@@ -33,7 +33,7 @@ mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs d
 mount -t tmpfs run /host/run
 echo "LAB5-L1-READY"
 chroot /host /bin/sh -c 'mkdir -p /run/tmp && cd {repo} &&
-  LAB5_BOOT_L2={boot_l2} TMPDIR=/run/tmp PYTHONPATH={repo} {python} -m qmpfd.lab.nested_inner' 2>&1
+  LAB5_BOOT_L2={boot_l2} TMPDIR=/run/tmp PYTHONPATH={repo} {python} -m lab.nested_inner' 2>&1
 echo "LAB5-DONE"
 poweroff -f
 """

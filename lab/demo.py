@@ -1,6 +1,6 @@
 """The demo: qmpfd with a small guest doing a real 4-function hotplug and unplug.
 
-    python -m qmpfd.lab.demo [--machine pc|q35|q35-native|virt|pseries] [--accel tcg|kvm]
+    python -m lab.demo [--machine pc|q35|q35-native|virt|pseries] [--accel tcg|kvm]
 
 ``virt`` boots an arm64 guest (qemu-system-aarch64), ``pseries`` a ppc64el one
 (qemu-system-ppc64); the others an x86_64 guest.
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qmpfd.lab.vm import LabVm, LabVmSpec, slot_groups
+from lab.vm import LabVm, LabVmSpec, slot_groups
 
 DEVICE = [
     {"id": "nic0", "driver": "e1000"},

@@ -1,6 +1,6 @@
 """Read what a VM is and what its PCI buses hold, from QEMU itself (QOM and query-* commands).
 
-Only I/O lives here; turning the answers into decisions is :mod:`qmpfd.vm.topology`'s job.
+Only I/O lives here; turning the answers into decisions is :mod:`qmpfd.qemu.topology`'s job.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from qmpfd.errors import QemuError
-from qmpfd.vm.connection import VmConnection
-from qmpfd.vm.topology import RawBus, RawDevice, Topology
+from qmpfd.qemu.link import QmpLink
+from qmpfd.qemu.topology import RawBus, RawDevice, Topology
 
 _LINK = re.compile(r"^(child|link)<(.+)>$")
 _HOST_HINTS = ("pcihost", "pci-host", "host-bridge", "i440fx", "q35", "phb")
@@ -23,7 +23,6 @@ _HOST_HINTS = ("pcihost", "pci-host", "host-bridge", "i440fx", "q35", "phb")
 class VmIdentity:
     arch: str
     machine: str        # e.g. "pc-q35-7.2"
-    machine_family: str  # "pc", "q35", "pseries", "virt", "s390-ccw-virtio", ...
     qemu: str           # "7.2.22"
     qemu_version: tuple[int, int, int]
 
@@ -41,41 +40,22 @@ async def gather_all(*aws: Awaitable[T]) -> list[T]:
     return results  # type: ignore[return-value]
 
 
-def machine_family(machine: str) -> str:
-    if machine.startswith("pc-q35") or machine == "q35":
-        return "q35"
-    if machine.startswith("pc-i440fx") or machine == "pc" or machine.startswith("pc-"):
-        return "pc"
-    if machine.startswith("pseries"):
-        return "pseries"
-    if machine.startswith("virt"):
-        return "virt"
-    if machine.startswith("s390-ccw-virtio"):
-        return "s390-ccw-virtio"
-    return machine
-
-
-async def read_identity(conn: VmConnection) -> VmIdentity:
+async def read_identity(conn: QmpLink) -> VmIdentity:
     """Architecture, machine type and QEMU version.
 
     ``query-machines`` lists every machine type but only marks the running one (``is-current``)
-    from QEMU 9.0 on, so the type comes from the QOM type of /machine; ``query-machines`` then
-    gives its alias ("q35" for pc-q35-7.2), which names the family.
+    from QEMU 9.0 on, so the type comes from the QOM type of /machine.
     """
-    target, version, mtype, machines = await asyncio.gather(
+    target, version, mtype = await asyncio.gather(
         conn.execute("query-target"),
         conn.execute("query-version"),
         conn.execute("qom-get", {"path": "/machine", "property": "type"}),
-        conn.execute("query-machines"),
     )
     machine = str(mtype).removesuffix("-machine")
-    entry: dict[str, Any] = next(
-        (m for m in machines if m.get("is-current") or m["name"] == machine), {})
-    family = machine_family(str(entry.get("alias") or machine))
     q = version["qemu"]
     vtuple = (int(q["major"]), int(q["minor"]), int(q["micro"]))
     return VmIdentity(
-        arch=target["arch"], machine=machine, machine_family=family,
+        arch=target["arch"], machine=machine,
         qemu=".".join(map(str, vtuple)), qemu_version=vtuple)
 
 
@@ -84,12 +64,12 @@ def _link_type(prop_type: str) -> str | None:
     return m.group(2) if m else None
 
 
-async def _qom_list(conn: VmConnection, path: str) -> list[dict[str, Any]]:
+async def _qom_list(conn: QmpLink, path: str) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = await conn.execute("qom-list", {"path": path})
     return result
 
 
-async def _child_buses(conn: VmConnection, path: str) -> list[tuple[str, str]]:
+async def _child_buses(conn: QmpLink, path: str) -> list[tuple[str, str]]:
     """(bus name, bus type) of the PCI buses that are QOM children of ``path``."""
     out = []
     for prop in await _qom_list(conn, path):
@@ -99,7 +79,7 @@ async def _child_buses(conn: VmConnection, path: str) -> list[tuple[str, str]]:
     return out
 
 
-async def find_root_buses(conn: VmConnection) -> list[tuple[str, str, str, str]]:
+async def find_root_buses(conn: QmpLink) -> list[tuple[str, str, str, str]]:
     """(bus path, bus type, owner type) for every host bridge's root bus.
 
     Host bridges hang under /machine (i440fx, q35), among unattached devices (gpex on arm virt),
@@ -124,7 +104,7 @@ async def find_root_buses(conn: VmConnection) -> list[tuple[str, str, str, str]]
     return roots
 
 
-async def _read_device(conn: VmConnection, bus_path: str, child: str,
+async def _read_device(conn: QmpLink, bus_path: str, child: str,
                        dev_type: str) -> tuple[RawDevice, list[tuple[str, str]]] | None:
     """A device on a bus, or None if it went away while we looked (an unplug completing)."""
     try:
@@ -138,7 +118,7 @@ async def _read_device(conn: VmConnection, bus_path: str, child: str,
     return RawDevice(path=path, type=dev_type, devfn=int(devfn)), buses
 
 
-async def _read_bus(conn: VmConnection, path: str, name: str, bus_type: str, owner_type: str,
+async def _read_bus(conn: QmpLink, path: str, name: str, bus_type: str, owner_type: str,
                     owner_is_pci: bool) -> tuple[RawBus, list[tuple[str, str, str, str]]]:
     props = await _qom_list(conn, path)
     handler = await conn.execute("qom-get", {"path": path, "property": "hotplug-handler"})
@@ -158,7 +138,7 @@ async def _read_bus(conn: VmConnection, path: str, name: str, bus_type: str, own
     return raw, below
 
 
-async def read_topology(conn: VmConnection,
+async def read_topology(conn: QmpLink,
                         roots: list[tuple[str, str, str, str]] | None = None) -> Topology:
     """Walk every PCI bus from the host bridges down through bridges and ports."""
     if roots is None:
@@ -172,20 +152,3 @@ async def read_topology(conn: VmConnection,
             raws.append(raw)
             level.extend((p, n, t, o, True) for p, n, t, o in below)
     return Topology.from_raw(raws)
-
-
-async def pci_functions(conn: VmConnection) -> dict[str, tuple[int, int, int]]:
-    """qdev id -> (bus number, slot, function) for every device ``query-pci`` shows."""
-    out: dict[str, tuple[int, int, int]] = {}
-
-    def walk(devices: list[dict[str, Any]]) -> None:
-        for d in devices:
-            if d.get("qdev_id"):
-                out[d["qdev_id"]] = (d["bus"], d["slot"], d["function"])
-            bridge = d.get("pci_bridge")
-            if bridge:
-                walk(bridge.get("devices", []))
-
-    for bus in await conn.execute("query-pci"):
-        walk(bus["devices"])
-    return out

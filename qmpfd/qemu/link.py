@@ -1,15 +1,20 @@
-"""One QMP connection to one QEMU, built on ``qemu.qmp.QMPClient``.
+"""One QMP link to one QEMU, built on ``qemu.qmp.QMPClient``.
 
-It adds what the daemon needs above the library: every command bounded by a timeout, QEMU's error
-replies turned into :class:`~qmpfd.errors.QemuError`, a closed socket turned into
-:class:`~qmpfd.errors.VmGone`, and QEMU's events handed to subscribers (the slot tracker waits on
-``DEVICE_DELETED`` through it).
+It adds what the daemon needs above the library: an explicit :class:`LinkState`, every command
+bounded by a timeout, QEMU's error replies turned into :class:`~qmpfd.errors.QemuError`, a closed
+socket turned into :class:`~qmpfd.errors.VmGone`, and QEMU's events handed to subscribers (the
+slot table and the deletion tracker follow ``DEVICE_DELETED`` through it).
+
+Commands may be issued concurrently: the library matches replies to requests by id, and QEMU
+runs a monitor's commands in the order they arrive. The executor relies on that order: a
+``device_del`` sent after a ``device_add`` whose reply is late still finds the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +46,14 @@ class _Client(QMPClient):
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
 
-class VmConnection:
+class LinkState(enum.Enum):
+    NEW = "new"              # not connected yet
+    UP = "up"                # greeting done, commands and events flow
+    DOWN = "down"            # the socket closed or the connection failed
+    CLOSED = "closed"        # closed by qmpfd (VM removed, shutdown)
+
+
+class QmpLink:
     def __init__(self, name: str, socket_path: Path, command_timeout: float) -> None:
         self.name = name
         self.socket_path = socket_path
@@ -54,9 +66,23 @@ class VmConnection:
         self._watch: asyncio.Task[None] | None = None
         self.on_disconnect: Callable[[], None] | None = None
 
+        self._closed = False
+        #: QMP commands sent on this link (counted: the benchmarks report it per request).
+        self.commands_sent = 0
+
+    @property
+    def state(self) -> LinkState:
+        if self._closed:
+            return LinkState.CLOSED
+        runstate = self._client.runstate
+        if runstate is Runstate.RUNNING:
+            return LinkState.UP
+        return LinkState.NEW if runstate is Runstate.IDLE and self._pump is None \
+            else LinkState.DOWN
+
     @property
     def connected(self) -> bool:
-        return self._client.runstate is Runstate.RUNNING
+        return self.state is LinkState.UP
 
     async def connect(self, timeout: float) -> None:
         try:
@@ -73,6 +99,7 @@ class VmConnection:
         self._watch = asyncio.create_task(self._watch_runstate(), name=f"watch-{self.name}")
 
     async def close(self) -> None:
+        self._closed = True
         for task in (self._pump, self._watch):
             if task is not None:
                 task.cancel()
@@ -91,6 +118,7 @@ class VmConnection:
         if not self.connected:
             raise VmGone(f"VM '{self.name}' is not connected (QMP socket {self.socket_path})")
         limit = self.command_timeout if timeout is None else timeout
+        self.commands_sent += 1
         try:
             return await asyncio.wait_for(self._client.execute(cmd, args), limit)
         except ExecuteError as exc:

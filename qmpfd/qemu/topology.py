@@ -1,6 +1,6 @@
 """The guest's PCI topology as QEMU's object model describes it: pure data, no I/O.
 
-:mod:`qmpfd.vm.introspect` reads QEMU (``qom-list``/``qom-get``) into :class:`RawBus` records; this
+qmpfd.qemu.introspect reads QEMU (``qom-list``/``qom-get``) into :class:`RawBus` records; this
 module turns them into :class:`Topology`, which answers the questions planning needs: which buses
 can hotplug, by which mechanism, and which slots are free.
 
@@ -12,7 +12,8 @@ bus, whatever the guest has done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 # Handlers implementing ACPI PCI hotplug (hw/acpi/pcihp.c): PIIX4 PM on pc, ICH9 LPC on q35.
@@ -182,6 +183,25 @@ class Topology:
     def slots(self) -> list[Slot]:
         return [s for b in self.buses for s in b.slots()]
 
+    # -- keeping it current without re-reading QEMU (each returns a new Topology) -----------
+    def with_devices(self, bus: str, devices: Iterable[RawDevice]) -> Topology:
+        """The topology after QEMU accepted ``device_add`` of ``devices`` on ``bus``."""
+        added = tuple(devices)
+        return Topology(tuple(
+            replace(b, devices=tuple(sorted(b.devices + added, key=lambda d: d.devfn)))
+            if b.name == bus else b for b in self.buses))
+
+    def without(self, ids: Collection[str]) -> Topology:
+        """The topology after QEMU deleted the devices ``ids`` (DEVICE_DELETED), and with
+        them any bus they carried."""
+        paths = [d.path + "/" for b in self.buses for d in b.devices if d.id in ids]
+        if not paths:
+            return self
+        return Topology(tuple(
+            replace(b, devices=tuple(d for d in b.devices if d.id not in ids))
+            for b in self.buses if not any(b.path.startswith(p) for p in paths)))
+
+
     def mechanisms(self) -> list[str]:
         """Mechanisms in use, most common first (the VM's headline policy)."""
         counts: dict[str, int] = {}
@@ -189,3 +209,16 @@ class Topology:
             if b.mechanism:
                 counts[b.mechanism] = counts.get(b.mechanism, 0) + 1
         return sorted(counts, key=lambda m: -counts[m])
+
+
+def peripheral(dev_id: str, driver: str, slot: int, function: int) -> RawDevice:
+    """The device QEMU creates for ``device_add`` with an id (under /machine/peripheral)."""
+    return RawDevice(f"/machine/peripheral/{dev_id}", driver, slot << 3 | function)
+
+
+#: device_add of these creates a new bus, which qmpfd learns only by reading QOM again.
+BUS_CREATING_HINTS = ("bridge", "port", "upstream", "downstream", "pxb", "switch")
+
+
+def creates_bus(driver: str) -> bool:
+    return any(h in driver for h in BUS_CREATING_HINTS)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qmpfd.lab.guest import DEBIAN_ARCH, LabSetupError, build_initramfs, find_kernel
+from lab.guest import DEBIAN_ARCH, LabSetupError, build_initramfs, find_kernel
 
 PCI_LINE = re.compile(r"^PCI-DEVICES: ?(.*)$")
 

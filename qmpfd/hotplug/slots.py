@@ -1,0 +1,261 @@
+"""The slot table of one VM: one state per slot, and the one place that says what is taken.
+
+The table holds the VM's :class:`~qmpfd.qemu.topology.Topology` (read from QEMU when the VM is
+adopted or reconnected) and keeps it current from qmpfd's own accepted ``device_add`` commands
+and from QEMU's DEVICE_DELETED events, so planning never asks QEMU again. On top of it, a *claim*
+marks a slot that an operation or a queue owns for the moment.
+
+States and the transitions between them (each a method below, with its rule)::
+
+    EMPTY --queue--> QUEUED --unqueue--> EMPTY
+    EMPTY|QUEUED --reserve--> ATTACHING --attach_done--> PRESENT
+                              ATTACHING --attach_undone--> EMPTY, or UNPLUGGING (rollback waits)
+    PRESENT|ORPHANED --begin_unplug--> UNPLUGGING --unplug_ended--> EMPTY (or back to what QEMU
+                                                                     still holds)
+
+EMPTY, PRESENT and ORPHANED are read from the topology: a slot whose functions include function 0
+is PRESENT; one holding only non-zero functions (invisible to the guest, left by something outside
+qmpfd or an old crash) is ORPHANED. The others are claims. Pure code: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.qemu.topology import Bus, Function, RawDevice, Topology
+
+SlotKey = tuple[str, int]
+
+
+class SlotState(enum.Enum):
+    EMPTY = "empty"
+    QUEUED = "queued"            # non-zero functions wait in qmpfd for function 0
+    ATTACHING = "attaching"      # an attach runs (some functions may be in QEMU already)
+    PRESENT = "present"          # function 0 and the rest are in QEMU: the guest sees the slot
+    UNPLUGGING = "unplugging"    # device_del sent, waiting for DEVICE_DELETED
+    ORPHANED = "orphaned"        # QEMU holds non-zero functions without function 0
+
+
+class SlotStateError(Conflict):
+    """A transition asked of a slot that is not in a state allowing it (a race lost)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    state: SlotState
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FunctionView:
+    function: int
+    id: str | None
+    driver: str
+    state: SlotState
+
+
+@dataclass(frozen=True)
+class SlotView:
+    bus: str
+    slot: int
+    hotpluggable: bool
+    state: SlotState
+    functions: tuple[FunctionView, ...]
+
+
+class SlotTable:
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._claims: dict[SlotKey, Claim] = {}
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    # -- what is where ---------------------------------------------------------------------
+    def functions(self, key: SlotKey) -> tuple[Function, ...]:
+        b = self._topology.bus(key[0])
+        return b.slot(key[1]).functions if b is not None else ()
+
+    def state(self, key: SlotKey) -> SlotState:
+        claim = self._claims.get(key)
+        if claim is not None:
+            return claim.state
+        return self._state_in_qemu(key)
+
+    def _state_in_qemu(self, key: SlotKey) -> SlotState:
+        functions = self.functions(key)
+        if not functions:
+            return SlotState.EMPTY
+        b = self._topology.bus(key[0])
+        if b is not None and b.hotpluggable and all(f.function != 0 for f in functions):
+            return SlotState.ORPHANED
+        return SlotState.PRESENT
+
+    def claim(self, key: SlotKey) -> Claim | None:
+        return self._claims.get(key)
+
+    def ids_in_use(self) -> set[str]:
+        """Ids QEMU has, and ids claimed by queues and attaches not yet in QEMU."""
+        return set(self._topology.device_ids()) | {
+            i for c in self._claims.values() for i in c.ids}
+
+    def find(self, dev_id: str) -> SlotKey | None:
+        found = self._topology.find_device(dev_id)
+        return (found[0].name, found[1].slot) if found is not None else None
+
+    def orphans(self) -> list[tuple[SlotKey, list[str]]]:
+        out = []
+        for b in self._topology.buses:
+            for s in b.slots():
+                key = (b.name, s.slot)
+                if key not in self._claims and self._state_in_qemu(key) is SlotState.ORPHANED:
+                    out.append((key, [f.id or f.driver for f in s.functions]))
+        return out
+
+    # -- the checks (each rule once, each message once) ------------------------------------
+    def bus(self, name: str) -> Bus:
+        b = self._topology.bus(name)
+        if b is None:
+            raise NotFound(f"bus: no PCI bus '{name}' in this VM")
+        return b
+
+    def hotpluggable_bus(self, name: str) -> Bus:
+        b = self.bus(name)
+        if not b.hotpluggable:
+            raise Unsupported(f"bus: '{name}' does not support hotplugging")
+        return b
+
+    def check_slot_number(self, b: Bus, slot: int) -> None:
+        if not 0 <= slot < b.slot_count:
+            raise InvalidRequest(f"slot: bus '{b.name}' has slots 0-{b.slot_count - 1}")
+
+    def check_free(self, key: SlotKey) -> None:
+        state = self.state(key)
+        if state is SlotState.EMPTY:
+            return
+        claim = self._claims.get(key)
+        owners = list(claim.ids) if claim else [f.id or f.driver for f in self.functions(key)]
+        raise Conflict(f"slot: {key[0]} slot {key[1]} is taken ({state.value}: "
+                       f"{', '.join(owners) or 'an operation'})")
+
+    def check_new_ids(self, ids: Sequence[tuple[str, str]]) -> None:
+        """``ids`` as (field, id): refuse any id QEMU or a claim already uses."""
+        in_qemu = self._topology.device_ids()
+        for field, dev_id in ids:
+            if dev_id in in_qemu:
+                raise Conflict(f"{field}: a device with id '{dev_id}' already exists in this VM")
+            for key, c in self._claims.items():
+                if dev_id in c.ids:
+                    raise Conflict(f"{field}: id '{dev_id}' is in use by {key[0]} slot {key[1]} "
+                                   f"({c.state.value})")
+
+    def choose(self, bus: str | None, slot: int | None) -> SlotKey:
+        """The given slot if it is free, else the first free hotpluggable slot (topology order)."""
+        if bus is not None:
+            candidates = [self.hotpluggable_bus(bus)]
+        else:
+            if slot is not None:
+                raise InvalidRequest("slot: given without bus")
+            candidates = [b for b in self._topology.buses if b.hotpluggable]
+            if not candidates:
+                raise Unsupported("bus: this VM has no hotpluggable PCI bus (pc needs ACPI "
+                                  "hotplug; q35 needs free pcie-root-ports created at start)")
+        for b in candidates:
+            if slot is not None:
+                self.check_slot_number(b, slot)
+                self.check_free((b.name, slot))
+                return b.name, slot
+            for n in range(b.slot_count):
+                if self.state((b.name, n)) is SlotState.EMPTY:
+                    return b.name, n
+        where = f"bus '{bus}'" if bus else "any hotpluggable bus"
+        raise Conflict(f"slot: no free slot on {where}")
+
+    # -- transitions -----------------------------------------------------------------------
+    def _expect(self, key: SlotKey, *allowed: SlotState) -> SlotState:
+        state = self.state(key)
+        if state not in allowed:
+            raise SlotStateError(f"slot: {key[0]} slot {key[1]} is {state.value}")
+        return state
+
+    def queue(self, key: SlotKey, dev_id: str) -> None:
+        """EMPTY|QUEUED -> QUEUED: a non-zero function waits in qmpfd for function 0."""
+        self._expect(key, SlotState.EMPTY, SlotState.QUEUED)
+        before = self._claims.get(key)
+        self._claims[key] = Claim(SlotState.QUEUED, (*(before.ids if before else ()), dev_id))
+
+    def unqueue(self, key: SlotKey) -> None:
+        """QUEUED -> EMPTY: the queue was flushed, cancelled or expired."""
+        self._expect(key, SlotState.QUEUED)
+        del self._claims[key]
+
+    def reserve(self, key: SlotKey, ids: Iterable[str]) -> None:
+        """EMPTY -> ATTACHING: the slot is the attach's before the allocation lock is let go,
+        so two attaches never get the same slot."""
+        self._expect(key, SlotState.EMPTY)
+        self._claims[key] = Claim(SlotState.ATTACHING, tuple(ids))
+
+    def added(self, key: SlotKey, devices: Iterable[RawDevice]) -> None:
+        """While ATTACHING: QEMU accepted these device_adds (or may have: a late reply)."""
+        self._expect(key, SlotState.ATTACHING)
+        self._topology = self._topology.with_devices(key[0], devices)
+
+    def attach_done(self, key: SlotKey) -> None:
+        """ATTACHING -> PRESENT."""
+        self._expect(key, SlotState.ATTACHING)
+        del self._claims[key]
+
+    def attach_undone(self, key: SlotKey, left: Sequence[str]) -> None:
+        """ATTACHING -> EMPTY once rolled back; UNPLUGGING while ``left`` are still in QEMU."""
+        self._expect(key, SlotState.ATTACHING)
+        if left:
+            self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(left))
+        else:
+            del self._claims[key]
+
+    def begin_unplug(self, key: SlotKey, ids: Sequence[str]) -> None:
+        """PRESENT|ORPHANED -> UNPLUGGING."""
+        self._expect(key, SlotState.PRESENT, SlotState.ORPHANED)
+        self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(ids))
+
+    def wait_unplug(self, key: SlotKey, ids: Sequence[str]) -> None:
+        """Recovery: an unplug journaled before a restart is still in flight -> UNPLUGGING."""
+        self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(ids))
+
+    def unplug_ended(self, key: SlotKey) -> None:
+        """UNPLUGGING -> whatever QEMU holds: EMPTY after every DEVICE_DELETED, PRESENT again
+        if the guest refused or the wait was given up."""
+        if self.state(key) is SlotState.UNPLUGGING:
+            del self._claims[key]
+
+    # -- what QEMU tells ---------------------------------------------------------------------
+    def deleted(self, dev_id: str) -> None:
+        """DEVICE_DELETED: the device is gone, whoever removed it."""
+        self._topology = self._topology.without({dev_id})
+
+    def refresh(self, topology: Topology) -> None:
+        """A fresh read of QEMU (adopt, reconnect, passthrough, a refusal that says qmpfd's view
+        was stale). Claims stay: they are operations qmpfd still runs."""
+        self._topology = topology
+
+    # -- the view for query-slots ----------------------------------------------------------
+    def view(self, queued: dict[SlotKey, list[tuple[int, str, str]]]) -> list[SlotView]:
+        """Every slot of every hotpluggable bus and the occupied slots of the others;
+        ``queued`` adds the queued functions (function, id, driver) of each slot."""
+        out = []
+        for b in self._topology.buses:
+            for s in b.slots():
+                key = (b.name, s.slot)
+                state = self.state(key)
+                funcs = [FunctionView(f.function, f.id, f.driver,
+                                      SlotState.PRESENT if state is SlotState.QUEUED else state)
+                         for f in s.functions]
+                funcs += [FunctionView(fn, i, d, SlotState.QUEUED)
+                          for fn, i, d in queued.get(key, [])]
+                out.append(SlotView(b.name, s.slot, s.hotpluggable, state,
+                                    tuple(sorted(funcs, key=lambda f: f.function))))
+        return out

@@ -1,0 +1,231 @@
+"""An append-only file of records, group-committed with ``fdatasync``.
+
+Why a log and not a document rewritten per change: appending one line and ``fdatasync`` costs a
+tenth of write-temp/fsync/rename/fsync-dir, and concurrent changes share one sync.
+
+Two kinds of write:
+
+- :meth:`AppendLog.commit`: durable. The caller returns once the record is on disk, and the
+  in-memory change it describes (``apply``) is made only then, by the writer, in log order. If
+  the write fails the file is cut back to where it was, ``apply`` never runs and the caller gets
+  :class:`StateWriteError` naming the file and the cause: nothing changed.
+- :meth:`AppendLog.settle`: a record confirming what QEMU or the host already did (an operation
+  ended, a function given back). Not waited for and never an error to the client: a failure is
+  logged and the record stays first in line until a write succeeds, so later records never
+  overtake it.
+
+A single writer task does all I/O (in a thread), so records reach the file in the order they were
+submitted. Compaction (a snapshot record in a fresh file, swapped in with rename) runs in that
+writer after a batch has been answered, never inside a request's wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qmpfd.errors import QmpfdError
+from qmpfd.state.records import BadLine, Record, decode
+
+log = logging.getLogger("qmpfd.state")
+
+RETRY_DELAY = 1.0         # seconds between attempts to write settle records after a failure
+COMPACT_AFTER = 4096      # records since the last snapshot before the log is compacted
+FILE_MODE = 0o600
+
+
+class StateWriteError(QmpfdError):
+    """The state file could not be written; the request changed nothing."""
+
+
+class JournalDamaged(Exception):
+    """The journal holds a damaged record before its last line: qmpfd will not guess."""
+
+    def __init__(self, path: Path, line: int, cause: str) -> None:
+        super().__init__(f"journal {path} line {line}: {cause}")
+        self.path, self.line, self.cause = path, line, cause
+
+
+@dataclass
+class _Entry:
+    data: bytes
+    sync: bool
+    apply: Callable[[], None] | None = None
+    done: asyncio.Future[None] | None = None
+    settle: bool = False
+
+
+@dataclass
+class LoadResult:
+    records: list[Record]
+    size: int                 # bytes of good records (the file is cut to this)
+    torn: bool = False        # a torn last record was dropped
+    count: int = field(default=0)
+
+
+def read_log(path: Path) -> LoadResult:
+    """Every record of the file. A torn last record (a crash mid-write: the start of a record
+    with no newline) is dropped; any other bad line raises :class:`JournalDamaged`."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return LoadResult([], 0)
+    lines = data.split(b"\n")
+    tail = lines.pop()          # bytes after the last newline: b"" unless a write was cut short
+    records: list[Record] = []
+    size = 0
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(decode(line))
+        except BadLine as exc:
+            raise JournalDamaged(path, n, exc.cause) from None
+        size += len(line) + 1
+    if tail and not _torn_prefix(tail):
+        raise JournalDamaged(path, len(lines) + 1, "not a journal record")
+    return LoadResult(records, size, torn=bool(tail), count=len(records))
+
+
+def _torn_prefix(tail: bytes) -> bool:
+    """Whether bytes after the last newline look like the start of a record cut short by a
+    crash (``CRC32 {...``), rather than something else written into the file."""
+    head = tail[:8]
+    if any(c not in b"0123456789abcdef" for c in head):
+        return False
+    rest = tail[8:]
+    return not rest or rest[:2] in (b" ", b" {")
+
+
+class AppendLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._size = 0
+        self._queue: list[_Entry] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._since_snapshot = 0
+        self.snapshot: Callable[[], bytes] | None = None   # set by the journal
+        #: Counters for tests and benchmarks (syncs per operation is asserted, not timed).
+        self.syncs = 0
+        self.writes = 0
+
+    def open(self) -> list[Record]:
+        loaded = read_log(self.path)
+        if loaded.torn:
+            log.warning("journal: torn last record dropped (a crash mid-write)",
+                        extra={"path": str(self.path)})
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           FILE_MODE)
+        os.fchmod(self._fd, FILE_MODE)
+        if loaded.torn or os.fstat(self._fd).st_size != loaded.size:
+            os.ftruncate(self._fd, loaded.size)
+            os.fsync(self._fd)
+        self._size = loaded.size
+        self._since_snapshot = loaded.count
+        return loaded.records
+
+    async def commit(self, data: bytes, apply: Callable[[], None]) -> None:
+        """Append durably; run ``apply`` once it is on disk; raise StateWriteError if not."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submit(_Entry(data, True, apply, fut))
+        await fut
+
+    def settle(self, data: bytes, *, sync: bool = False) -> None:
+        """Append when possible; never fails the caller (see the module docstring)."""
+        self._submit(_Entry(data, sync, settle=True))
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far has been attempted (shutdown, tests)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    def _submit(self, entry: _Entry) -> None:
+        self._queue.append(entry)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
+
+    async def _write_loop(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            data = b"".join(e.data for e in batch)
+            sync = any(e.sync for e in batch)
+            try:
+                await asyncio.to_thread(self._write, data, sync)
+            except OSError as exc:
+                self._failed(batch, exc)
+                if self._queue and all(e.settle for e in self._queue):
+                    await asyncio.sleep(RETRY_DELAY)
+                continue
+            for e in batch:
+                if e.apply is not None:
+                    e.apply()
+                if e.done is not None and not e.done.done():
+                    e.done.set_result(None)
+            self._since_snapshot += len(batch)
+            if self._since_snapshot >= COMPACT_AFTER and self.snapshot is not None:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self._compact, self.snapshot())
+
+    def _failed(self, batch: list[_Entry], exc: OSError) -> None:
+        error = StateWriteError(f"state file {self.path}: cannot write: "
+                                f"{exc.strerror or exc}; nothing was changed")
+        retry = [e for e in batch if e.settle]
+        for e in batch:
+            if e.done is not None and not e.done.done():
+                e.done.set_exception(error)
+        if retry:
+            log.error("journal write failed; will retry", extra={"path": str(self.path),
+                                                                 "error": str(exc)})
+            self._queue[:0] = retry
+
+    def _write(self, data: bytes, sync: bool) -> None:
+        """In a thread: write all of ``data`` or nothing (cut back on any failure)."""
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            if sync:
+                os.fdatasync(self._fd)
+                self.syncs += 1
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(data)
+        self.writes += 1
+
+    def _compact(self, snapshot: bytes) -> None:
+        """In a thread: a fresh file holding one snapshot record, swapped in atomically."""
+        tmp = self.path.with_suffix(".compact")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, snapshot)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        new = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = new
+        self._size = len(snapshot)
+        self._since_snapshot = 1
+        log.info("journal compacted", extra={"path": str(self.path)})
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,269 @@
+"""Attach and detach of one VM's slots: plan under the allocation lock, journal, execute, and
+move the slot through its states (:mod:`qmpfd.hotplug.slots`).
+
+Each operation is journaled (synced) before QEMU is touched; the journal's "end" is not waited
+for. Host functions held for an attach are given back once, by whoever sees the slot's functions
+leave QEMU (:meth:`Unplug.finish`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qmpfd.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    QemuError,
+    QmpfdError,
+    Timeout,
+    Unsupported,
+    VmGone,
+)
+from qmpfd.faults import fault_point
+from qmpfd.hotplug.executor import AttachFailed, execute_attach, execute_unplug
+from qmpfd.hotplug.plan import FunctionSpec, Plan, plan_attach
+from qmpfd.hotplug.policies.base import SlotMember
+from qmpfd.hotplug.slots import SlotKey, SlotState
+from qmpfd.qemu.topology import creates_bus
+from qmpfd.state.journal import Operation
+from qmpfd.vm.results import AttachResult, DetachResult
+
+if TYPE_CHECKING:
+    from qmpfd.vm.managed import ManagedVm
+
+log = logging.getLogger("qmpfd.vm")
+
+FORCE_GRACE = 1.0       # a forced detach still waits this long for an immediate completion
+
+
+def plan_and_reserve(vm: ManagedVm, functions: Sequence[FunctionSpec], bus: str | None,
+                     slot: int | None, timeout: float | None) -> Plan:
+    """Under ``vm.alloc``: the plan, with its slot claimed (ATTACHING) in the table."""
+    plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot)
+    vm.table.reserve((plan.bus, plan.slot), plan.ids)
+    if timeout is not None:
+        plan = Plan(plan.bus, plan.slot, plan.policy.with_timeouts(timeout, None),
+                    plan.functions, plan.steps)
+    return plan
+
+
+async def attach(vm: ManagedVm, functions: Sequence[FunctionSpec], *, bus: str | None = None,
+                 slot: int | None = None, dry_run: bool = False,
+                 timeout: float | None = None) -> AttachResult:
+    """Attach ``functions`` as one slot."""
+    async with vm.alloc:
+        if dry_run:
+            plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot)
+            return AttachResult(vm.name, plan, dry_run=True)
+        plan = plan_and_reserve(vm, functions, bus, slot, timeout)
+    try:
+        await run_attach(vm, plan)
+    except AttachFailed as exc:
+        if not _stale_view(exc) or (bus is not None and slot is not None):
+            raise
+        # QEMU refused because something changed behind qmpfd's back: read it again and plan
+        # once more (the new plan picks another slot, or says clearly why it cannot).
+        log.info("QEMU's view differed from qmpfd's; re-reading and planning again",
+                 extra={"vm": vm.name, "error": exc.desc})
+        async with vm.alloc:
+            await vm.refresh()
+            plan = plan_and_reserve(vm, functions, bus, slot, timeout)
+        await run_attach(vm, plan)
+    return AttachResult(vm.name, plan)
+
+
+def _stale_view(exc: AttachFailed) -> bool:
+    """A refusal that says the slot or an id was taken (not a bad property), fully undone."""
+    text = exc.cause.desc if isinstance(exc.cause, QemuError) else ""
+    return not exc.rollback.left and ("not available" in text or "in use" in text
+                                      or "Duplicate" in text or "already" in text)
+
+
+async def run_attach(vm: ManagedVm, plan: Plan) -> None:
+    """Execute a reserved plan: journal, plug, and settle the slot's state either way."""
+    key = (plan.bus, plan.slot)
+    op = Operation("attach", vm.name, plan.bus, plan.slot,
+                   {f.id: f.function for f in plan.functions}, plan.policy.name)
+    try:
+        await vm.journal.begin(op)   # synced before QEMU is touched: a crash leaves a record
+    except BaseException:
+        vm.table.attach_undone(key, [])
+        raise
+    log.info("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
+                              "ids": plan.ids})
+    try:
+        await fault_point("attach-begin")
+        await execute_attach(plan, vm.link, vm.tracker, vm.table,
+                             after_step=lambda n: fault_point(f"attach-step-{n}"))
+    except AttachFailed as exc:
+        vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
+        if isinstance(exc.cause, VmGone):
+            vm.table.attach_undone(key, [])  # reconnect re-reads QEMU; reconcile settles it
+        elif exc.rollback.left:
+            vm.table.attach_undone(key, exc.rollback.left)
+            vm.journal.mark_sent(op)
+            Unplug(vm, key, exc.rollback.left, op, attach=True).watch()
+        else:
+            vm.table.attach_undone(key, [])
+            vm.journal.end(op)
+        raise
+    except BaseException:
+        vm.table.attach_undone(key, [])
+        vm.journal.end(op)
+        raise
+    vm.table.attach_done(key)
+    vm.journal.end(op)
+    vm.events.attached(plan.bus, plan.slot, plan.ids)
+    if any(creates_bus(str(s.arguments["driver"])) for s in plan.steps):
+        async with vm.alloc:
+            await vm.refresh()   # a bridge or port brings a bus qmpfd must learn
+
+
+@dataclass
+class Unplug:
+    """One slot on its way out of QEMU: ends when every id has had its DEVICE_DELETED."""
+
+    vm: ManagedVm
+    key: SlotKey
+    ids: list[str]
+    op: Operation | None
+    attach: bool = False                 # a rollback (no SLOT_DETACHED at the end)
+    started: float = 0.0
+    done: asyncio.Future[None] | None = None
+    answered: bool = False               # the detach request reports the give-back itself
+
+    def watch(self) -> asyncio.Future[None]:
+        self.started = self.started or time.monotonic()
+        fut = self.done if self.done is not None else self.vm.tracker.expect(self.ids)
+        self.done = fut
+        fut.add_done_callback(self._finished)
+        return fut
+
+    def _finished(self, f: asyncio.Future[None]) -> None:
+        vm = self.vm
+        if f.cancelled():
+            vm.table.unplug_ended(self.key)
+            return
+        exc = f.exception()
+        vm.table.unplug_ended(self.key)
+        if exc is not None:
+            # Lost connection: the journal keeps op and reconcile() resumes the wait.
+            # Guest refusal: the functions stay; the operation is over.
+            log.warning("unplug failed", extra={"vm": vm.name, "error": str(exc)})
+            if self.op is not None and not isinstance(exc, VmGone):
+                vm.journal.end(self.op)
+            return
+        if self.op is not None:
+            vm.journal.end(self.op)
+        if not self.answered:
+            vm.spawn(vm.removed(self.ids), "release")
+        if self.attach:
+            vm.events.attach_failed(self.key[0], self.key[1], self.ids,
+                                    "interrupted; rolled back")
+        else:
+            vm.events.detached(self.key[0], self.key[1], self.ids,
+                               seconds=round(time.monotonic() - self.started, 3))
+
+
+async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
+                 slot: int | None, whole_slot: bool, timeout: float | None,
+                 force: bool = False) -> DetachResult:
+    """Unplug a whole slot and wait for every DEVICE_DELETED.
+
+    ``force``: for a guest that cannot answer (paused, no OS): send the unplug request and
+    return at once with the slot 'unplugging' instead of waiting; QEMU completes it as soon
+    as it can (at once where no guest is needed, otherwise when the guest runs).
+    """
+    async with vm.alloc:
+        key, members = resolve_slot(vm, ids, bus, slot, whole_slot)
+        state = vm.table.state(key)
+        if state is SlotState.UNPLUGGING:
+            claim = vm.table.claim(key)
+            raise Conflict(f"slot: {key[0]} slot {key[1]} is already unplugging "
+                           f"({', '.join(claim.ids if claim else ())}); wait for it")
+        if state not in (SlotState.PRESENT, SlotState.ORPHANED):
+            raise Conflict(f"slot: {key[0]} slot {key[1]} is {state.value}")
+        policy = vm.policies()[key[0]]
+        all_ids = [m.id for m in members]
+        targets = (policy.unplug_targets(members) if state is SlotState.PRESENT
+                   else policy.rollback_targets(members))
+        started = time.monotonic()
+        op = await vm.journal.begin(Operation(
+            "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
+            policy.name))
+        await fault_point("detach-begin")
+        vm.table.begin_unplug(key, all_ids)   # before device_del: its events may be quick
+        try:
+            done = await execute_unplug(targets, all_ids, vm.link, vm.tracker)
+        except QmpfdError:
+            vm.table.unplug_ended(key)
+            vm.journal.end(op)
+            raise
+        vm.journal.mark_sent(op)
+        await fault_point("detach-sent")
+    unplug = Unplug(vm, key, all_ids, op, started=started, done=done)
+    unplug.watch()
+    limit = timeout if timeout is not None else policy.timeouts.unplug
+    if force:
+        limit = min(limit, FORCE_GRACE)
+    result = DetachResult(vm.name, key[0], key[1], all_ids, 0.0)
+    try:
+        await asyncio.wait_for(asyncio.shield(done), limit)
+    except TimeoutError:
+        result.seconds = round(time.monotonic() - started, 3)
+        if force:
+            result.unplugging = True
+            return result
+        raise Timeout(f"guest did not release {key[0]} slot {key[1]} within {limit:g} s; "
+                      "the slot stays 'unplugging' and completes when QEMU reports "
+                      "DEVICE_DELETED") from None
+    unplug.answered = True
+    result.seconds = round(time.monotonic() - started, 3)
+    result.host_released = await vm.removed(all_ids)
+    return result
+
+
+def resolve_slot(vm: ManagedVm, ids: Sequence[str] | None, bus: str | None, slot: int | None,
+                 whole_slot: bool) -> tuple[SlotKey, list[SlotMember]]:
+    table = vm.table
+    if ids:
+        keys = set()
+        for i, dev_id in enumerate(ids):
+            found = table.find(dev_id)
+            if found is None:
+                hint = " (it is queued: use pending-cancel)" \
+                    if dev_id in vm.pending.ids() else ""
+                raise NotFound(f"ids[{i}]: no device '{dev_id}' in this VM{hint}")
+            keys.add(found)
+        if len(keys) > 1:
+            raise InvalidRequest("ids: the devices are in different slots; detach one slot "
+                                 "per request")
+        (key,) = keys
+    elif bus is not None and slot is not None:
+        key = (bus, slot)
+    else:
+        raise InvalidRequest("ids: give the ids to detach, or bus and slot")
+    b = table.bus(key[0])
+    if not b.hotpluggable:
+        raise Unsupported(f"bus: '{key[0]}' does not support hot-unplug")
+    table.check_slot_number(b, key[1])
+    functions = table.functions(key)
+    if not functions:
+        raise NotFound(f"slot: {key[0]} slot {key[1]} is empty")
+    anonymous = [f.driver for f in functions if f.id is None]
+    if anonymous:
+        raise Unsupported(f"slot: {key[0]} slot {key[1]} holds built-in devices "
+                          f"({', '.join(anonymous)}) that cannot be unplugged")
+    members = [SlotMember(f.id, f.function) for f in functions if f.id is not None]
+    if ids and not whole_slot:
+        others = sorted({m.id for m in members} - set(ids))
+        if others:
+            raise Conflict(f"ids: the slot also holds {', '.join(others)}; a multifunction "
+                           "slot is removed whole: name all its ids or set whole-slot")
+    return key, members

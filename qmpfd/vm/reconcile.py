@@ -1,0 +1,61 @@
+"""Carrying out :func:`qmpfd.hotplug.recovery.decide` for every journaled operation of a VM, after
+a restart or a reconnect, against the topology just read from QEMU."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from qmpfd.errors import QemuError
+from qmpfd.hotplug.policies import POLICIES
+from qmpfd.hotplug.policies.base import SlotMember
+from qmpfd.hotplug.recovery import Action, decide
+from qmpfd.vm.operations import Unplug
+
+if TYPE_CHECKING:
+    from qmpfd.vm.managed import ManagedVm
+
+log = logging.getLogger("qmpfd.vm")
+
+
+async def reconcile(vm: ManagedVm) -> None:
+    """Finish or undo what the journal says was in flight, against what QEMU holds now."""
+    ops = vm.journal.for_vm(vm.name)
+    if not ops:
+        return
+    present = vm.table.topology.device_ids()
+    policies = vm.policies()
+    for op in ops:
+        decision = decide(op, present)
+        key = (op.bus, op.slot)
+        log.info("reconciling", extra={"vm": vm.name, "operation": op.id,
+                                       "kind": op.kind, "action": decision.action.value})
+        members = [SlotMember(i, op.functions[i]) for i in decision.ids]
+        policy = policies.get(op.bus) or POLICIES.get(op.policy)
+        if decision.action is Action.COMPLETED:
+            vm.journal.end(op)
+            vm.events.attached(op.bus, op.slot, op.ids, recovered=True)
+        elif decision.action is Action.FORGET:
+            vm.journal.end(op)
+            await vm.removed(op.ids)
+            vm.events.attach_failed(op.bus, op.slot, op.ids,
+                                    "interrupted before any function reached QEMU")
+        elif decision.action is Action.DETACHED:
+            vm.journal.end(op)
+            await vm.removed(op.ids)
+            vm.events.detached(op.bus, op.slot, op.ids, recovered=True)
+        elif decision.action in (Action.ROLL_BACK, Action.SEND_UNPLUG) and policy:
+            targets = (policy.rollback_targets(members) if op.kind == "attach"
+                       else policy.unplug_targets(members))
+            vm.table.wait_unplug(key, list(decision.ids))
+            done = vm.tracker.expect(decision.ids)  # before device_del: events are fast
+            for target in targets:
+                with contextlib.suppress(QemuError):
+                    await vm.link.execute("device_del", {"id": target})
+            vm.journal.mark_sent(op)
+            Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach",
+                   done=done).watch()
+        else:  # KEEP_WAITING (or no policy known for the bus any more)
+            vm.table.wait_unplug(key, list(decision.ids))
+            Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach").watch()
