@@ -34,9 +34,9 @@ from qemu.qmp import EventListener, QMPClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lab.vm import LabVm, LabVmSpec  # noqa: E402
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach  # noqa: E402
 from qmpfd.hotplug.policies import policy_for  # noqa: E402
-from lab.vm import LabVm, LabVmSpec  # noqa: E402
 from qmpfd.qemu.topology import RawBus, RawDevice, Topology  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "8"))

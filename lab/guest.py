@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 DEFAULT_CACHE = Path(os.environ.get("QMPFD_LAB_CACHE",
-                                    Path(__file__).resolve().parents[2] / ".cache" / "lab"))
+                                    Path(__file__).resolve().parents[1] / ".cache" / "lab"))
 
 #: Debian architecture names of the guests the lab can boot, by QEMU target.
 DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64": "ppc64el"}

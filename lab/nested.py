@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lab.guest import DEFAULT_CACHE, LabSetupError, find_busybox, find_kernel
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "vfio_iommu_type1", "vfio-pci", "e1000e"]
 
 L1_INIT = """#!/bin/busybox sh

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from qmpfd.access.policy import AccessPolicy
 from qmpfd.access.peer import Peer
+from qmpfd.access.policy import AccessPolicy
 from qmpfd.errors import InvalidRequest
 
 

@@ -159,7 +159,7 @@ def test_state_json_of_format_1_is_migrated(tmp_path: Path) -> None:
 
 def test_state_json_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text('{"vms": ["web1"]}')
-    with pytest.raises(JournalDamaged, match="state.json"):
+    with pytest.raises(JournalDamaged, match=r"state\.json"):
         Journal.open(tmp_path)
 
 

@@ -1,9 +1,9 @@
 import pytest
 
+from qmpfd.api.replies import plan as describe
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach
 from qmpfd.hotplug.policies import POLICIES, Policy, policy_for
-from qmpfd.api.replies import plan as describe
 from qmpfd.hotplug.slots import SlotTable
 from qmpfd.qemu.topology import Topology
 from tests.unit.topologies import pc_raw, q35_raw
