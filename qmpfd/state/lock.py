@@ -16,19 +16,26 @@ LOCK_NAME = "lock"
 
 
 class StateDirBusy(QmpfdError):
-    """Another qmpfd holds the state directory."""
+    """The state directory cannot be had: another qmpfd holds it, or it cannot be written."""
 
 
 def prepare_state_dir(directory: Path) -> None:
     """Create the state directory 0700 (journal and audit log are not for other users)."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise StateDirBusy(f"state directory {directory} is not usable: {exc.strerror}") from None
 
 
 def lock_state_dir(directory: Path) -> int:
     """Take the lock or raise :class:`StateDirBusy`; returns the fd to keep open."""
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateDirBusy(f"state directory {directory} is not usable: cannot open {path}: "
+                           f"{exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

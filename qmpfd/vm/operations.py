@@ -65,7 +65,7 @@ async def attach(vm: ManagedVm, functions: Sequence[FunctionSpec], *, bus: str |
     try:
         await run_attach(vm, plan)
     except AttachFailed as exc:
-        if not _stale_view(exc) or (bus is not None and slot is not None):
+        if not _stale_view(exc):
             raise
         # QEMU refused because something changed behind qmpfd's back: read it again and plan
         # once more (the new plan picks another slot, or says clearly why it cannot).

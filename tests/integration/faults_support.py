@@ -36,11 +36,17 @@ log-level = "debug"
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
 
-    def start(self, **env: str) -> None:
+    def run_once(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Start qmpfd expecting it to refuse: its exit status and output."""
+        return subprocess.run(
+            [sys.executable, "-m", "qmpfd.daemon", "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def start(self, *args: str, **env: str) -> None:
         self.runs += 1
         log = (self.workdir / f"qmpfd-{self.runs}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qmpfd.daemon", "--config", str(self.config)],
+            [sys.executable, "-m", "qmpfd.daemon", "--config", str(self.config), *args],
             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
