@@ -16,6 +16,7 @@ from qemu.qmp import ExecuteError
 from lab.qmp_proxy import QmpProxy
 from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
+from tests.integration.faults_support import MATRIX, MatrixRow
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +128,9 @@ async def test_orphaned_slot_found_on_adopt_and_removed_by_detach(
         peripheral, _ = await qemu_view(lab)
         assert "orphan1" not in peripheral
         assert await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30) == before
+        MATRIX.append(MatrixRow("orphaned slot found on adopt", "SLOT_ORPHANED; detach removes",
+                                "none after detach", "unchanged", "orphaned, then no slot",
+                                "pass"))
     finally:
         await c.execute("vm-remove", {"name": "orph"})
         await c.qmp.disconnect()
