@@ -20,6 +20,7 @@ import pytest
 from qemu.qmp import EventListener, QMPClient
 
 from lab.vm import LabVm, LabVmSpec
+from tests.integration.faults_support import DaemonProcess
 
 PENDING_EXPIRY = 15
 SPAPR_UNPLUG = 300
@@ -65,6 +66,14 @@ qmp-dirs = ["{workdir}"]
     proc.terminate()
     assert proc.wait(15) == 0, "qmpfd did not shut down cleanly on SIGTERM"
     assert not sock.exists(), "qmpfd left its socket behind"
+
+
+@pytest.fixture
+async def daemon_proc(tmp_path: Path) -> AsyncIterator[DaemonProcess]:
+    """A qmpfd process of the test's own that it may SIGKILL and restart (fault tests)."""
+    d = DaemonProcess(tmp_path / "qmpfd")
+    yield d
+    d.stop()
 
 
 def start_lab_vm(workdir: Path, name: str, spec: LabVmSpec) -> LabVm:

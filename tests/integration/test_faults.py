@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,6 @@ def lab(workdir: Path) -> Iterator[LabVm]:
     vm = start_lab_vm(workdir, "faults-pc", LabVmSpec(machine="pc"))
     yield vm
     vm.stop()
-
-
-@pytest.fixture
-async def daemon_proc(tmp_path: Path) -> AsyncIterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path / "qmpfd")
-    yield d
-    d.stop()
 
 
 async def adopt(d: DaemonProcess, qmp: Path, name: str = "f") -> Client:

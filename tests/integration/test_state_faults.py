@@ -14,7 +14,7 @@ import asyncio
 import os
 import subprocess
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +33,6 @@ def lab(workdir: Path) -> Iterator[LabVm]:
     vm = start_lab_vm(workdir, "state-pc", LabVmSpec(machine="pc"))
     yield vm
     vm.stop()
-
-
-@pytest.fixture
-async def daemon_proc(tmp_path: Path) -> AsyncIterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path / "qmpfd")
-    yield d
-    d.stop()
 
 
 class SmallDisk:
