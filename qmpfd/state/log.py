@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from qmpfd.errors import QmpfdError
@@ -65,7 +65,7 @@ class LoadResult:
     records: list[Record]
     size: int                 # bytes of good records (the file is cut to this)
     torn: bool = False        # a torn last record was dropped
-    count: int = field(default=0)
+    count: int = 0
 
 
 def read_log(path: Path) -> LoadResult:

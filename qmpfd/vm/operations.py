@@ -147,11 +147,10 @@ class Unplug:
 
     def _finished(self, f: asyncio.Future[None]) -> None:
         vm = self.vm
+        vm.table.unplug_ended(self.key)
         if f.cancelled():
-            vm.table.unplug_ended(self.key)
             return
         exc = f.exception()
-        vm.table.unplug_ended(self.key)
         if exc is not None:
             # Lost connection: the journal keeps op and reconcile() resumes the wait.
             # Guest refusal: the functions stay; the operation is over.
