@@ -1,15 +1,18 @@
-"""qmpfd benchmarks (issue 6): one command, one machine, everything side by side.
+"""qmpfd benchmarks (issues 6 and 10): one command, one machine, everything side by side.
 
     bench/run            # writes bench/results.md and bench/chart.png
 
 1. Overhead: N-function attach+detach (N = 1, 2, 4, 8) through qmpfd vs the same device_add /
-   device_del sequence sent directly with qemu.qmp to an identical VM, interleaved A/B; time to
-   "QMP done" and to "the guest sees every function" (the guest's own report, 0.2 s polling).
+   device_del sequence sent by hand with qemu.qmp on the SAME VM's second QMP monitor, runs
+   interleaved A/B, medians; time to "QMP done" and to "the guest sees every function" (the
+   guest's own report); qmpfd's CPU per attach; and every QMP command qmpfd sends per attach and
+   per detach, counted by a logging proxy between qmpfd and QEMU (lab/qmp_proxy.py).
 2. libvirt 9.0 (bench/libvirt_bench.py, run by the system python3 with python3-libvirt):
    attachDeviceFlags of one function vs qmpfd with one and eight; the multifunction case refused.
 3. Unplug: time to the last DEVICE_DELETED, acpi-pcihp vs pcie-native (q35).
 4. Scale: one qmpfd holding 50 and 100 QEMUs (held at start, no guest), concurrent 4-function
-   attaches on all: throughput, p50/p99, qmpfd's RSS and CPU time per VM.
+   attaches on all, alternating rounds through qmpfd and raw QMP (each QEMU's second monitor) in
+   the same run: attach rates and their ratio, p50/p99, qmpfd's RSS and CPU per VM.
 5. The pure planner: planning time against topology size (buses x slots).
 Benchmarks, not tests: nothing here asserts a time.
 """
@@ -34,6 +37,7 @@ from qemu.qmp import EventListener, QMPClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lab.qmp_proxy import QmpProxy  # noqa: E402
 from lab.vm import LabVm, LabVmSpec  # noqa: E402
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach  # noqa: E402
 from qmpfd.hotplug.policies import policy_for  # noqa: E402
@@ -69,8 +73,10 @@ class Daemon:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         rss_kb = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))
         rss = int(rss_kb) * 1024
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text().split(")")[1].split()
-        return rss, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        # schedstat: nanoseconds on a CPU, all threads (stat's clock ticks are 10 ms coarse)
+        cpu_ns = sum(int((t / "schedstat").read_text().split()[0])
+                     for t in Path(f"/proc/{self.proc.pid}/task").iterdir())
+        return rss, cpu_ns / 1e9
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -94,34 +100,46 @@ async def guest_sees(vm: LabVm, cond: Callable[[set[str]], bool], timeout: float
 
 
 # -- 1. overhead --------------------------------------------------------------------------
-async def qmpfd_cycle(c: QMPClient, vm: LabVm, name: str, n: int, tag: str) -> dict[str, float]:
+async def qmpfd_cycle(c: QMPClient, vm: LabVm, name: str, n: int, tag: str,
+                      daemon: Daemon | None = None) -> dict[str, float]:
     before = vm.guest_pci() or set()
     funcs = [{"id": f"{tag}f{i}", "driver": DRIVERS[i]} for i in range(n)]
+    cpu0 = daemon.usage()[1] if daemon else 0.0
     t0 = time.perf_counter()
     await c.execute("device-attach", {"vm": name, "functions": funcs})
     qmp_done = time.perf_counter() - t0
+    cpu = (daemon.usage()[1] - cpu0) if daemon else 0.0
     await guest_sees(vm, lambda s: len(s - before) >= n)
     seen = time.perf_counter() - t0
     t1 = time.perf_counter()
     await c.execute("device-detach", {"vm": name, "ids": [f["id"] for f in funcs]})
     detached = time.perf_counter() - t1
     await guest_sees(vm, lambda s: s == before)
-    return {"attach_qmp": qmp_done, "attach_guest": seen, "detach": detached}
+    return {"attach_qmp": qmp_done, "attach_guest": seen, "detach": detached, "cpu": cpu}
+
+
+async def raw_plug(c: QMPClient, n: int, ids: list[str], bus: str, slot: int,
+                   drivers: list[str] = DRIVERS) -> None:
+    """The sequence qmpfd sends, by hand: the non-zero functions' device_adds together, every
+    reply awaited, then function 0 (multifunction=on when N > 1)."""
+    def args(fn: int) -> dict[str, Any]:
+        a: dict[str, Any] = {"driver": drivers[fn], "id": ids[fn], "bus": bus,
+                             "addr": f"{slot:#x}.{fn:x}" if n > 1 else f"{slot:#x}"}
+        if n > 1 and fn == 0:
+            a["multifunction"] = "on"
+        return a
+    await asyncio.gather(*(c.execute("device_add", args(fn)) for fn in range(1, n)))
+    await c.execute("device_add", args(0))
 
 
 async def raw_cycle(c: QMPClient, events: EventListener, vm: LabVm, n: int,
-                    tag: str) -> dict[str, float]:
-    """What a careful user sends by hand: non-zero functions, then function 0 with
-    multifunction=on; one device_del; wait for every DEVICE_DELETED."""
+                    tag: str, bus: str, slot: int) -> dict[str, float]:
+    """Raw QMP on the VM's second monitor: plug as qmpfd does, one device_del, wait for every
+    DEVICE_DELETED."""
     before = vm.guest_pci() or set()
     ids = [f"{tag}f{i}" for i in range(n)]
     t0 = time.perf_counter()
-    for fn in [*range(1, n), 0]:
-        args: dict[str, Any] = {"driver": DRIVERS[fn], "id": ids[fn], "bus": "pci.0",
-                                "addr": f"0x10.{fn:x}" if n > 1 else "0x10"}
-        if n > 1 and fn == 0:
-            args["multifunction"] = "on"
-        await c.execute("device_add", args)
+    await raw_plug(c, n, ids, bus, slot)
     qmp_done = time.perf_counter() - t0
     await guest_sees(vm, lambda s: len(s - before) >= n)
     seen = time.perf_counter() - t0
@@ -139,33 +157,69 @@ async def raw_cycle(c: QMPClient, events: EventListener, vm: LabVm, n: int,
 
 
 async def overhead(work: Path, daemon: Daemon) -> dict[str, Any]:
-    a = LabVm("ovh-a", work / "a", LabVmSpec(machine="pc"))
-    b = LabVm("ovh-b", work / "b", LabVmSpec(machine="pc"))
-    a.start()
-    b.start()
+    """One pc VM, two QMP monitors: qmpfd holds the first, raw QMP speaks on the second. Runs
+    alternate qmpfd / raw on the same guest and the same slot, so the only difference is qmpfd."""
+    vm = LabVm("ovh", work, LabVmSpec(machine="pc"))
+    vm.start()
     try:
         c = await client(daemon.sock)
-        await c.execute("vm-add", {"name": "ovh-a", "qmp": str(a.qmp_socket)})
-        raw = await client(b.qmp_socket)
+        await c.execute("vm-add", {"name": "ovh", "qmp": str(vm.qmp_socket)})
+        raw = await client(vm.inspect_socket)
         events = EventListener()
         raw.register_listener(events)
         out: dict[str, Any] = {}
         for n in (1, 2, 4, 8):
             res: dict[str, list[dict[str, float]]] = {"qmpfd": [], "raw": []}
-            for r in range(RUNS):  # interleaved A/B
-                res["qmpfd"].append(await qmpfd_cycle(c, a, "ovh-a", n, f"q{n}r{r}"))
-                res["raw"].append(await raw_cycle(raw, events, b, n, f"r{n}r{r}"))
+            plan: dict[str, Any] = await c.execute("device-attach", {  # type: ignore[assignment]
+                "vm": "ovh", "dry-run": True, "functions": [{"id": "probe", "driver": "e1000"}]})
+            for r in range(RUNS):  # interleaved A/B (who goes first alternates), same slot
+                if r % 2:
+                    res["raw"].append(await raw_cycle(raw, events, vm, n, f"r{n}r{r}",
+                                                      plan["bus"], int(plan["slot"])))
+                res["qmpfd"].append(await qmpfd_cycle(c, vm, "ovh", n, f"q{n}r{r}", daemon))
+                if not r % 2:
+                    res["raw"].append(await raw_cycle(raw, events, vm, n, f"r{n}r{r}",
+                                                      plan["bus"], int(plan["slot"])))
             out[str(n)] = {k: {m: summary([x[m] for x in v]) for m in v[0]}
                            for k, v in res.items()}
+            out[str(n)]["qmpfd_cpu_ms_per_attach"] = (
+                sum(x["cpu"] for x in res["qmpfd"]) / RUNS * 1000)
+        await c.execute("vm-remove", {"name": "ovh"})
+        out["commands"] = await commands_sent(c, vm, work)
         await c.disconnect()
         await raw.disconnect()
         return out
     finally:
-        a.stop()
-        b.stop()
+        vm.stop()
 
 
-# -- 3. unplug ------------------------------------------------------------------------------
+async def commands_sent(c: QMPClient, vm: LabVm, work: Path) -> dict[str, Any]:
+    """Every QMP command qmpfd sends per attach and per detach, counted by a logging proxy
+    between qmpfd and QEMU (lab/qmp_proxy.py), not by qmpfd."""
+    proxy = QmpProxy(work / "proxy.qmp", vm.qmp_socket)
+    await proxy.start()
+    out: dict[str, Any] = {}
+    try:
+        await c.execute("vm-add", {"name": "cnt", "qmp": str(proxy.listen)})
+        out["adopt"] = proxy.reset()
+        for n in (1, 2, 4, 8):
+            before = vm.guest_pci() or set()
+            funcs = [{"id": f"c{n}f{i}", "driver": DRIVERS[i]} for i in range(n)]
+            proxy.reset()
+            await c.execute("device-attach", {"vm": "cnt", "functions": funcs})
+            attach = proxy.reset()
+            await guest_sees(vm, lambda s, b=before, n=n: len(s - b) >= n)
+            await c.execute("device-detach", {"vm": "cnt", "ids": [f["id"] for f in funcs]})
+            detach = proxy.reset()
+            await guest_sees(vm, lambda s, b=before: s == b)
+            out[str(n)] = {"attach": attach, "detach": detach}
+        await c.execute("vm-remove", {"name": "cnt"})
+    finally:
+        await proxy.close()
+    return out
+
+
+# -- 2. libvirt is below; 3. unplug ---------------------------------------------------------
 async def unplug(work: Path, daemon: Daemon) -> dict[str, Any]:
     out = {}
     c = await client(daemon.sock)
@@ -188,24 +242,40 @@ async def unplug(work: Path, daemon: Daemon) -> dict[str, Any]:
 
 
 # -- 4. scale -------------------------------------------------------------------------------
-def start_bare_qemu(work: Path, i: int) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = work / f"s{i}.qmp"
+SCALE_ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "3"))
+
+
+def start_bare_qemu(work: Path, i: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A QEMU held at start (no guest) with two QMP monitors: qmpfd's and raw QMP's."""
+    sock, raw = work / f"s{i}.qmp", work / f"s{i}.raw"
     proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "32",
                              "-nodefaults", "-display", "none", "-S",
-                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                             "-qmp", f"unix:{sock},server=on,wait=off",
+                             "-qmp", f"unix:{raw},server=on,wait=off"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    return proc, sock
+    return proc, sock, raw
 
 
-async def timed_attach(cl: QMPClient, i: int, latencies: list[float]) -> None:
+async def timed(coro: Awaitable[Any], latencies: list[float]) -> None:
     t = time.perf_counter()
-    await cl.execute("device-attach", {"vm": f"s{i}", "functions": [
-        {"id": f"x{i}f{f}", "driver": "virtio-rng-pci"} for f in range(4)]})
+    await coro
     latencies.append(time.perf_counter() - t)
 
 
+async def scale_round(count: int, attach: Callable[[int], Awaitable[Any]]) -> dict[str, Any]:
+    """One concurrent 4-function attach on every VM; rate and latency."""
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(timed(attach(i), latencies) for i in range(count)))
+    wall = time.perf_counter() - t0
+    return {"rate": count / wall, "latencies": latencies}
+
+
 async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any]:
+    """At each size, rounds alternate: qmpfd attaches a 4-function device on every VM at once
+    (8 client connections), then raw QMP does the same on every VM's second monitor (one
+    connection per VM, slots from the top so the two never meet)."""
     out = {}
     for count in sizes:
         d = work / f"scale{count}"
@@ -213,35 +283,63 @@ async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any
         daemon = Daemon(d)
         procs = [start_bare_qemu(d, i) for i in range(count)]
         try:
-            while not all(s.exists() for _, s in procs):  # noqa: ASYNC110 - QEMU start-up
+            while not all(s.exists() and r.exists() for _, s, r in procs):  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             rss0, cpu0 = daemon.usage()
             c = await client(daemon.sock)
-            for i, (_, sock) in enumerate(procs):
+            for i, (_, sock, _) in enumerate(procs):
                 await c.execute("vm-add", {"name": f"s{i}", "qmp": str(sock)})
             rss1, cpu1 = daemon.usage()
             clients = [await client(daemon.sock) for _ in range(8)]
-            latencies: list[float] = []
-            t0 = time.perf_counter()
-            await asyncio.gather(*(timed_attach(clients[i % len(clients)], i, latencies)
-                                   for i in range(count)))
-            wall = time.perf_counter() - t0
-            rss2, cpu2 = daemon.usage()
+            raws = [await client(r) for _, _, r in procs]
+            rounds: dict[str, list[dict[str, Any]]] = {"qmpfd": [], "raw": []}
+            cpu_attach = 0.0
+            for r in range(SCALE_ROUNDS):
+                def via_qmpfd(i: int, r: int = r, cl: list[QMPClient] = clients
+                              ) -> Awaitable[Any]:
+                    return cl[i % len(cl)].execute("device-attach", {
+                        "vm": f"s{i}", "functions": [
+                            {"id": f"q{r}v{i}f{f}", "driver": "virtio-rng-pci"}
+                            for f in range(4)]})
+
+                def via_raw(i: int, r: int = r, rw: list[QMPClient] = raws) -> Awaitable[Any]:
+                    ids = [f"w{r}v{i}f{f}" for f in range(4)]
+                    return raw_plug4(rw[i], ids, 0x1F - r)
+                if r % 2:   # alternate who goes first
+                    rounds["raw"].append(await scale_round(count, via_raw))
+                c0 = daemon.usage()[1]
+                rounds["qmpfd"].append(await scale_round(count, via_qmpfd))
+                cpu_attach += daemon.usage()[1] - c0
+                if not r % 2:
+                    rounds["raw"].append(await scale_round(count, via_raw))
+            rss2, _ = daemon.usage()
+            q = statistics.median(x["rate"] for x in rounds["qmpfd"])
+            w = statistics.median(x["rate"] for x in rounds["raw"])
+            qlat = [t for x in rounds["qmpfd"] for t in x["latencies"]]
+            wlat = [t for x in rounds["raw"] for t in x["latencies"]]
             out[str(count)] = {
-                "attaches_per_s": count / wall, "p50": pct(latencies, 50),
-                "p99": pct(latencies, 99), "rss_mb": rss2 / 2**20,
-                "rss_per_vm_kb": (rss1 - rss0) / count / 1024,
+                "rounds": SCALE_ROUNDS,
+                "qmpfd_rate": q, "raw_rate": w, "ratio": q / w,
+                "qmpfd_rates": [x["rate"] for x in rounds["qmpfd"]],
+                "raw_rates": [x["rate"] for x in rounds["raw"]],
+                "p50": pct(qlat, 50), "p99": pct(qlat, 99),
+                "raw_p50": pct(wlat, 50), "raw_p99": pct(wlat, 99),
+                "rss_mb": rss2 / 2**20, "rss_per_vm_kb": (rss1 - rss0) / count / 1024,
                 "cpu_s_per_vm_adopt": (cpu1 - cpu0) / count,
-                "cpu_s_per_vm_attach": (cpu2 - cpu1) / count}
-            for cl in [*clients, c]:
+                "cpu_s_per_attach": cpu_attach / (count * SCALE_ROUNDS)}
+            for cl in [*clients, *raws, c]:
                 await cl.disconnect()
         finally:
             daemon.stop()
-            for p, _ in procs:
+            for p, _, _ in procs:
                 p.kill()
-            for p, _ in procs:
+            for p, _, _ in procs:
                 p.wait()
     return out
+
+
+async def raw_plug4(c: QMPClient, ids: list[str], slot: int) -> None:
+    await raw_plug(c, 4, ids, "pci.0", slot, drivers=["virtio-rng-pci"] * 4)
 
 
 # -- 5. planner -----------------------------------------------------------------------------

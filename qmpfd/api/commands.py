@@ -88,7 +88,7 @@ class Commands:
             outcome = "internal-error"
             raise
         finally:
-            await self.audit.record(session.peer, name, args, outcome)
+            self.audit.record(session.peer, name, args, outcome)
 
     # -- introspection ---------------------------------------------------------------------
     async def query_version(self, _: m.NoArgs) -> dict[str, Any]:

@@ -184,3 +184,36 @@ def test_files_are_private(tmp_path: Path) -> None:
     j = Journal.open(tmp_path)
     assert stat.S_IMODE((tmp_path / "journal.log").stat().st_mode) == 0o600
     j.close()
+
+
+async def test_a_slow_sync_moves_writes_to_a_thread_until_syncs_are_fast(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes run on the event loop while the disk is fast; one slow sync sends them to a
+    thread (events and queries keep flowing while a disk stalls), and they come back after."""
+    import threading
+
+    j = Journal.open(tmp_path)
+    log_file = j._log
+    threads: list[str] = []
+    real_sync = os.fdatasync
+    delay = {"s": 0.0}
+
+    def sync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        if delay["s"]:
+            import time
+            time.sleep(delay["s"])
+        real_sync(fd)
+
+    monkeypatch.setattr(log_mod.os, "fdatasync", sync)
+    await j.vm_added("fast", "/a")
+    assert log_file.inline and threads[-1] == threading.main_thread().name
+    delay["s"] = log_mod.INLINE_SYNC_LIMIT * 4
+    await j.vm_added("slow", "/b")                  # inline, but too slow
+    assert not log_file.inline
+    delay["s"] = 0.0
+    await j.vm_added("in-thread", "/c")             # in a thread, fast again
+    assert threads[-1] != threading.main_thread().name and log_file.inline
+    await j.vm_added("back", "/d")
+    assert threads[-1] == threading.main_thread().name
+    assert set((await reopened(tmp_path, j)).vms) == {"fast", "slow", "in-thread", "back"}

@@ -1,0 +1,154 @@
+"""The slot table's states and transitions, without QEMU (qmpfd.hotplug.slots)."""
+
+import pytest
+
+from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.hotplug.slots import SlotState, SlotStateError, SlotTable
+from qmpfd.qemu.topology import RawDevice, peripheral
+from tests.unit.topologies import pc_raw, q35_raw, topo
+
+S = SlotState
+KEY = ("pci.0", 5)
+
+
+def table() -> SlotTable:
+    return SlotTable(topo(pc_raw()))
+
+
+def dev(dev_id: str, fn: int, slot: int = 5) -> RawDevice:
+    return peripheral(dev_id, "virtio-rng-pci", slot, fn)
+
+
+def test_states_read_from_the_topology() -> None:
+    t = table()
+    assert t.state(("pci.0", 0)) is S.PRESENT         # host bridge
+    assert t.state(KEY) is S.EMPTY
+    t.reserve(KEY, ["a", "b"])
+    t.added(KEY, [dev("b", 1)])
+    t.attach_undone(KEY, [])
+    # QEMU kept nothing by qmpfd's account, but the topology says function 1 is there: orphaned
+    assert t.state(KEY) is S.ORPHANED
+    assert t.orphans() == [(KEY, ["b"])]
+
+
+def test_attach_path_empty_attaching_present() -> None:
+    t = table()
+    t.reserve(KEY, ["a", "b"])
+    assert t.state(KEY) is S.ATTACHING
+    assert t.claim(KEY) is not None and t.claim(KEY).ids == ("a", "b")  # type: ignore[union-attr]
+    t.added(KEY, [dev("b", 1)])
+    t.added(KEY, [dev("a", 0)])
+    assert t.state(KEY) is S.ATTACHING              # the claim wins until the attach says so
+    t.attach_done(KEY)
+    assert t.state(KEY) is S.PRESENT
+    assert t.find("a") == KEY and t.find("b") == KEY
+
+
+def test_rollback_that_must_wait_is_unplugging_then_empty() -> None:
+    t = table()
+    t.reserve(KEY, ["a", "b"])
+    t.added(KEY, [dev("b", 1)])
+    t.attach_undone(KEY, ["b"])
+    assert t.state(KEY) is S.UNPLUGGING
+    with pytest.raises(Conflict):
+        t.check_free(KEY)
+    t.deleted("b")
+    t.unplug_ended(KEY)
+    assert t.state(KEY) is S.EMPTY
+
+
+def test_detach_path_and_a_guest_refusal_returns_to_present() -> None:
+    t = table()
+    t.reserve(KEY, ["a"])
+    t.added(KEY, [dev("a", 0)])
+    t.attach_done(KEY)
+    t.begin_unplug(KEY, ["a"])
+    assert t.state(KEY) is S.UNPLUGGING
+    t.unplug_ended(KEY)                 # no DEVICE_DELETED came: QEMU still holds it
+    assert t.state(KEY) is S.PRESENT
+    t.begin_unplug(KEY, ["a"])
+    t.deleted("a")
+    t.unplug_ended(KEY)
+    assert t.state(KEY) is S.EMPTY
+
+
+def test_queue_and_unqueue() -> None:
+    t = table()
+    t.queue(KEY, "q1")
+    t.queue(KEY, "q2")
+    assert t.state(KEY) is S.QUEUED and t.claim(KEY).ids == ("q1", "q2")  # type: ignore[union-attr]
+    assert {"q1", "q2"} <= t.ids_in_use()
+    t.unqueue(KEY)
+    assert t.state(KEY) is S.EMPTY
+
+
+@pytest.mark.parametrize("setup,transition", [
+    ("present", "reserve"), ("attaching", "reserve"), ("empty", "attach_done"),
+    ("empty", "begin_unplug"), ("attaching", "begin_unplug"), ("unplugging", "reserve"),
+    ("empty", "unqueue"), ("present", "queue"), ("empty", "added"),
+])
+def test_transitions_refused_from_the_wrong_state(setup: str, transition: str) -> None:
+    t = table()
+    if setup in ("present", "attaching", "unplugging"):
+        t.reserve(KEY, ["a"])
+        if setup != "attaching":
+            t.added(KEY, [dev("a", 0)])
+            t.attach_done(KEY)
+        if setup == "unplugging":
+            t.begin_unplug(KEY, ["a"])
+    before = t.state(KEY)
+    calls = {"reserve": lambda: t.reserve(KEY, ["z"]), "attach_done": lambda: t.attach_done(KEY),
+             "begin_unplug": lambda: t.begin_unplug(KEY, ["a"]), "unqueue": lambda: t.unqueue(KEY),
+             "queue": lambda: t.queue(KEY, "z"), "added": lambda: t.added(KEY, [dev("z", 0)])}
+    with pytest.raises(SlotStateError, match=f"slot: pci.0 slot 5 is {before.value}"):
+        calls[transition]()
+    assert t.state(KEY) is before       # a refused transition changes nothing
+
+
+def test_one_check_one_message() -> None:
+    t = table()
+    t.reserve(KEY, ["a", "b"])
+    with pytest.raises(Conflict, match=r"slot: pci.0 slot 5 is taken \(attaching: a, b\)"):
+        t.check_free(KEY)
+    with pytest.raises(Conflict, match=r"functions\.0\.id: id 'a' is in use by pci\.0 slot 5"):
+        t.check_new_ids([("functions.0.id", "a")])
+    with pytest.raises(Conflict, match="id: a device with id 'br1' already exists"):
+        t.check_new_ids([("id", "br1")])
+    with pytest.raises(InvalidRequest, match=r"slot: bus 'pci\.0' has slots 0-31"):
+        t.check_slot_number(t.bus("pci.0"), 32)
+    with pytest.raises(NotFound, match="bus: no PCI bus 'nope'"):
+        t.bus("nope")
+
+
+def test_choose_first_free_and_refusals() -> None:
+    t = table()
+    assert t.choose(None, None) == ("pci.0", 3)     # 0 host, 1 PIIX, 2 bridge... first free
+    t.reserve(("pci.0", 3), ["x"])
+    assert t.choose(None, None) == ("pci.0", 4)
+    with pytest.raises(InvalidRequest, match="slot: given without bus"):
+        t.choose(None, 7)
+    with pytest.raises(Conflict, match=r"slot: pci\.0 slot 3 is taken"):
+        t.choose("pci.0", 3)
+    native = SlotTable(topo(q35_raw(native=True)))
+    with pytest.raises(Unsupported, match=r"bus: 'pcie\.0' does not support hotplugging"):
+        native.choose("pcie.0", None)
+
+
+def test_refresh_keeps_claims() -> None:
+    t = table()
+    t.reserve(KEY, ["a"])
+    t.refresh(topo(pc_raw()))
+    assert t.state(KEY) is S.ATTACHING
+
+
+def test_view_shows_claims_and_queued_functions() -> None:
+    t = table()
+    t.queue(("pci.0", 6), "q1")
+    t.reserve(KEY, ["a"])
+    t.added(KEY, [dev("a", 0)])
+    views = {(v.bus, v.slot): v for v in t.view({("pci.0", 6): [(1, "q1", "e1000")]})}
+    assert views[KEY].state is S.ATTACHING
+    assert [(f.function, f.id) for f in views[KEY].functions] == [(0, "a")]
+    assert views[("pci.0", 6)].state is S.QUEUED
+    assert [(f.function, f.id, f.state) for f in views[("pci.0", 6)].functions] == [
+        (1, "q1", S.QUEUED)]
