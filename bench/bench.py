@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,11 +59,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Daemon:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, state_dir: Path | None = None) -> None:
+        work.mkdir(parents=True, exist_ok=True)
         self.sock = work / "qmpfd.sock"
         cfg = work / "qmpfd.toml"
-        cfg.write_text(f'[daemon]\nsocket = "{self.sock}"\nstate-dir = "{work}/state"\n'
-                       f'log-level = "warning"\n[access]\nqmp-dirs = ["{work}"]\n')
+        state = state_dir or work / "state"
+        cfg.write_text(f'[daemon]\nsocket = "{self.sock}"\nstate-dir = "{state}"\n'
+                       f'log-level = "warning"\n[access]\nqmp-dirs = ["{work.parent}"]\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)],
                                      stderr=(work / "qmpfd.log").open("wb"))
         while not self.sock.exists():
@@ -157,39 +160,50 @@ async def raw_cycle(c: QMPClient, events: EventListener, vm: LabVm, n: int,
 
 
 async def overhead(work: Path, daemon: Daemon) -> dict[str, Any]:
-    """One pc VM, two QMP monitors: qmpfd holds the first, raw QMP speaks on the second. Runs
-    alternate qmpfd / raw on the same guest and the same slot, so the only difference is qmpfd."""
-    vm = LabVm("ovh", work, LabVmSpec(machine="pc"))
+    """One pc VM, three QMP monitors: qmpfd holds the first, raw QMP speaks on the second, and a
+    second qmpfd whose state dir is on tmpfs (/dev/shm: the journal's fdatasync costs nothing)
+    holds the third, to show how much of qmpfd's time is the disk flush. Runs rotate between
+    the three on the same guest and the same slot, so the only difference is qmpfd."""
+    third = work / "ovh.qmp-third"
+    vm = LabVm("ovh", work, LabVmSpec(machine="pc", extra=[
+        "-qmp", f"unix:{third},server=on,wait=off"]))
     vm.start()
+    shm = Path(tempfile.mkdtemp(prefix="qmpfd-bench-", dir="/dev/shm"))
+    mem = Daemon(work / "tmpfs-daemon", state_dir=shm / "state")
     try:
         c = await client(daemon.sock)
         await c.execute("vm-add", {"name": "ovh", "qmp": str(vm.qmp_socket)})
+        c_mem = await client(mem.sock)
+        await c_mem.execute("vm-add", {"name": "ovh", "qmp": str(third)})
         raw = await client(vm.inspect_socket)
         events = EventListener()
         raw.register_listener(events)
         out: dict[str, Any] = {}
         for n in (1, 2, 4, 8):
-            res: dict[str, list[dict[str, float]]] = {"qmpfd": [], "raw": []}
+            res: dict[str, list[dict[str, float]]] = {"qmpfd": [], "raw": [], "tmpfs": []}
             plan: dict[str, Any] = await c.execute("device-attach", {  # type: ignore[assignment]
                 "vm": "ovh", "dry-run": True, "functions": [{"id": "probe", "driver": "e1000"}]})
-            for r in range(RUNS):  # interleaved A/B (who goes first alternates), same slot
-                if r % 2:
-                    res["raw"].append(await raw_cycle(raw, events, vm, n, f"r{n}r{r}",
-                                                      plan["bus"], int(plan["slot"])))
-                res["qmpfd"].append(await qmpfd_cycle(c, vm, "ovh", n, f"q{n}r{r}", daemon))
-                if not r % 2:
-                    res["raw"].append(await raw_cycle(raw, events, vm, n, f"r{n}r{r}",
-                                                      plan["bus"], int(plan["slot"])))
+            arms: list[tuple[str, Callable[[int], Awaitable[dict[str, float]]]]] = [
+                ("qmpfd", lambda r, n=n: qmpfd_cycle(c, vm, "ovh", n, f"q{n}r{r}", daemon)),
+                ("raw", lambda r, n=n, p=plan: raw_cycle(raw, events, vm, n, f"r{n}r{r}",
+                                                         p["bus"], int(p["slot"]))),
+                ("tmpfs", lambda r, n=n: qmpfd_cycle(c_mem, vm, "ovh", n, f"m{n}r{r}", mem)),
+            ]
+            for r in range(RUNS):  # interleaved; who goes first rotates
+                for name, cycle in arms[r % 3:] + arms[:r % 3]:
+                    res[name].append(await cycle(r))
             out[str(n)] = {k: {m: summary([x[m] for x in v]) for m in v[0]}
                            for k, v in res.items()}
             out[str(n)]["qmpfd_cpu_ms_per_attach"] = (
                 sum(x["cpu"] for x in res["qmpfd"]) / RUNS * 1000)
         await c.execute("vm-remove", {"name": "ovh"})
         out["commands"] = await commands_sent(c, vm, work)
-        await c.disconnect()
-        await raw.disconnect()
+        for cl in (c, c_mem, raw):
+            await cl.disconnect()
         return out
     finally:
+        mem.stop()
+        shutil.rmtree(shm, ignore_errors=True)
         vm.stop()
 
 
@@ -242,7 +256,7 @@ async def unplug(work: Path, daemon: Daemon) -> dict[str, Any]:
 
 
 # -- 4. scale -------------------------------------------------------------------------------
-SCALE_ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "3"))
+SCALE_ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "6"))
 
 
 def start_bare_qemu(work: Path, i: int) -> tuple[subprocess.Popen[bytes], Path, Path]:

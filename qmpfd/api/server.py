@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from qmpfd.access.peer import Peer
 from qmpfd.api import wire
 from qmpfd.api.session import Dispatcher, Session
 from qmpfd.errors import QmpfdError
+
+REFUSAL_LOG_INTERVAL = 60.0   # seconds
 
 log = logging.getLogger("qmpfd.api")
 
@@ -69,6 +72,8 @@ class ApiServer:
         self._max_clients = max_clients
         self._max_line = max_line
         self._sessions: set[Session] = set()
+        #: (uid, reason) -> (when last logged, refusals since): see _log_refusal
+        self._refusals: dict[tuple[int | None, str], tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self.path: Path | None = None
@@ -105,8 +110,7 @@ class ApiServer:
         if refusal is None and len(self._sessions) >= self._max_clients:
             refusal = f"too many clients (daemon.max-clients = {self._max_clients})"
         if refusal is not None:
-            log.warning("client refused", extra={"peer_uid": peer.uid, "peer_pid": peer.pid,
-                                                 "reason": refusal})
+            self._log_refusal(peer.uid, peer.pid, refusal)
             writer.write(wire.encode(wire.error_reply("GenericError", refusal)))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
@@ -119,6 +123,19 @@ class ApiServer:
             await session.run()
         finally:
             self._sessions.discard(session)
+
+    def _log_refusal(self, uid: int | None, pid: int | None, reason: str) -> None:
+        """Once per peer uid and reason per :data:`REFUSAL_LOG_INTERVAL`, with the number
+        refused since the last line: a flood of connection attempts is one line a minute."""
+        key = (uid, reason)
+        now = time.monotonic()
+        last, count = self._refusals.get(key, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals[key] = (last, count + 1)
+            return
+        self._refusals[key] = (now, 0)
+        log.warning("client refused", extra={"peer_uid": uid, "peer_pid": pid, "reason": reason,
+                                             "refused_since_last_log": count + 1})
 
     def broadcast(self, name: str, data: dict[str, Any]) -> None:
         msg = wire.event(name, data)

@@ -22,7 +22,7 @@ from typing import Any
 
 from qmpfd.access.peer import Peer
 from qmpfd.api import wire
-from qmpfd.errors import CommandNotFound, QmpfdError
+from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError
 
 log = logging.getLogger("qmpfd.api")
 
@@ -89,6 +89,10 @@ class Session:
                         reply = wire.error_reply(
                             "GenericError",
                             f"request exceeds the {self._max_line}-byte message limit")
+                    elif isinstance(message, wire.TooDeep):
+                        reply = wire.reply_for_error(InvalidRequest(
+                            f"{message.path()}: nested deeper than {wire.MAX_DEPTH} levels"),
+                            None)
                     else:
                         reply = await self._handle(message)
                     await self._send(reply)
@@ -108,6 +112,9 @@ class Session:
         try:
             request = wire.parse_request(line)
             name, args = wire.check_request(request)
+            nul = wire.find_nul(args)
+            if nul is not None:
+                raise InvalidRequest(f"{nul}: contains a NUL byte")
             if not self.negotiated:
                 if name != "qmp_capabilities":
                     raise CommandNotFound(

@@ -63,7 +63,7 @@ async def attach(vm: ManagedVm, functions: Sequence[FunctionSpec], *, bus: str |
             return AttachResult(vm.name, plan, dry_run=True)
         plan = plan_and_reserve(vm, functions, bus, slot, timeout)
     try:
-        await run_attach(vm, plan)
+        await run_attach(vm, plan, retry_if_stale=True)
     except AttachFailed as exc:
         if not _stale_view(exc):
             raise
@@ -85,8 +85,12 @@ def _stale_view(exc: AttachFailed) -> bool:
                                       or "Duplicate" in text or "already" in text)
 
 
-async def run_attach(vm: ManagedVm, plan: Plan) -> None:
-    """Execute a reserved plan: journal, plug, and settle the slot's state either way."""
+async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False) -> None:
+    """Execute a reserved plan: journal, plug, and settle the slot's state either way.
+
+    ``retry_if_stale``: the caller plans again if QEMU refused because qmpfd's view was stale,
+    so that first attempt is not announced as a failed attach (the client sees one outcome).
+    """
     key = (plan.bus, plan.slot)
     op = Operation("attach", vm.name, plan.bus, plan.slot,
                    {f.id: f.function for f in plan.functions}, plan.policy.name)
@@ -102,7 +106,8 @@ async def run_attach(vm: ManagedVm, plan: Plan) -> None:
         await execute_attach(plan, vm.link, vm.tracker, vm.table,
                              after_step=lambda n: fault_point(f"attach-step-{n}"))
     except AttachFailed as exc:
-        vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
+        if not (retry_if_stale and _stale_view(exc)):
+            vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
         if isinstance(exc.cause, VmGone):
             vm.table.attach_undone(key, [])  # reconnect re-reads QEMU; reconcile settles it
         elif exc.rollback.left:

@@ -76,8 +76,32 @@ def test_other_uid_is_refused_by_peer_credentials(open_dir: Path) -> None:
         assert isinstance(first, dict) and "access denied: uid 65534" in first["error"]["desc"]
         assert result["then"] == "", "the connection must be closed after the refusal"
         assert "client refused" in d.log()
+        # A flood of refused connections is one log line a minute, with a count, not 300.
+        flood = FLOOD.replace("SOCK", str(d.socket))
+        out = subprocess.run([SYSTEM_PYTHON, "-c", flood], user=NOBODY, group=NOBODY,
+                             capture_output=True, text=True, timeout=120, cwd="/")
+        assert out.stdout.strip() == "300", out.stderr
+        refusals = [ln for ln in d.log().splitlines() if "client refused" in ln]
+        assert len(refusals) == 1, refusals
+        # The daemon still answers its own user.
+        ok = subprocess.run([SYSTEM_PYTHON, "-c", PROBE, str(d.socket)], capture_output=True,
+                            text=True, timeout=30)
+        assert '"QMP"' in ok.stdout
     finally:
         d.stop()
+
+
+FLOOD = """
+import socket
+n = 0
+for _ in range(300):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect("SOCK")
+    if b"access denied" in s.makefile("rb").readline():
+        n += 1
+    s.close()
+print(n)
+"""
 
 
 def test_socket_is_0660_so_others_cannot_even_connect(open_dir: Path) -> None:

@@ -147,3 +147,38 @@ def test_fuzz_socket_protocol(target: tuple[DaemonProcess, LabVm]) -> None:
     listed = setup.read()
     assert [v["name"] for v in listed["return"]] == [VM] and listed["return"][0]["connected"], vms
     assert qemu_devices(vm) == before, "the fuzz run changed the VM"
+
+
+HOSTILE = [
+    ({"execute": "vm-add", "arguments": {"name": "n", "qmp": "/run/a\0b.qmp"}}, "qmp"),
+    ({"execute": "device-attach", "arguments": {"vm": VM, "functions": [
+        {"id": "a\0", "driver": "e1000"}]}}, "functions[0].id"),
+    ({"execute": "device-detach", "arguments": {"vm": VM, "ids": ["ok", "x\0y"]}}, "ids[1]"),
+    ({"execute": "vm-qmp", "arguments": {"vm": VM, "command": "qom-get", "arguments": {
+        "path": "/machine\0"}}}, "arguments.path"),
+]
+
+
+def test_hostile_input_is_refused_naming_the_field(target: tuple[DaemonProcess, LabVm]) -> None:
+    """NUL bytes and nesting beyond the limit: InvalidRequest naming the field, never an internal
+    error; the connection and the VM are as before."""
+    d, vm = target
+    conn = Conn(d.socket)
+    conn.send(json.dumps({"execute": "vm-add", "arguments": {
+        "name": VM, "qmp": str(vm.qmp_socket)}}).encode() + b"\n")
+    conn.replies_until_sentinel()
+    before = qemu_devices(vm)
+    for request, field in HOSTILE:
+        conn.send(json.dumps(request).encode() + b"\n")
+        (reply,) = conn.replies_until_sentinel()
+        assert reply["error"]["class"] == "InvalidRequest", reply
+        assert reply["error"]["desc"] == f"{field}: contains a NUL byte", reply
+    deep = b"[" * 100_000 + b"]" * 100_000
+    conn.send(b'{"execute":"device-attach","arguments":{"vm":"' + VM.encode()
+              + b'","functions":' + deep + b"}}")   # no newline: qemu.qmp's framing
+    (reply,) = conn.replies_until_sentinel()
+    assert reply["error"]["class"] == "InvalidRequest", reply
+    assert reply["error"]["desc"].startswith("functions[0][0]"), reply
+    assert "nested deeper than 32 levels" in reply["error"]["desc"], reply
+    assert qemu_devices(vm) == before
+    assert "Traceback" not in d.log() and "internal error" not in d.log()

@@ -64,3 +64,26 @@ def test_event_and_greeting_shapes() -> None:
     g = wire.greeting()
     assert set(g["QMP"]["version"]["qmpfd"]) == {"major", "minor", "micro"}
     assert json.loads(wire.encode(g)) == g and wire.encode(g).endswith(b"\n")
+
+
+def test_nesting_beyond_the_limit_is_named_and_the_stream_goes_on() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    msg = b'{"execute":"device-attach","arguments":{"vm":"a","functions":[{"id":"x",' \
+          b'"properties":{"p":' + deep + b'}}]}}'
+    s = wire.JsonSplitter(10_000_000)
+    out = s.feed(msg + b'{"execute":"query-version"}')
+    assert isinstance(out[0], wire.TooDeep)
+    assert out[0].path() == "functions[0].properties.p" + "[0]" * (wire.MAX_DEPTH - 5)
+    assert out[1] == b'{"execute":"query-version"}'      # the next request is intact
+
+
+def test_nesting_within_the_limit_passes_and_strings_do_not_count() -> None:
+    ok = b'{"execute":"x","arguments":{"a":' + b"[" * 20 + b'"[[[[{{{{"' + b"]" * 20 + b"}}"
+    assert wire.JsonSplitter(10_000).feed(ok) == [ok]
+
+
+def test_nul_bytes_are_found_with_their_path() -> None:
+    assert wire.find_nul({"vm": "a", "functions": [{"id": "x\0y"}]}) == "functions[0].id"
+    assert wire.find_nul({"qmp": "/run/a\0"}) == "qmp"
+    assert wire.find_nul({"properties": {"k\0": 1}}) == "properties.k\\0"
+    assert wire.find_nul({"vm": "a", "n": [1, 2]}) is None
