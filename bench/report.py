@@ -19,6 +19,28 @@ def _names(cmds: list[str]) -> str:
     return ", ".join(f"{k}" if v == 1 else f"{v}x {k}" for k, v in counts.items()) or "none"
 
 
+def _targets(r: dict[str, Any]) -> list[str]:
+    """Issue 10's targets, each with this run's figure and whether it is met."""
+    ovh = r["overhead"]
+
+    def ratio(n: str) -> float:
+        return float(ovh[n]["qmpfd"]["attach_qmp"]["median"]
+                     / ovh[n]["raw"]["attach_qmp"]["median"])
+    cmds = ovh.get("commands", {})
+    exact = all(c["attach"] == ["device_add"] * int(n) for n, c in cmds.items() if n.isdigit())
+    rows = [("8-function attach <= 1.15x raw QMP", f"{ratio('8'):.2f}x", ratio("8") <= 1.15),
+            ("1-function attach <= 2x raw QMP", f"{ratio('1'):.2f}x", ratio("1") <= 2.0),
+            ("exactly N device_adds, nothing else, per N-function attach",
+             "yes" if exact else "no", exact)]
+    if "100" in r["scale"]:
+        s100 = r["scale"]["100"]["ratio"]
+        rows.append(("100 VMs: attach rate >= 0.8x raw QMP's", f"{s100:.2f}x", s100 >= 0.8))
+    out = ["", "### Issue 10's targets in this run", "", "| target | this run | met |",
+           "|---|---|---|"]
+    out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
+    return [*out, ""]
+
+
 def write_report(r: dict[str, Any], md: Path, png: Path) -> None:
     v = r["versions"]
     lines = [
@@ -48,6 +70,7 @@ def write_report(r: dict[str, Any], md: Path, png: Path) -> None:
             f"{res['qmpfd_cpu_ms_per_attach']:.1f} | "
             f"{_ms(q['attach_guest']['median'])} | {_ms(w['attach_guest']['median'])} | "
             f"{_ms(q['detach']['median'])} | {_ms(w['detach']['median'])} |")
+    lines += _targets(r)
     cmds = r["overhead"].get("commands", {})
     lines += ["", "### QMP commands qmpfd sent (counted by a logging proxy, not by qmpfd)", "",
               "| N | per attach | per whole-slot detach |", "|---|---|---|"]

@@ -74,6 +74,8 @@ def detached(result: DetachResult) -> dict[str, Any]:
                            "ids": result.ids, "seconds": result.seconds}
     if result.unplugging:
         out["unplugging"] = True
+    if result.waited:
+        out["waited-for-guest"] = result.waited
     if result.host_released:
         out["host-released"] = result.host_released
     return out
@@ -82,4 +84,5 @@ def detached(result: DetachResult) -> dict[str, Any]:
 def operation(op: Operation) -> dict[str, Any]:
     return {"operation": op.id, "kind": op.kind, "vm": op.vm, "bus": op.bus, "slot": op.slot,
             "ids": op.ids, "policy": op.policy, "started": op.started, "sent": op.sent,
-            "age": round(time.time() - op.started, 1)}
+            "age": round(time.time() - op.started, 1),
+            **({"waiting": op.waiting} if op.waiting else {})}

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.plan import Plan, Step
+from qmpfd.hotplug.policies.base import is_transient
 from qmpfd.hotplug.slots import SlotTable
 from qmpfd.qemu.link import QmpLink
 from qmpfd.qemu.topology import peripheral
@@ -54,9 +56,17 @@ def _where(step: Step) -> str:
 async def _send(link: QmpLink, steps: Sequence[Step], timeout: float
                 ) -> tuple[list[Step], list[Step], tuple[Step, QmpfdError] | None]:
     """Send ``steps`` together; (accepted, unanswered in time, first refusal or loss)."""
-    results = await asyncio.gather(
-        *(link.execute(s.execute, dict(s.arguments), timeout=timeout) for s in steps),
-        return_exceptions=True)
+    results: list[object]
+    if len(steps) == 1:      # the common single-function plug: no gather, no extra task
+        try:
+            results = [await link.execute(steps[0].execute, dict(steps[0].arguments),
+                                          timeout=timeout)]
+        except QmpfdError as exc:
+            results = [exc]
+    else:
+        results = await asyncio.gather(
+            *(link.execute(s.execute, dict(s.arguments), timeout=timeout) for s in steps),
+            return_exceptions=True)
     accepted: list[Step] = []
     late: list[Step] = []
     failure: tuple[Step, QmpfdError] | None = None
@@ -130,9 +140,10 @@ async def rollback(plan: Plan, added: list[str], late: list[str], link: QmpLink,
     if not added:
         return RollbackResult()
     done = tracker.expect(added)
+    deadline = time.monotonic() + plan.policy.timeouts.unplug
     for step in plan.rollback_steps(added):
         try:
-            await link.execute(step.execute, dict(step.arguments))
+            await send_when_ready(link, step.execute, dict(step.arguments), deadline)
         except QemuError as exc:
             log.warning("rollback device_del refused", extra={"id": step.id, "error": exc.desc})
         except (VmGone, Timeout):
@@ -147,9 +158,37 @@ async def rollback(plan: Plan, added: list[str], late: list[str], link: QmpLink,
     return RollbackResult(removed=list(added))
 
 
+#: Backoff between attempts of a command the guest was not ready for (seconds, doubling).
+READY_FIRST_DELAY = 0.1
+READY_MAX_DELAY = 1.0
+
+
+async def send_when_ready(link: QmpLink, cmd: str, args: dict[str, object], deadline: float,
+                          on_wait: Callable[[str], None] | None = None) -> object:
+    """Send ``cmd``; while QEMU refuses it as transient (the guest is still busy with the
+    slot), wait and send it again, with backoff, until ``deadline`` (monotonic). ``on_wait``
+    hears each refusal, so a caller can show the wait. Any other refusal is final."""
+    delay = READY_FIRST_DELAY
+    while True:
+        try:
+            return await link.execute(cmd, args)
+        except QemuError as exc:
+            if not is_transient(exc.desc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise Timeout(f"{cmd} {args.get('id', '')}: QEMU still refused it when the "
+                              f"request's time ran out ({exc.desc})") from exc
+            if on_wait is not None:
+                on_wait(exc.desc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, READY_MAX_DELAY)
+
+
 async def execute_unplug(targets: list[str], ids: list[str], link: QmpLink,
-                         tracker: DeletionTracker) -> asyncio.Future[None]:
-    """Send the policy's device_del commands; return the future of all DEVICE_DELETED events.
+                         tracker: DeletionTracker, deadline: float,
+                         on_wait: Callable[[str], None] | None = None) -> asyncio.Future[None]:
+    """Send the policy's device_del commands (each retried while the guest is busy, until
+    ``deadline``); return the future of all DEVICE_DELETED events.
 
     The caller waits on it with its own timeout and may leave it running: a late DEVICE_DELETED
     still completes the slot.
@@ -157,7 +196,7 @@ async def execute_unplug(targets: list[str], ids: list[str], link: QmpLink,
     done = tracker.expect(ids)
     try:
         for target in targets:
-            await link.execute("device_del", {"id": target})
+            await send_when_ready(link, "device_del", {"id": target}, deadline, on_wait)
     except QmpfdError:
         done.cancel()
         raise

@@ -120,7 +120,8 @@ class QmpLink:
         limit = self.command_timeout if timeout is None else timeout
         self.commands_sent += 1
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args), limit)
+            async with asyncio.timeout(limit):   # no extra task per command (wait_for makes one)
+                return await self._client.execute(cmd, args)
         except ExecuteError as exc:
             raise QemuError(f"{exc.error_class}: {exc}", exc.error_class) from exc
         except TimeoutError as exc:

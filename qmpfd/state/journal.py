@@ -42,13 +42,18 @@ class Operation:
     started: float = field(default_factory=time.time)
     #: the device_del commands have been sent (do not press a PCIe button twice).
     sent: bool = False
+    #: why qmpfd is waiting before it can send (the guest is busy with the slot); shown by
+    #: query-operations, never journaled
+    waiting: str | None = None
 
     @property
     def ids(self) -> list[str]:
         return sorted(self.functions, key=self.functions.__getitem__)
 
     def record(self) -> r.OpRecord:
-        return r.OpRecord.model_validate(asdict(self))
+        fields = asdict(self)
+        del fields["waiting"]
+        return r.OpRecord.model_validate(fields)
 
 
 def _op(rec: r.OpRecord) -> Operation:

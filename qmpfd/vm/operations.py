@@ -203,22 +203,34 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
             policy.name))
         await fault_point("detach-begin")
         vm.table.begin_unplug(key, all_ids)   # before device_del: its events may be quick
-        try:
-            done = await execute_unplug(targets, all_ids, vm.link, vm.tracker)
-        except QmpfdError:
-            vm.table.unplug_ended(key)
-            vm.journal.end(op)
-            raise
-        vm.journal.mark_sent(op)
-        await fault_point("detach-sent")
+    # device_del goes out after the allocation lock is let go: a guest still busy with the
+    # slot is waited out here (retried until the deadline) without holding up other slots.
+    limit = timeout if timeout is not None else policy.timeouts.unplug
+    result = DetachResult(vm.name, key[0], key[1], all_ids, 0.0)
+
+    def waiting(desc: str) -> None:
+        op.waiting = f"{desc}; retrying"
+        result.waited = round(time.monotonic() - started, 3)
+        log.info("guest not ready for unplug; retrying", extra={
+            "vm": vm.name, "bus": key[0], "slot": key[1], "error": desc})
+    try:
+        done = await execute_unplug(targets, all_ids, vm.link, vm.tracker,
+                                    deadline=started + limit, on_wait=waiting)
+    except QmpfdError:
+        vm.table.unplug_ended(key)
+        vm.journal.end(op)
+        raise
+    finally:
+        op.waiting = None
+    vm.journal.mark_sent(op)
+    await fault_point("detach-sent")
     unplug = Unplug(vm, key, all_ids, op, started=started, done=done)
     unplug.watch()
-    limit = timeout if timeout is not None else policy.timeouts.unplug
     if force:
         limit = min(limit, FORCE_GRACE)
-    result = DetachResult(vm.name, key[0], key[1], all_ids, 0.0)
+    remaining = max(0.0, started + limit - time.monotonic()) if not force else limit
     try:
-        await asyncio.wait_for(asyncio.shield(done), limit)
+        await asyncio.wait_for(asyncio.shield(done), remaining)
     except TimeoutError:
         result.seconds = round(time.monotonic() - started, 3)
         if force:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
-from qmpfd.errors import QemuError
+from qmpfd.errors import QemuError, Timeout
+from qmpfd.hotplug.executor import send_when_ready
 from qmpfd.hotplug.policies import POLICIES
 from qmpfd.hotplug.policies.base import SlotMember
 from qmpfd.hotplug.recovery import Action, decide
@@ -50,9 +52,10 @@ async def reconcile(vm: ManagedVm) -> None:
                        else policy.unplug_targets(members))
             vm.table.wait_unplug(key, list(decision.ids))
             done = vm.tracker.expect(decision.ids)  # before device_del: events are fast
+            deadline = time.monotonic() + (policy.timeouts.unplug if policy else 30.0)
             for target in targets:
-                with contextlib.suppress(QemuError):
-                    await vm.link.execute("device_del", {"id": target})
+                with contextlib.suppress(QemuError, Timeout):
+                    await send_when_ready(vm.link, "device_del", {"id": target}, deadline)
             vm.journal.mark_sent(op)
             Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach",
                    done=done).watch()

@@ -41,6 +41,7 @@ class DetachResult:
     ids: list[str]
     seconds: float
     unplugging: bool = False          # force: returned before the guest released the slot
+    waited: float = 0.0               # seconds device_del waited for a busy guest
     host_released: list[str] = field(default_factory=list)
 
 

@@ -254,3 +254,39 @@ async def test_query_policy_shows_mechanism_and_timeouts(client: Client, guest: 
     assert policy["policy"] == EXPECTED_POLICY[guest.machine]
     assert policy["timeouts"]["unplug"] > 0 and policy["timeouts"]["plug"] > 0
     assert {b["mechanism"] for b in policy["buses"]} == {EXPECTED_POLICY[guest.machine]}
+
+
+async def test_detach_right_after_attach_waits_for_the_guest(daemon: Path, client: Client,
+                                                              guest: Guest) -> None:
+    """Orchestrators undo a step at once. Detach sent the moment attach returns, three rounds:
+    on native PCIe QEMU refuses device_del while the guest is still powering the slot ("guest
+    is busy"); qmpfd waits that out within the request's time, and shows the wait (reply and
+    query-operations). The guest's own view is back to its starting set after every round, and
+    QEMU (second monitor) holds none of the functions."""
+    start = await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: True, 5)
+    watcher = await connect(daemon)   # a connection's requests run in order: watch on another
+    waited_rounds = 0
+    for r in range(3):
+        reply = await client.execute("device-attach", {"vm": guest.name,
+                                                       "functions": functions(f"rb{r}", 4)})
+        ids = [f["id"] for f in reply["functions"]]
+        detach = asyncio.create_task(client.execute("device-detach",
+                                                    {"vm": guest.name, "ids": ids}))
+        shown = False
+        while not detach.done():
+            ops = await watcher.execute("query-operations", {"vm": guest.name})
+            shown |= any("guest is busy" in op.get("waiting", "") for op in ops)
+            await asyncio.sleep(0.02)
+        detached = await detach
+        assert sorted(detached["ids"]) == sorted(ids)
+        if "waited-for-guest" in detached:
+            waited_rounds += 1
+            assert shown, "query-operations never showed the wait"
+        await asyncio.to_thread(guest.lab.wait_guest_pci, lambda s: s == start, 60)
+        peripheral, in_pci = await qemu_view(guest.lab)
+        assert not set(ids) & (peripheral | in_pci), "QEMU still holds detached functions"
+    await watcher.qmp.disconnect()
+    if EXPECTED_POLICY[guest.machine] == "pcie-native":
+        assert waited_rounds >= 1, "the guest was never busy: the case was not exercised"
+    else:
+        assert waited_rounds == 0, "ACPI hotplug has no busy refusal"

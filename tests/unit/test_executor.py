@@ -17,7 +17,7 @@ import pytest
 
 from qmpfd.errors import QemuError, Timeout, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
-from qmpfd.hotplug.executor import AttachFailed, execute_attach
+from qmpfd.hotplug.executor import AttachFailed, execute_attach, execute_unplug
 from qmpfd.hotplug.plan import FunctionSpec, Plan, plan_attach
 from qmpfd.hotplug.policies import policy_for
 from qmpfd.hotplug.slots import SlotTable
@@ -45,6 +45,11 @@ class ScriptedQemu:
             raise VmGone("not connected")
         await asyncio.sleep(0)                    # replies come back on a later loop turn
         action = self.script.get((cmd, dev_id), ACCEPT)
+        if action.startswith("busy:"):          # refused as busy this many more times
+            left = int(action.split(":")[1])
+            self.script[(cmd, dev_id)] = f"busy:{left - 1}" if left > 1 else ACCEPT
+            raise QemuError("GenericError: Hot-unplug failed: guest is busy (power indicator "
+                            "blinking)")
         if action == GONE:
             self.connected = False
             raise VmGone(f"QMP connection lost during {cmd}")
@@ -218,3 +223,42 @@ async def test_vm_gone_while_probing_a_late_reply() -> None:
     exc = await run(plan, table, qemu, tracker)
     assert exc is not None and "d0" in exc.rollback.left
     assert "rolled back" not in exc.desc.replace("rollback still waiting", "")
+
+
+async def test_unplug_waits_out_a_busy_guest_and_reports_the_wait() -> None:
+    plan, table, qemu, tracker = setup("q35-native")
+    assert await run(plan, table, qemu, tracker) is None
+    qemu.script[("device_del", "d0")] = "busy:3"
+    waits: list[str] = []
+    loop = asyncio.get_running_loop()
+    done = await execute_unplug(["d0"], plan.ids, qemu, tracker,  # type: ignore[arg-type]
+                                deadline=loop.time() + 5, on_wait=waits.append)
+    await asyncio.wait_for(done, 2)
+    assert len(waits) == 3 and "guest is busy" in waits[0]
+    assert [c for c in qemu.sent if c[0] == "device_del"] == [("device_del", "d0")] * 4
+    assert qemu.devices == {}
+
+
+async def test_a_guest_busy_past_the_deadline_is_a_timeout_and_other_refusals_are_final(
+        ) -> None:
+    plan, table, qemu, tracker = setup("q35-native")
+    assert await run(plan, table, qemu, tracker) is None
+    loop = asyncio.get_running_loop()
+    qemu.script[("device_del", "d0")] = "busy:1000"
+    with pytest.raises(Timeout, match="still refused it when the request's time ran out"):
+        await execute_unplug(["d0"], plan.ids, qemu, tracker,  # type: ignore[arg-type]
+                             deadline=loop.time() + 0.5)
+    qemu.script[("device_del", "d0")] = REFUSE
+    sent = len(qemu.sent)
+    with pytest.raises(QemuError):
+        await execute_unplug(["d0"], plan.ids, qemu, tracker,  # type: ignore[arg-type]
+                             deadline=loop.time() + 5)
+    assert len(qemu.sent) == sent + 1                 # not retried
+
+
+async def test_rollback_waits_out_a_busy_guest() -> None:
+    plan, table, qemu, tracker = setup("q35-native")
+    qemu.script[("device_add", "d0")] = REFUSE
+    qemu.script[("device_del", "d1")] = "busy:1"
+    exc = await run(plan, table, qemu, tracker)
+    assert exc is not None and exc.rollback.left == [] and qemu.devices == {}

@@ -151,7 +151,7 @@ def test_state_json_of_format_1_is_migrated(tmp_path: Path) -> None:
     o = op()
     (tmp_path / "state.json").write_text(json.dumps({
         "format": 1, "vms": {"vm1": "/x"}, "host": {},
-        "pending": {}, "operations": [{**o.__dict__}]}))
+        "pending": {}, "operations": [o.record().model_dump()]}))
     j = Journal.open(tmp_path)
     assert j.vms == {"vm1": "/x"} and list(j.ops) == [o.id]
     assert not (tmp_path / "state.json").exists() and (tmp_path / "state.json.migrated").exists()

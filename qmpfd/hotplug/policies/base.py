@@ -9,6 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+#: Refusals QEMU documents as "not now" rather than "no": the guest is still powering the slot
+#: (native PCIe and SHPC refuse ``device_del`` while the power indicator blinks, QEMU >= 6.2).
+#: The same command a moment later succeeds, so it is retried until the request's deadline.
+TRANSIENT_REFUSALS = ("guest is busy",)
+
+
+def is_transient(desc: str) -> bool:
+    return any(marker in desc for marker in TRANSIENT_REFUSALS)
+
 
 @dataclass(frozen=True)
 class PolicyTimeouts:
