@@ -116,11 +116,17 @@ def render(command: str, result: Any) -> str:
         return (f"adopted {result['name']}: {result['arch']} {result['machine']} "
                 f"QEMU {result['qemu']}, policy {result['policy']}")
     if command == "vm-remove" and result:
+        lines = [f"settled: {s['kind']} {s['operation'] or ''} {s['bus']} slot {s['slot']:#04x} "
+                 f"({', '.join(s['ids'])}): {s['outcome']}" for s in result.get("settled", [])]
         if result.get("host-released"):
-            return ("removed; its QEMU is gone, host functions given back: "
-                    + ", ".join(result["host-released"]))
-        return ("removed; its QEMU still runs, host functions stay held: "
-                + ", ".join(result.get("host-held", [])))
+            lines.append("removed; its QEMU is gone, host functions given back: "
+                         + ", ".join(result["host-released"]))
+        elif result.get("host-held"):
+            lines.append("removed; its QEMU still runs, host functions stay held: "
+                         + ", ".join(result["host-held"]))
+        else:
+            lines.append("removed")
+        return "\n".join(lines)
     if result == {}:
         return "ok"
     return json.dumps(result, indent=2)
@@ -218,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_parser("list", help="list managed VMs")
     r = vm.add_parser("remove", help="stop managing a VM (QEMU keeps running)")
     r.add_argument("name")
+    r.add_argument("--force", action="store_true",
+                   help="let operations in flight settle first instead of refusing")
 
     s = sub.add_parser("slots", help="the VM's PCI slots and their functions")
     s.add_argument("vm")
@@ -267,7 +275,7 @@ def request_of(ns: argparse.Namespace) -> tuple[str, dict[str, Any] | None, str 
         if ns.vmcmd == "add":
             return "vm-add", {"name": ns.name, "qmp": str(Path(ns.qmp_socket).absolute())}, None
         if ns.vmcmd == "remove":
-            return "vm-remove", {"name": ns.name}, None
+            return "vm-remove", {"name": ns.name, **({"force": True} if ns.force else {})}, None
         return "query-vms", None, None
     if ns.cmd == "slots":
         return "query-slots", {"vm": ns.vm}, None

@@ -25,6 +25,7 @@ from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError, Unsupporte
 from qmpfd.host.assign import HostFunctionRequest
 from qmpfd.host.manager import HostDevices
 from qmpfd.hotplug.executor import AttachFailed
+from qmpfd.vm import removal
 from qmpfd.vm.registry import VmRegistry
 from qmpfd.vm.results import RemoveResult
 
@@ -53,7 +54,7 @@ class Commands:
         reg("query-version", m.NoArgs, self.query_version, False)
         reg("query-commands", m.NoArgs, self.query_commands, False)
         reg("vm-add", m.VmAddArgs, self.vm_add, True)
-        reg("vm-remove", m.VmArgs, self.vm_remove, True)
+        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
         reg("query-vms", m.NoArgs, self.query_vms, False)
         reg("query-slots", m.QuerySlotsArgs, self.query_slots, False)
         reg("query-policy", m.VmRef, self.query_policy, False)
@@ -110,21 +111,29 @@ class Commands:
                               "(config access.qmp-passthrough)")
         return await self.vms.get(a.vm).passthrough(a.command, a.arguments)
 
-    async def vm_remove(self, a: m.VmArgs) -> dict[str, Any]:
-        """Stop managing the VM. Host functions held for it stay held while its QEMU may still
-        use them; when its QEMU is verifiably gone they go back to their host drivers now,
-        since no later reconnect would ever give them back."""
-        gone = await self.vms.get(a.name).qemu_gone()
+    async def vm_remove(self, a: m.VmRemoveArgs) -> dict[str, Any]:
+        """Stop managing the VM. Refused while an operation is in flight unless ``force``,
+        which lets each settle first and reports what it came to. Host functions held for it
+        stay held while its QEMU may still use them; when its QEMU is verifiably gone they go
+        back to their host drivers now, since no later reconnect would ever give them back."""
+        vm = self.vms.get(a.name)
+        flights = removal.in_flight(vm)
+        settled: list[removal.Settled] = []
+        if flights:
+            if not a.force:
+                raise removal.refusal(a.name, flights)
+            settled = await removal.settle(vm, flights, removal.settle_limit(vm))
+        gone = await vm.qemu_gone()
         await self.vms.remove(a.name)
         held = self.host.held_for(a.name)
         if not held:
-            return {}
+            return replies.vm_removed(RemoveResult(settled=settled))
         if gone:
             return replies.vm_removed(RemoveResult(
-                host_released=await self.host.release_vm(a.name)))
+                host_released=await self.host.release_vm(a.name), settled=settled))
         log.warning("VM removed while its QEMU holds host functions; they stay held",
                     extra={"vm": a.name, "host": held})
-        return replies.vm_removed(RemoveResult(host_held=held))
+        return replies.vm_removed(RemoveResult(host_held=held, settled=settled))
 
     async def query_vms(self, _: m.NoArgs) -> list[dict[str, Any]]:
         return [replies.vm(vm.info()) for vm in self.vms.all()]

@@ -42,6 +42,11 @@ class VmArgs(Args):
     name: VmName
 
 
+class VmRemoveArgs(VmArgs):
+    #: settle operations in flight first (wait for them to complete or roll back)
+    force: bool = False
+
+
 class VmRef(Args):
     vm: VmName
 

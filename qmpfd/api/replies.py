@@ -28,6 +28,13 @@ def vm_removed(result: RemoveResult) -> dict[str, Any]:
         out["host-released"] = result.host_released
     if result.host_held:
         out["host-held"] = result.host_held
+    if result.settled:
+        out["settled"] = [{"operation": st.flight.operation, "kind": st.flight.kind,
+                           "bus": st.flight.bus, "slot": st.flight.slot,
+                           "ids": list(st.flight.ids), "outcome": st.outcome,
+                           **({"in-qemu": list(st.left)} if st.outcome.startswith("still")
+                              else {})}
+                          for st in result.settled]
     return out
 
 

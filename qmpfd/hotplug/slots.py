@@ -98,6 +98,11 @@ class SlotTable:
     def claim(self, key: SlotKey) -> Claim | None:
         return self._claims.get(key)
 
+    def in_flight(self) -> list[tuple[SlotKey, Claim]]:
+        """Slots an operation is changing now (ATTACHING, UNPLUGGING)."""
+        return [(k, c) for k, c in self._claims.items()
+                if c.state in (SlotState.ATTACHING, SlotState.UNPLUGGING)]
+
     def ids_in_use(self) -> set[str]:
         """Ids QEMU has, and ids claimed by queues and attaches not yet in QEMU."""
         return set(self._topology.device_ids()) | {

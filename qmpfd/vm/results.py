@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import Plan
+from qmpfd.vm.removal import Settled
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,4 @@ class DetachResult:
 class RemoveResult:
     host_held: list[str] = field(default_factory=list)
     host_released: list[str] = field(default_factory=list)
+    settled: list[Settled] = field(default_factory=list)   # force: what each operation came to

@@ -1,0 +1,87 @@
+"""Removing a VM that has work in flight.
+
+Dropping a VM in the middle of an attach would leave QEMU holding functions of a slot nobody
+finishes or takes back (non-zero functions without function 0 are invisible to the guest, and
+the journal would no longer say they were qmpfd's). So ``vm-remove`` refuses while an operation
+runs, naming it; with ``force`` it first lets every operation settle (an attach completes or
+rolls back on its own, a detach waits for its DEVICE_DELETED) within a bound, then says what
+each one came to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qmpfd.errors import Conflict
+from qmpfd.hotplug.slots import SlotState
+
+if TYPE_CHECKING:
+    from qmpfd.vm.managed import ManagedVm
+
+POLL = 0.05   # seconds between looks while settling
+
+
+@dataclass(frozen=True)
+class InFlight:
+    operation: str | None     # the journaled operation, None before its record is written
+    kind: str                 # "attach" or "detach"
+    bus: str
+    slot: int
+    ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        op = f"operation {self.operation}" if self.operation else "an operation"
+        return f"{self.kind} {op} on {self.bus} slot {self.slot} ({', '.join(self.ids)})"
+
+
+@dataclass(frozen=True)
+class Settled:
+    flight: InFlight
+    outcome: str              # completed, rolled-back, detached, still-present, still-running
+    left: tuple[str, ...] = ()   # ids QEMU still holds when the outcome is not final
+
+
+def in_flight(vm: ManagedVm) -> list[InFlight]:
+    out = [InFlight(op.id, op.kind, op.bus, op.slot, tuple(op.ids))
+           for op in vm.journal.for_vm(vm.name)]
+    known = {(f.bus, f.slot) for f in out}
+    for key, claim in vm.table.in_flight():
+        if key not in known:
+            kind = "attach" if claim.state is SlotState.ATTACHING else "detach"
+            out.append(InFlight(None, kind, key[0], key[1], claim.ids))
+    return out
+
+
+def refusal(name: str, flights: list[InFlight]) -> Conflict:
+    return Conflict(f"name: VM '{name}' has {'; '.join(f.describe() for f in flights)} in "
+                    "flight; wait for it, or remove with force: true to settle it first")
+
+
+def settle_limit(vm: ManagedVm) -> float:
+    """Long enough for any attach to finish or roll back and any unplug to complete."""
+    policies = vm.policies().values()
+    return max((p.timeouts.plug * 2 + p.timeouts.unplug for p in policies), default=30.0)
+
+
+async def settle(vm: ManagedVm, flights: list[InFlight], limit: float) -> list[Settled]:
+    deadline = time.monotonic() + limit
+    # Operations end in several places (executor, DEVICE_DELETED, reconnect); polling this
+    # in-memory view is cheap and needs no hook in each of them.
+    while in_flight(vm) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(POLL)
+    running = {(f.bus, f.slot) for f in in_flight(vm)}
+    present = vm.table.topology.device_ids()
+    out = []
+    for f in flights:
+        left = tuple(i for i in f.ids if i in present)
+        if (f.bus, f.slot) in running:
+            out.append(Settled(f, "still-running", left))
+        elif f.kind == "attach":
+            out.append(Settled(f, "completed" if len(left) == len(f.ids) else
+                               "rolled-back" if not left else "still-present", left))
+        else:
+            out.append(Settled(f, "detached" if not left else "still-present", left))
+    return out

@@ -1,0 +1,87 @@
+"""Fault rows for work in flight (issue 11), each against a real `pc` guest with QEMU's own view
+(second monitor) as referee:
+
+- a ``device_add`` whose reply comes after the plug timeout (``timeout: 0.001``): the reply never
+  says "rolled back" while QEMU holds a function, and the ids are free afterwards;
+- ``vm-remove`` during an attach: refused with Conflict naming the operation; with ``force`` the
+  attach settles first and the reply says how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from lab.vm import LabVm, LabVmSpec
+from tests.integration.conftest import connect, qemu_view, start_lab_vm
+from tests.integration.faults_support import DaemonProcess
+from tests.integration.test_faults import FUNCS, IDS, adopt, agreement, cleanup, record, settled
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lab(workdir: Path) -> Iterator[LabVm]:
+    vm = start_lab_vm(workdir, "inflight-pc", LabVmSpec(machine="pc"))
+    yield vm
+    vm.stop()
+
+
+async def test_device_add_answered_after_the_timeout(daemon_proc: DaemonProcess,
+                                                     lab: LabVm) -> None:
+    before = await asyncio.to_thread(lab.wait_guest_pci, lambda s: True, 5)
+    daemon_proc.start()
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    for attempt in range(3):
+        with pytest.raises(ExecuteError) as err:
+            await c.execute("device-attach", {"vm": "f", "functions": FUNCS, "timeout": 0.001})
+        desc = str(err.value)
+        assert err.value.error_class == "Timeout", desc
+        peripheral, in_pci = await qemu_view(lab)
+        if desc.endswith("rolled back"):
+            # The reply says rolled back: QEMU must hold nothing of the request right now.
+            assert not IDS & (peripheral | in_pci), (attempt, desc, IDS & peripheral)
+        else:
+            assert "rollback still waiting" in desc, desc
+        await settled(c)
+        view = await agreement(c, lab, before)
+    record("device_add answered after the plug timeout (timeout 0.001)",
+           "Timeout; nothing left; ids free", view)
+    # The ids are free again: the same request without the tiny timeout works.
+    await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+    await agreement(c, lab, before, expect_attached=True)
+    await cleanup(c, lab, before)
+
+
+async def test_vm_remove_during_an_attach(daemon_proc: DaemonProcess, lab: LabVm) -> None:
+    before = await asyncio.to_thread(lab.wait_guest_pci, lambda s: True, 5)
+    daemon_proc.start(QMPFD_PAUSE_AT="attach-step-2", QMPFD_PAUSE_SECONDS="3")
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    attach = asyncio.create_task(c.execute("device-attach", {"vm": "f", "functions": FUNCS}))
+    other = await connect(daemon_proc.socket)
+    await asyncio.sleep(1.0)             # functions 1-3 are in QEMU, function 0 is not yet
+    peripheral, _ = await qemu_view(lab)
+    assert IDS & peripheral and "ff0" not in peripheral
+    with pytest.raises(ExecuteError) as err:
+        await other.execute("vm-remove", {"name": "f"})
+    assert err.value.error_class == "Conflict"
+    assert "attach operation" in str(err.value) and "force" in str(err.value), str(err.value)
+    assert [v["name"] for v in await other.execute("query-vms")] == ["f"]
+    removed = await other.execute("vm-remove", {"name": "f", "force": True})
+    (st,) = removed["settled"]
+    assert st["kind"] == "attach" and st["outcome"] == "completed", removed
+    assert sorted(st["ids"]) == sorted(IDS)
+    result = await attach                 # the attach itself finished and says so
+    assert sorted(f["id"] for f in result["functions"]) == sorted(IDS)
+    assert await other.execute("query-vms") == []
+    # QEMU and the guest hold the whole slot; adopting the VM again shows it present.
+    await other.execute("vm-add", {"name": "f", "qmp": str(lab.qmp_socket)})
+    view = await agreement(other, lab, before, expect_attached=True)
+    record("vm-remove during an attach", "Conflict; force settles it (completed)", view)
+    await cleanup(other, lab, before)
+    for cl in (c, other):
+        await cl.qmp.disconnect()
