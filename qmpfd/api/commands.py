@@ -63,7 +63,7 @@ class Commands:
         reg("query-pending", m.QueryPendingArgs, self.query_pending, False)
         reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
         reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
-        reg("query-operations", m.QueryPendingArgs, self.query_operations, False)
+        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False)
         reg("vm-qmp", m.VmQmpArgs, self.vm_qmp, True)
         reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True)
         reg("query-host-devices", m.QueryHostDevicesArgs, self.query_host_devices, False)
@@ -215,8 +215,13 @@ class Commands:
                                                  force=a.force)
         return replies.detached(result)
 
-    async def query_operations(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
+    async def query_operations(self, a: m.QueryOperationsArgs) -> list[dict[str, Any]]:
         if a.vm:
             self.vms.get(a.vm)  # NotFound for an unknown VM
-        return [replies.operation(op) for op in self.vms.journal.ops.values()
-                if a.vm is None or op.vm == a.vm]
+        running = [replies.operation(op) for op in self.vms.journal.ops.values()
+                   if a.vm is None or op.vm == a.vm]
+        if not a.ended:
+            return running
+        failed = [replies.failed_operation(vm.name, e) for vm in self.vms.all()
+                  if a.vm is None or vm.name == a.vm for e in vm.failed]
+        return running + failed

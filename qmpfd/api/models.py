@@ -167,6 +167,11 @@ class QueryPendingArgs(Args):
     vm: VmName | None = None
 
 
+class QueryOperationsArgs(QueryPendingArgs):
+    #: also list operations that failed after their request was answered (the last 64 per VM)
+    ended: bool = False
+
+
 class SlotRef(Args):
     vm: VmName
     bus: BusName

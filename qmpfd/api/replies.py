@@ -9,7 +9,14 @@ from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import Plan
 from qmpfd.hotplug.slots import SlotView
 from qmpfd.state.journal import Operation
-from qmpfd.vm.results import AttachResult, DetachResult, QueuedResult, RemoveResult, VmInfo
+from qmpfd.vm.results import (
+    AttachResult,
+    DetachResult,
+    EndedOperation,
+    QueuedResult,
+    RemoveResult,
+    VmInfo,
+)
 
 
 def vm_added(info: VmInfo) -> dict[str, Any]:
@@ -86,6 +93,12 @@ def detached(result: DetachResult) -> dict[str, Any]:
     if result.host_released:
         out["host-released"] = result.host_released
     return out
+
+
+def failed_operation(vm_name: str, e: EndedOperation) -> dict[str, Any]:
+    return {"operation": e.operation, "kind": e.kind, "vm": vm_name, "bus": e.bus,
+            "slot": e.slot, "ids": list(e.ids), "outcome": "failed", "reason": e.reason,
+            "ended": e.ended}
 
 
 def operation(op: Operation) -> dict[str, Any]:

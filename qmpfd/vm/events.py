@@ -37,6 +37,9 @@ class VmEvents:
         extra = {"seconds": seconds} if seconds is not None else {}
         self._slot("SLOT_DETACHED", bus, slot, ids, recovered, **extra)
 
+    def detach_failed(self, bus: str, slot: int, ids: Sequence[str], reason: str) -> None:
+        self._slot("SLOT_DETACH_FAILED", bus, slot, ids, False, reason=reason)
+
     def orphaned(self, bus: str, slot: int, ids: Sequence[str]) -> None:
         self._slot("SLOT_ORPHANED", bus, slot, ids, False)
 

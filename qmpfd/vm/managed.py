@@ -16,6 +16,7 @@ concurrently.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -32,10 +33,10 @@ from qmpfd.hotplug.slots import SlotTable, SlotView
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.link import QmpLink
 from qmpfd.qemu.topology import Topology
-from qmpfd.state.journal import Journal
+from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm import operations, queues, reconcile
 from qmpfd.vm.events import Emit, VmEvents
-from qmpfd.vm.results import VmInfo
+from qmpfd.vm.results import EndedOperation, VmInfo
 
 log = logging.getLogger("qmpfd.vm")
 
@@ -44,6 +45,7 @@ OnRemoved = Callable[[str, list[str]], Coroutine[Any, Any, list[str]]]
 #: Called with (vm, ids QEMU holds) after every (re)connection.
 OnConnected = Callable[[str, AbstractSet[str]], Coroutine[Any, Any, Any]]
 
+FAILED_KEPT = 64         # failed operations query-operations {ended} can still show
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
 QEMU_PROBE_TIMEOUT = 2.0  # seconds a liveness probe of the QMP socket may take
@@ -82,6 +84,18 @@ class ManagedVm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._reconnecting = False
+        #: the last operations that failed after their request was answered (bounded)
+        self.failed: collections.deque[EndedOperation] = collections.deque(maxlen=FAILED_KEPT)
+
+    def operation_failed(self, op: Operation, reason: str) -> None:
+        """An operation ended without doing what it was asked, after its request was answered:
+        announce it and keep it for query-operations {ended}."""
+        self.failed.append(EndedOperation(op.id, op.kind, op.bus, op.slot, tuple(op.ids),
+                                          reason, time.time()))
+        if op.kind == "detach":
+            self.events.detach_failed(op.bus, op.slot, op.ids, reason)
+        else:
+            self.events.attach_failed(op.bus, op.slot, op.ids, reason)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _new_link(self) -> QmpLink:

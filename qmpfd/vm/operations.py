@@ -158,10 +158,12 @@ class Unplug:
         exc = f.exception()
         if exc is not None:
             # Lost connection: the journal keeps op and reconcile() resumes the wait.
-            # Guest refusal: the functions stay; the operation is over.
+            # Guest refusal: the functions stay (the slot is present again); the operation is
+            # over, and a client that is no longer waiting learns it from the event.
             log.warning("unplug failed", extra={"vm": vm.name, "error": str(exc)})
             if self.op is not None and not isinstance(exc, VmGone):
                 vm.journal.end(self.op)
+                vm.operation_failed(self.op, str(exc))
             return
         if self.op is not None:
             vm.journal.end(self.op)

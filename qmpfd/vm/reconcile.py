@@ -30,6 +30,14 @@ async def reconcile(vm: ManagedVm) -> None:
     policies = vm.policies()
     for op in ops:
         decision = decide(op, present)
+        if op.kind == "detach" and decision.ids and await _cold_plugged(vm, decision.ids):
+            # QEMU was started again with these devices on its command line (a management
+            # plane restarting the VM from its config): no unplug is pending in this QEMU.
+            vm.journal.end(op)
+            vm.operation_failed(op, "QEMU restarted with these devices on its command line; "
+                                    "the unplug did not survive the restart (the slot is "
+                                    "present: detach it again)")
+            continue
         key = (op.bus, op.slot)
         log.info("reconciling", extra={"vm": vm.name, "operation": op.id,
                                        "kind": op.kind, "action": decision.action.value})
@@ -62,3 +70,17 @@ async def reconcile(vm: ManagedVm) -> None:
         else:  # KEEP_WAITING (or no policy known for the bus any more)
             vm.table.wait_unplug(key, list(decision.ids))
             Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach").watch()
+
+
+async def _cold_plugged(vm: ManagedVm, ids: tuple[str, ...]) -> bool:
+    """Whether every one of ``ids`` was created at QEMU's start, not hot-plugged (QOM property
+    ``hotplugged``): then this is a new QEMU and nothing is being unplugged."""
+    for dev_id in ids:
+        try:
+            hot = await vm.link.execute("qom-get", {"path": f"/machine/peripheral/{dev_id}",
+                                                    "property": "hotplugged"})
+        except QemuError:
+            return False
+        if hot is not False:
+            return False
+    return True

@@ -51,3 +51,17 @@ class RemoveResult:
     host_held: list[str] = field(default_factory=list)
     host_released: list[str] = field(default_factory=list)
     settled: list[Settled] = field(default_factory=list)   # force: what each operation came to
+
+
+@dataclass(frozen=True)
+class EndedOperation:
+    """An operation that ended without doing what it was asked (kept for query-operations
+    ``ended``: a client that missed the event can still learn why)."""
+
+    operation: str
+    kind: str
+    bus: str
+    slot: int
+    ids: tuple[str, ...]
+    reason: str
+    ended: float              # wall-clock time

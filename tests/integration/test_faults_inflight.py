@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError
 
-from lab.vm import LabVm, LabVmSpec
+from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import connect, qemu_view, start_lab_vm
 from tests.integration.faults_support import DaemonProcess
 from tests.integration.test_faults import FUNCS, IDS, adopt, agreement, cleanup, record, settled
@@ -85,3 +85,65 @@ async def test_vm_remove_during_an_attach(daemon_proc: DaemonProcess, lab: LabVm
     await cleanup(other, lab, before)
     for cl in (c, other):
         await cl.qmp.disconnect()
+
+
+def cold_plug_args(bus: str) -> list[str]:
+    """The four functions of FUNCS on ``bus``, on QEMU's command line (as a management plane
+    restarting a VM from its config would start it)."""
+    args: list[str] = []
+    for fn, f in enumerate(FUNCS):
+        extra = ",multifunction=on" if fn == 0 else ""
+        args += ["-device", f"{f['driver']},id={f['id']},bus={bus},addr=0.{fn}{extra}"]
+    return args
+
+
+async def test_qemu_restarted_with_the_devices_during_a_detach(daemon_proc: DaemonProcess,
+                                                               workdir: Path) -> None:
+    """A native-PCIe detach is in its 5 s attention-button window when QEMU is killed; QEMU
+    comes back with the same four functions on its command line. The pending unplug ends as
+    failed (event, query-operations {ended}), the slot is present, and a new detach works."""
+    spec = LabVmSpec(machine="q35-native", root_ports=2)
+    vm = start_lab_vm(workdir, "restart-native", spec)
+    try:
+        before = await asyncio.to_thread(vm.wait_guest_pci, lambda s: True, 5)
+        daemon_proc.start()
+        c = await adopt(daemon_proc, vm.qmp_socket, name="r")
+        reply = await c.execute("device-attach", {"vm": "r", "functions": FUNCS})
+        await asyncio.to_thread(vm.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+        detach = asyncio.create_task(c.execute("device-detach", {"vm": "r", "ids": sorted(IDS)}))
+        await asyncio.sleep(1.5)          # device_del sent; the guest waits out its 5 s window
+        assert not detach.done()
+        vm.proc.kill()                    # type: ignore[union-attr]
+        vm.proc.wait()                    # type: ignore[union-attr]
+        with pytest.raises(ExecuteError):
+            await detach
+        restarted = LabVm(vm.name, vm.workdir, LabVmSpec(
+            machine="q35-native", root_ports=2, extra=cold_plug_args(reply["bus"])))
+        await asyncio.to_thread(restarted.start)
+        vm = restarted
+        event = await c.wait_event("SLOT_DETACH_FAILED", 60)
+        assert sorted(event["data"]["ids"]) == sorted(IDS)
+        assert "restarted" in event["data"]["reason"]
+        await settled(c)
+        ended = await c.execute("query-operations", {"vm": "r", "ended": True})
+        assert [(e["kind"], e["outcome"]) for e in ended] == [("detach", "failed")], ended
+        slots = await c.execute("query-slots", {"vm": "r"})
+        mine = next(s for s in slots if (s["bus"], s["slot"]) == (reply["bus"], reply["slot"]))
+        assert {f["state"] for f in mine["functions"]} == {"present"}
+        fresh_before = set(before)
+        seen = await asyncio.to_thread(vm.wait_guest_pci, lambda s: len(s - fresh_before) >= 4,
+                                       60)
+        assert sorted(len(g) for g in slot_groups(seen - fresh_before).values()) == [4]
+        peripheral, in_pci = await qemu_view(vm)
+        assert IDS <= peripheral and IDS <= in_pci
+        record("QEMU killed mid-detach, restarted with the devices on its command line",
+               "detach failed (event); slot present; detach works",
+               ("all 4 present", "4 functions, one slot", "slot present, no operation"))
+        # And a new detach works.
+        await c.execute("device-detach", {"vm": "r", "ids": sorted(IDS)})
+        await asyncio.to_thread(vm.wait_guest_pci, lambda s: s == fresh_before, 60)
+        peripheral, in_pci = await qemu_view(vm)
+        assert not IDS & (peripheral | in_pci)
+        await c.qmp.disconnect()
+    finally:
+        vm.stop()
