@@ -64,19 +64,24 @@ class HostDevices:
                                     force=force, allow_force=self.cfg.allow_force)
 
     async def acquire(self, plan: HostAssignment, vm: str, ids: Sequence[str]) -> None:
-        """Move the plan's functions to vfio-pci and record them as held for ``vm``."""
+        """Move the plan's functions to vfio-pci and record them as held for ``vm``.
+
+        Each function is journaled as held (with its original driver) *before* its first sysfs
+        write: if the bind fails half-way (driver_override set, unbound, vfio-pci never took
+        it) or qmpfd dies in the middle, the record is there to give it back to its driver.
+        """
         async with self._lock:
-            done: list[tuple[str, str | None]] = []
+            held_now: list[tuple[str, str | None]] = []
             try:
-                for address, _ in plan.bind:
-                    original = await asyncio.to_thread(vfio.bind_vfio, self.cfg.sysfs, address)
-                    done.append((address, original))
+                for address, original in plan.bind:
                     await self.journal.hold(address, vm, original, list(ids))
+                    held_now.append((address, original))
+                    await asyncio.to_thread(vfio.bind_vfio, self.cfg.sysfs, address)
                 for address in plan.address.values():
                     if address not in self.journal.host:  # already on vfio-pci: still held
                         await self.journal.hold(address, vm, "vfio-pci", list(ids))
             except QmpfdError:
-                for address, original in reversed(done):
+                for address, original in reversed(held_now):
                     await self._give_back(address, original)
                 raise
 

@@ -57,11 +57,15 @@ def bind_vfio(sysfs: Path, address: str) -> str | None:
 
 
 def restore_driver(sysfs: Path, address: str, original: str | None) -> None:
-    """Give ``address`` back to ``original`` (or leave it without a driver if it had none)."""
+    """Give ``address`` back to ``original`` (or leave it without a driver if it had none).
+    Also undoes a bind that failed half-way: override set, unbound, no driver."""
     dev = sysfs / "bus/pci/devices" / address
     try:
         _write(dev / "driver_override", "\n")
-        if current_driver(sysfs, address) is not None:
+        now = current_driver(sysfs, address)
+        if now is not None and now == original:
+            return                                  # the bind never got as far as unbind
+        if now is not None:
             _write(dev / "driver" / "unbind", address)
         if original is not None:
             try:

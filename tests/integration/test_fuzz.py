@@ -111,6 +111,8 @@ def well_formed(msg: dict[str, Any]) -> None:
         err = msg["error"]
         assert set(err) == {"class", "desc"} and err["class"] in ERROR_CLASSES, msg
         assert isinstance(err["desc"], str) and err["desc"], msg
+        # An unhandled exception becomes GenericError "internal error: ...": never acceptable.
+        assert not err["desc"].startswith("internal error"), msg
 
 
 def qemu_devices(vm: LabVm) -> Any:
@@ -182,3 +184,94 @@ def test_hostile_input_is_refused_naming_the_field(target: tuple[DaemonProcess, 
     assert "nested deeper than 32 levels" in reply["error"]["desc"], reply
     assert qemu_devices(vm) == before
     assert "Traceback" not in d.log() and "internal error" not in d.log()
+
+
+# Requests that pass validation, with hostile but valid values: they reach the handlers, which is
+# where an unhandled case would become an "internal error".
+ids = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.-]{0,20}\Z")
+prop_values = (st.text(max_size=20).filter(lambda t: "\0" not in t) | st.integers(-2**31, 2**31)
+               | st.booleans() | st.floats(allow_nan=False, allow_infinity=False))
+valid_function = st.fixed_dictionaries(
+    {"id": ids, "driver": st.sampled_from(["e1000", "virtio-rng-pci", "virtio-net-pci",
+                                           "no-such-driver", "pci-bridge"])},
+    optional={"properties": st.dictionaries(st.from_regex(r"\A[a-z][a-z-]{0,12}\Z"),
+                                            prop_values, max_size=3)})
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> list[dict[str, Any]]:
+    kind = draw(st.sampled_from(["attach", "attach-numbered", "slots", "policy", "detach",
+                                 "detach-slot", "queue", "queries"]))
+    vm = draw(st.sampled_from([VM, VM, VM, "no-such-vm"]))
+    if kind.startswith("attach"):
+        n = draw(st.integers(1, 8))
+        funcs = draw(st.lists(valid_function, min_size=n, max_size=n,
+                              unique_by=lambda f: f["id"]))
+        if kind == "attach-numbered":
+            numbers = draw(st.permutations(range(8)))[:n]
+            funcs = [{**f, "function": fn} for f, fn in zip(funcs, numbers, strict=True)]
+        args: dict[str, Any] = {"vm": vm, "functions": funcs, "dry-run": True}
+        if draw(st.booleans()):
+            args["bus"] = draw(st.sampled_from(["pci.0", "nope"]))
+            args["slot"] = draw(st.integers(0, 31))
+        return [{"execute": "device-attach", "arguments": args}]
+    if kind == "slots":
+        return [{"execute": "query-slots", "arguments": {"vm": vm,
+                                                         "refresh": draw(st.booleans())}}]
+    if kind == "policy":
+        return [{"execute": "query-policy", "arguments": {"vm": vm}}]
+    if kind == "detach":
+        return [{"execute": "device-detach", "arguments": {
+            "vm": vm, "ids": draw(st.lists(ids, min_size=1, max_size=4, unique=True))}}]
+    if kind == "detach-slot":
+        return [{"execute": "device-detach", "arguments": {
+            "vm": vm, "bus": draw(st.sampled_from(["pci.0", "nope"])),
+            "slot": draw(st.integers(0, 31))}}]
+    if kind == "queue":   # queue a non-zero function in qmpfd (never in QEMU), then drop it
+        slot, fn = draw(st.integers(3, 31)), draw(st.integers(1, 7))
+        return [{"execute": "function-add", "arguments": {
+                    "vm": vm, "id": draw(ids), "driver": "e1000", "bus": "pci.0",
+                    "slot": slot, "function": fn}},
+                {"execute": "pending-cancel", "arguments": {"vm": vm, "bus": "pci.0",
+                                                            "slot": slot}}]
+    return [{"execute": draw(st.sampled_from(["query-vms", "query-pending", "query-operations",
+                                              "query-version", "query-commands"]))}]
+
+
+def reached_handler(reply: dict[str, Any]) -> bool:
+    """A return, or an error only a handler gives (validation gives InvalidRequest naming an
+    argument, or GenericError/CommandNotFound for the envelope)."""
+    return "return" in reply or reply["error"]["class"] in {
+        "NotFound", "Conflict", "Unsupported", "QemuError", "Timeout"}
+
+
+def test_fuzz_valid_requests_reach_the_handlers(target: tuple[DaemonProcess, LabVm]) -> None:
+    d, vm = target
+    conn = Conn(d.socket)
+    conn.send(json.dumps({"execute": "vm-add", "arguments": {
+        "name": VM, "qmp": str(vm.qmp_socket)}}).encode() + b"\n")
+    conn.replies_until_sentinel()
+    before = qemu_devices(vm)
+    counts = {"requests": 0, "handled": 0}
+
+    @settings(max_examples=1200, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(valid_requests())
+    def one(batch: list[dict[str, Any]]) -> None:
+        for request in batch:
+            counts["requests"] += 1
+            conn.send(json.dumps(request).encode() + b"\n")
+            for reply in conn.replies_until_sentinel():
+                if "event" in reply:
+                    continue
+                well_formed(reply)
+                assert "internal error" not in json.dumps(reply), (request, reply)
+                counts["handled"] += reached_handler(reply)
+
+    one()
+    print(f"\nvalid-request fuzz: {counts['handled']} of {counts['requests']} reached a handler")
+    assert counts["handled"] >= 1000, counts
+    assert qemu_devices(vm) == before, "the fuzz run changed the VM"
+    conn.send(b'{"execute":"query-pending"}\n')
+    assert conn.replies_until_sentinel()[-1] == {"return": []}
+    assert "Traceback" not in d.log()
