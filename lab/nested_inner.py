@@ -41,6 +41,34 @@ def drivers() -> dict[str, str | None]:
     return {f"{SLOT}.{i}": driver(f"{SLOT}.{i}") for i in range(4)}
 
 
+def reload_vfio_pci() -> None:
+    """insmod the vfio-pci module again, from the lab's unpacked Debian kernel (the chroot has
+    no /lib/modules of its own)."""
+    from lab.guest import DEFAULT_CACHE
+
+    found = sorted(DEFAULT_CACHE.glob("kernel-amd64/lib/modules/*/kernel/drivers/vfio/pci/"
+                                      "vfio-pci.ko*"))
+    done = subprocess.run(["insmod", str(found[0])] if found else ["false"],
+                          capture_output=True, text=True)
+    report("vfio-pci-reloaded", ok=done.returncode == 0, error=done.stderr.strip())
+
+
+def overrides() -> dict[str, str]:
+    return {f"{SLOT}.{i}": (Path("/sys/bus/pci/devices") / f"{SLOT}.{i}" / "driver_override")
+            .read_text().strip() for i in range(4)}
+
+
+def host_records() -> list[str]:
+    """The journal's host-function records (held, given back), in order: the lab reads the
+    journal itself, not qmpfd's account of it."""
+    out = []
+    for line in (TMP / "state" / "journal.log").read_text().splitlines():
+        rec = json.loads(line.split(" ", 1)[1])
+        if rec.get("t") in ("host+", "host-"):
+            out.append(f"{rec['t']} {rec['address']}")
+    return out
+
+
 def iface_of(address: str) -> str:
     net = Path("/sys/bus/pci/devices") / address / "net"
     return sorted(os.listdir(net))[0]
@@ -142,6 +170,18 @@ async def main() -> None:
             {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
         report("failure-gives-back", **r, drivers=drivers())
 
+        # 3b. A bind that fails half-way: vfio-pci is not loaded, so after driver_override is
+        # set and e1000e lets go, no driver takes the function. Everything goes back to e1000e,
+        # driver_override is cleared, nothing stays held, and the journal says so.
+        rmmod = subprocess.run(["rmmod", "vfio_pci"], capture_output=True, text=True)
+        r = await attempt(c, "device-attach", {"vm": "l2", "functions": PARTIAL})
+        inv: Any = await c.execute("query-host-devices", {"multifunction-only": True})
+        report("bind-fails", **r, rmmod=rmmod.returncode, rmmod_err=rmmod.stderr,
+               drivers=drivers(), overrides=overrides(),
+               held_by=[f.get("held-by") for s in inv for f in s["functions"]],
+               journal=host_records())
+        reload_vfio_pci()
+
         # 4. The partial assignment: 1 and 2 to the guest, 0 and 3 held back.
         r = await attempt(c, "device-attach", {"vm": "l2", "functions": PARTIAL})
         inspect = QMPClient("inspect")
@@ -160,7 +200,8 @@ async def main() -> None:
         held: Any = await c.execute("query-host-devices", {"multifunction-only": True})
         report("assigned", **r, drivers=drivers(), in_l2=in_l2,
                peripheral=sorted(p["name"] for p in qom if p["type"].startswith("child<")),
-               held_by=[f.get("held-by") for s in held for f in s["functions"]])
+               held_by=[f.get("held-by") for s in held for f in s["functions"]],
+               journal=host_records())
         placed = {}
         for dev in ("p1", "p2"):
             path = f"/machine/peripheral/{dev}"

@@ -3,12 +3,16 @@ raw QMP passthrough, and the audit log."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
@@ -133,12 +137,22 @@ async def test_vm_add_outside_allowed_dirs_is_refused(tmp_path: Path, paused_vm:
         assert "outside the allowed" in str(err2.value)
         assert await c.execute("query-vms") == []
         audit = [json.loads(line) for line in
-                 (tmp_path / "d" / "state" / "audit.log").read_text().splitlines()]
+                 (await audit_lines(tmp_path / "d" / "state" / "audit.log", 2))]
         assert [(a["command"], a["uid"], a["outcome"]) for a in audit] == [
             ("vm-add", 0, "InvalidRequest"), ("vm-add", 0, "InvalidRequest")]
         await c.qmp.disconnect()
     finally:
         d.stop()
+
+
+async def audit_lines(path: Path, count: int, timeout: float = 10) -> list[str]:
+    """The audit log's lines once it has ``count`` (it is written after the reply)."""
+    for _ in range(int(timeout / 0.05)):
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return lines
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} has fewer than {count} lines")
 
 
 @pytest.mark.parametrize("enabled", [False, True])
@@ -157,7 +171,7 @@ async def test_raw_qmp_passthrough_only_when_enabled(tmp_path: Path, paused_vm: 
             with pytest.raises(ExecuteError) as err:
                 await c.execute("vm-qmp", {"vm": "p", "command": "query-status"})
             assert err.value.error_class == "Unsupported"
-        audit = (tmp_path / "d" / "state" / "audit.log").read_text()
+        audit = "\n".join(await audit_lines(tmp_path / "d" / "state" / "audit.log", 2))
         assert '"command":"vm-qmp"' in audit
         await c.execute("vm-remove", {"name": "p"})
         await c.qmp.disconnect()
@@ -167,3 +181,110 @@ async def test_raw_qmp_passthrough_only_when_enabled(tmp_path: Path, paused_vm: 
 
 def test_system_python_present() -> None:
     assert shutil.which(SYSTEM_PYTHON), "apt-get install python3"
+
+
+@pytest.fixture
+def tenant_user() -> Iterator[tuple[str, str]]:
+    """A throwaway user whose *supplementary* group (not its primary) is allowed."""
+    user, group = "qmpfd-t-user", "qmpfd-t-ops"
+    subprocess.run(["groupadd", "-f", group], check=True)
+    subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-G", group, "-s", "/bin/false",
+                    user], check=False, capture_output=True)
+    yield user, group
+    subprocess.run(["userdel", user], check=False, capture_output=True)
+    subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def test_admission_by_supplementary_group(open_dir: Path, tenant_user: tuple[str, str]) -> None:
+    user, group = tenant_user
+    d = DaemonProcess(open_dir / "d", daemon_config='socket-mode = "0666"',
+                      access_config=f'qmp-dirs = ["/tmp"]\ngroups = ["{group}"]')
+    (open_dir / "d").chmod(0o755)
+    d.start()
+    try:
+        member = subprocess.run([SYSTEM_PYTHON, "-c", PROBE, str(d.socket)], user=user,
+                                group="nogroup", capture_output=True, text=True, timeout=30,
+                                cwd="/")
+        result = json.loads(member.stdout)
+        assert "QMP" in result["first"], result       # admitted through the supplementary group
+        assert '"return"' in result["then"]
+        other = as_nobody(d.socket)                    # nobody is not in the group
+        assert "access denied" in other["first"]["error"]["desc"]  # type: ignore[index]
+    finally:
+        d.stop()
+
+
+def test_max_clients_refuses_the_next_and_admits_after_one_leaves(tmp_path: Path) -> None:
+    import socket as socketlib
+
+    d = DaemonProcess(tmp_path / "d", daemon_config="max-clients = 2")
+    d.start()
+
+    def open_client() -> tuple[socketlib.socket, dict[str, Any]]:
+        s = socketlib.socket(socketlib.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        return s, json.loads(s.makefile("rb").readline())
+    try:
+        (a, ga), (b, gb) = open_client(), open_client()
+        assert "QMP" in ga and "QMP" in gb
+        c, gc = open_client()
+        assert "too many clients (daemon.max-clients = 2)" in gc["error"]["desc"], gc
+        c.close()
+        a.close()
+        time.sleep(0.3)
+        e, ge = open_client()
+        assert "QMP" in ge, ge
+        for s in (b, e):
+            s.close()
+    finally:
+        d.stop()
+
+
+def test_a_client_that_never_reads_its_events_is_dropped(tmp_path: Path,
+                                                          paused_vm: LabVm) -> None:
+    """A client negotiates, then never reads. Events pile up for it (the socket buffer, then
+    qmpfd's per-client queue); qmpfd drops that client instead of growing without bound, and
+    keeps serving the others."""
+    import socket as socketlib
+
+    d = DaemonProcess(tmp_path / "d", access_config=f'qmp-dirs = ["{paused_vm.workdir}"]')
+    d.start()
+    try:
+        lazy = socketlib.socket(socketlib.AF_UNIX)
+        lazy.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+        lazy.connect(str(d.socket))
+        lazy.sendall(b'{"execute":"qmp_capabilities"}\n')
+        busy = socketlib.socket(socketlib.AF_UNIX)
+        busy.settimeout(30)
+        busy.connect(str(d.socket))
+        f = busy.makefile("rb")
+        f.readline()
+
+        def call(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+            busy.sendall(json.dumps({"execute": cmd, "arguments": args, "id": 1}).encode()
+                         + b"\n")
+            while True:
+                msg: dict[str, Any] = json.loads(f.readline())
+                if "event" not in msg:
+                    return msg
+        assert "return" in call("qmp_capabilities", {})
+        assert "return" in call("vm-add", {"name": "ev", "qmp": str(paused_vm.qmp_socket)})
+        for i in range(3000):   # each queues a function: one FUNCTION_QUEUED event
+            assert "return" in call("function-add", {"vm": "ev", "id": f"q{i}",
+                                                     "driver": "e1000", "bus": "pci.0",
+                                                     "slot": 20, "function": 1})
+            assert "return" in call("pending-cancel", {"vm": "ev", "bus": "pci.0", "slot": 20})
+            if "client too slow" in d.log():
+                break
+        assert "client too slow for events; disconnecting" in d.log()
+        assert "return" in call("query-version", {})    # the others are still served
+        lazy.settimeout(5)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := lazy.recv(65536):
+                data += chunk
+        assert data, "the slow client got nothing at all"   # it was cut off, not stuck forever
+        assert "return" in call("vm-remove", {"name": "ev"})
+    finally:
+        d.stop()

@@ -64,6 +64,24 @@ def test_refused_attach_gives_every_function_back(lab: dict[str, Any]) -> None:
     assert step["drivers"] == {a: "e1000e" for a in ALL}
 
 
+def test_failed_bind_leaves_every_function_on_its_driver(lab: dict[str, Any]) -> None:
+    """vfio-pci not loaded: the bind fails after driver_override and unbind. Every function is
+    back on e1000e with driver_override cleared, none is held, and the journal shows each one
+    touched recorded as held before it was touched and given back after."""
+    step = lab["bind-fails"]
+    assert step["rmmod"] == 0, step["rmmod_err"]
+    assert step["class"] == "HostDeviceUnavailable" and "vfio-pci" in step["desc"], step
+    assert step["drivers"] == {a: "e1000e" for a in ALL}
+    assert set(step["overrides"].values()) == {"(null)"}, step["overrides"]
+    assert step["held_by"] == [None] * 4
+    touched = [r.split()[1] for r in step["journal"] if r.startswith("host+")]
+    assert touched, "nothing was journaled before the sysfs writes"
+    for address in touched:
+        later = step["journal"][step["journal"].index(f"host+ {address}"):]
+        assert f"host- {address}" in later, step["journal"]
+    assert lab["vfio-pci-reloaded"]["ok"], lab["vfio-pci-reloaded"]
+
+
 def test_functions_1_and_2_assigned_0_and_3_held(lab: dict[str, Any]) -> None:
     step = lab["assigned"]
     assert step["ok"], step
@@ -71,7 +89,13 @@ def test_functions_1_and_2_assigned_0_and_3_held(lab: dict[str, Any]) -> None:
     assert {f["id"]: f["function"] for f in ret["functions"]} == {"p1": 0, "p2": 2}
     assert sorted(ret["host"]["unassigned"]) == [f"{SLOT}.0", f"{SLOT}.3"]
     assert step["drivers"] == {a: "vfio-pci" for a in ALL}
-    assert set(step["held_by"]) >= {"l2"}
+    assert step["held_by"] == ["l2"] * 4, step["held_by"]   # all four, 0 and 3 included
+    # The journal itself (not qmpfd's account) holds every one of them for the VM.
+    held = set()
+    for rec in step["journal"]:
+        kind, address = rec.split()
+        held = held | {address} if kind == "host+" else held - {address}
+    assert held == set(ALL), step["journal"]
     placed = lab["placement"]["placed"]
     assert placed["p1"]["host"] == f"{SLOT}.1" and placed["p2"]["host"] == f"{SLOT}.2"
     assert placed["p1"]["bus"] == placed["p2"]["bus"]          # one slot of the L2 machine
