@@ -21,7 +21,8 @@ DEFAULT_CACHE = Path(os.environ.get("QMPFD_LAB_CACHE",
 DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64": "ppc64el"}
 
 #: The guest's init. It reports on the serial console: "GUEST-READY" once, then a line
-#: "PCI-DEVICES: <bdf> <bdf> ..." each time /sys/bus/pci/devices changes (polled every 0.2 s).
+#: "PCI-DEVICES: <bdf> <bdf> ..." each time /sys/bus/pci/devices changes (polled every 0.2 s),
+#: and "KMSG: <message>" for each kernel message of the PCI hotplug drivers.
 INIT_SCRIPT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -56,6 +57,11 @@ if [ -x /usr/sbin/rtas_errd ]; then
   mkdir -p /var/lock /var/log /tmp
   /usr/sbin/rtas_errd
 fi
+# The kernel's own hotplug messages (pciehp: attention button, power), whatever the console
+# log level: tests read the guest's account of how a slot went, not a clock.
+cat /dev/kmsg | while read -r line; do
+  case "$line" in *pciehp*|*acpiphp*) echo "KMSG: ${line#*;}";; esac
+done &
 echo "GUEST-READY"
 last="-"
 while true; do

@@ -149,6 +149,15 @@ class LabVm:
             time.sleep(0.1)
         raise TimeoutError(f"{self.name}: no {what} within {timeout:g} s")
 
+    def kernel_messages(self, containing: str = "") -> list[str]:
+        """The guest kernel's PCI hotplug messages so far (pciehp, acpiphp), oldest first."""
+        try:
+            text = self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line[line.index("KMSG: ") + 6:] for line in text.splitlines()
+                if "KMSG: " in line and containing in line]
+
     def guest_pci(self) -> set[str] | None:
         """The guest's latest report of /sys/bus/pci/devices, or None before its first one."""
         try:

@@ -61,12 +61,33 @@ async def agreement(c: Client, lab: LabVm, before: set[str], vm: str = "f",
         groups = slot_groups(seen - before)
         assert list(groups.values()) == [{0, 1, 2, 3}], groups
         assert in_qemu == in_pci_ids == in_qmpfd == IDS
-        return "all 4 present", "4 functions, one slot", "slot present, no operation"
+        return await observed(c, lab, before, IDS, vm)
     seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
     assert seen == before
     assert not in_qemu and not in_pci_ids, f"left in QEMU: {in_qemu | in_pci_ids}"
     assert not in_qmpfd
-    return "none", "unchanged", "no slot, no operation"
+    return await observed(c, lab, before, IDS, vm)
+
+
+async def observed(c: Client, lab: LabVm, before: set[str], ids: set[str],
+                   vm: str = "f") -> tuple[str, str, str]:
+    """The matrix cells as seen, not as hoped: QEMU's own view (second monitor), the guest's
+    latest report against ``before``, and qmpfd's slots and operations for ``ids``."""
+    peripheral, in_pci = await qemu_view(lab)
+    held = ids & (peripheral | in_pci)
+    qemu = ("none" if not held else f"all {len(ids)} present" if held == ids
+            else f"only {', '.join(sorted(held))}")
+    seen = lab.guest_pci() or set()
+    groups = slot_groups(seen - before)
+    guest = ("unchanged" if seen == before else
+             f"{len(next(iter(groups.values())))} functions, one slot" if len(groups) == 1
+             else f"{len(seen - before)} new in {len(groups)} slots")
+    slots = await c.execute("query-slots", {"vm": vm})
+    mine = {f["id"]: f["state"] for s in slots for f in s["functions"] if f["id"] in ids}
+    ops = await c.execute("query-operations", {"vm": vm})
+    qmpfd = ("no slot" if not mine else f"slot {'/'.join(sorted(set(mine.values())))}") + (
+        ", no operation" if not ops else f", {len(ops)} operation(s)")
+    return qemu, guest, qmpfd
 
 
 async def cleanup(c: Client, lab: LabVm, before: set[str]) -> None:
@@ -159,8 +180,10 @@ async def test_qemu_killed_mid_attach(daemon_proc: DaemonProcess, workdir: Path)
         assert not IDS & peripheral
         slots = await c.execute("query-slots", {"vm": "k"})
         assert not {f["id"] for s in slots for f in s["functions"]} & IDS
-        record("QEMU killed mid-attach, then restarted", "attach fails; reconnect",
-               ("none (new QEMU)", "fresh boot, none", "connected again, no operation"))
+        fresh = await asyncio.to_thread(lab.wait_guest_pci, lambda s: True, 5)
+        view = await observed(c, lab, fresh, IDS, vm="k")
+        assert view == ("none", "unchanged", "no slot, no operation"), view
+        record("QEMU killed mid-attach, then restarted", "attach fails; reconnect", view)
         await c.qmp.disconnect()
     finally:
         lab.stop()
@@ -286,9 +309,10 @@ async def test_queued_function_survives_sigkill(daemon_proc: DaemonProcess, lab:
     assert sorted(f["id"] for f in reply["functions"]) == ["qf0", "qf1"]
     seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 2, 60)
     assert list(slot_groups(seen - before).values()) == [{0, 1}]
+    view = await observed(c, lab, before, {"qf0", "qf1"})
+    assert view == ("all 2 present", "2 functions, one slot", "slot present, no operation"), view
     record("SIGKILL qmpfd with a function queued" + (" mid-flush" if point else ""),
-           "queue kept; function 0 flushes it",
-           ("both after function 0", "2 functions, one slot", "queue restored, then slot present"))
+           "queue kept (not in QEMU); function 0 flushes it", view)
     await c.execute("device-detach", {"vm": "f", "ids": ["qf0", "qf1"]})
     await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
     assert await c.execute("query-pending") == []

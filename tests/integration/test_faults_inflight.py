@@ -19,7 +19,16 @@ from qemu.qmp import ExecuteError
 from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import connect, qemu_view, start_lab_vm
 from tests.integration.faults_support import DaemonProcess
-from tests.integration.test_faults import FUNCS, IDS, adopt, agreement, cleanup, record, settled
+from tests.integration.test_faults import (
+    FUNCS,
+    IDS,
+    adopt,
+    agreement,
+    cleanup,
+    observed,
+    record,
+    settled,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -136,9 +145,10 @@ async def test_qemu_restarted_with_the_devices_during_a_detach(daemon_proc: Daem
         assert sorted(len(g) for g in slot_groups(seen - fresh_before).values()) == [4]
         peripheral, in_pci = await qemu_view(vm)
         assert IDS <= peripheral and IDS <= in_pci
+        view = await observed(c, vm, fresh_before, IDS, vm="r")
+        assert view == ("all 4 present", "4 functions, one slot", "slot present, no operation")
         record("QEMU killed mid-detach, restarted with the devices on its command line",
-               "detach failed (event); slot present; detach works",
-               ("all 4 present", "4 functions, one slot", "slot present, no operation"))
+               "detach failed (event); slot present; detach works", view)
         # And a new detach works.
         await c.execute("device-detach", {"vm": "r", "ids": sorted(IDS)})
         await asyncio.to_thread(vm.wait_guest_pci, lambda s: s == fresh_before, 60)
