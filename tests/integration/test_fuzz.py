@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lab.vm import LabVm, LabVmSpec
 from tests.integration.conftest import start_lab_vm
-from tests.integration.faults_support import DaemonProcess
+from tests.integration.faults_support import MATRIX, DaemonProcess, MatrixRow
 
 pytestmark = pytest.mark.integration
 
@@ -182,8 +182,16 @@ def test_hostile_input_is_refused_naming_the_field(target: tuple[DaemonProcess, 
     assert reply["error"]["class"] == "InvalidRequest", reply
     assert reply["error"]["desc"].startswith("functions[0][0]"), reply
     assert "nested deeper than 32 levels" in reply["error"]["desc"], reply
-    assert qemu_devices(vm) == before
+    after = qemu_devices(vm)
+    assert after == before
     assert "Traceback" not in d.log() and "internal error" not in d.log()
+    conn.send(b'{"execute":"query-slots","arguments":{"vm":"' + VM.encode() + b'"}}\n')
+    (slots,) = conn.replies_until_sentinel()
+    MATRIX.append(MatrixRow(
+        "NUL bytes in 4 fields; 100,000-level nesting", "InvalidRequest naming the field",
+        "unchanged" if after == before else "changed", "no guest (held at start)",
+        "no slot, connection usable" if not any(s["functions"] for s in slots["return"]
+                                                if s["hotpluggable"]) else "slot", "pass"))
 
 
 # Requests that pass validation, with hostile but valid values: they reach the handlers, which is

@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     qemu_view,
     start_lab_vm,
 )
+from tests.integration.faults_support import MATRIX, MatrixRow
 
 pytestmark = pytest.mark.integration
 
@@ -301,3 +302,12 @@ async def test_detach_right_after_attach_waits_for_the_guest(daemon: Path, clien
         assert waited_rounds >= 1, "the guest was never busy: the case was not exercised"
     else:
         assert waited_rounds == 0, "ACPI hotplug has no busy refusal"
+    now = guest.lab.guest_pci() or set()
+    slots = await client.execute("query-slots", {"vm": guest.name})
+    mine = [f for s in slots for f in s["functions"] if f["id"] and f["id"].startswith("rb")]
+    MATRIX.append(MatrixRow(
+        f"detach right after attach, 3 rounds ({guest.machine})",
+        f"guest busy waited out in {waited_rounds} of 3" if waited_rounds else "no wait needed",
+        "none" if not {i for i in peripheral if i.startswith("rb")} else "left behind",
+        "back to its starting set" if now == start else "changed",
+        "no slot, no operation" if not mine else "slot left", "pass"))

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from lab.nested import run_lab
+from tests.integration.faults_support import MATRIX, MatrixRow
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +81,12 @@ def test_failed_bind_leaves_every_function_on_its_driver(lab: dict[str, Any]) ->
         later = step["journal"][step["journal"].index(f"host+ {address}"):]
         assert f"host- {address}" in later, step["journal"]
     assert lab["vfio-pci-reloaded"]["ok"], lab["vfio-pci-reloaded"]
+    MATRIX.append(MatrixRow(
+        "host function bind fails half-way (vfio-pci not loaded; nested lab, L1 sysfs)",
+        "HostDeviceUnavailable; every function back on its driver",
+        "none (L2 QEMU held at start)",
+        "all 4 on " + "/".join(sorted(set(step["drivers"].values()))) + ", override cleared",
+        "nothing held; journal: held, then given back", "pass"))
 
 
 def test_functions_1_and_2_assigned_0_and_3_held(lab: dict[str, Any]) -> None:
