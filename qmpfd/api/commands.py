@@ -14,11 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from qmpfd import __version__
 from qmpfd.access.audit import AuditLog
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
-from qmpfd.api import replies
+from qmpfd.api import replies, schema, wire
 from qmpfd.api.session import Session
 from qmpfd.api.xml import parse_devices_xml
 from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError, Unsupported
@@ -53,6 +52,7 @@ class Commands:
         reg = self._register
         reg("query-version", m.NoArgs, self.query_version, False)
         reg("query-commands", m.NoArgs, self.query_commands, False)
+        reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False)
         reg("vm-add", m.VmAddArgs, self.vm_add, True)
         reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
         reg("query-vms", m.NoArgs, self.query_vms, False)
@@ -93,9 +93,12 @@ class Commands:
 
     # -- introspection ---------------------------------------------------------------------
     async def query_version(self, _: m.NoArgs) -> dict[str, Any]:
-        major, minor, micro = (int(x) for x in __version__.split("."))
-        return {"qmpfd": {"major": major, "minor": minor, "micro": micro},
-                "package": f"qmpfd {__version__}"}
+        # QEMU's shape (contract v1.2), plus v1's "qmpfd" member for older clients.
+        reply = wire.version()
+        return {**reply, "qmpfd": dict(reply["qemu"])}
+
+    async def query_qmp_schema(self, _: m.NoArgs) -> list[dict[str, Any]]:
+        return schema.schema((c.name, c.model) for c in self.table.values())
 
     async def query_commands(self, _: m.NoArgs) -> list[dict[str, str]]:
         return [{"name": n} for n in sorted([*self.table, "qmp_capabilities"])]

@@ -119,6 +119,7 @@ class Session:
                 if name != "qmp_capabilities":
                     raise CommandNotFound(
                         "Expecting capabilities negotiation with 'qmp_capabilities'")
+                wire.check_capabilities(args)
                 self.state = SessionState.RUNNING
                 return wire.return_reply({}, request)
             if name == "qmp_capabilities":

@@ -15,14 +15,35 @@ from qmpfd.errors import InvalidRequest, QmpfdError
 Message = dict[str, Any]
 
 
-def greeting() -> Message:
+def version() -> Message:
+    """qmpfd's version in QEMU's ``query-version`` shape (contract v1.2), so QMP tools that
+    read ``version.qemu`` (qemu.qmp's Greeting, qmp-shell's banner) accept it; ``package``
+    says it is qmpfd."""
     major, minor, micro = VERSION_TUPLE
-    return {
-        "QMP": {
-            "version": {"qmpfd": {"major": major, "minor": minor, "micro": micro}},
-            "capabilities": [],
-        }
-    }
+    return {"qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": f"qmpfd {major}.{minor}.{micro}"}
+
+
+def greeting() -> Message:
+    return {"QMP": {"version": version(), "capabilities": []}}
+
+
+#: Capabilities QEMU defines; qmpfd offers none of them.
+QEMU_CAPABILITIES = ("oob",)
+
+
+def check_capabilities(args: dict[str, Any]) -> None:
+    """``qmp_capabilities {enable?}``: refuse what qmpfd does not offer, in QEMU's words."""
+    unknown = set(args) - {"enable"}
+    if unknown:                       # QEMU answers these with GenericError, as here
+        raise QmpfdError(f"Parameter '{sorted(unknown)[0]}' is unexpected")
+    enable = args.get("enable", [])
+    if not isinstance(enable, list):
+        raise QmpfdError("Invalid parameter type for 'enable', expected: array")
+    for i, cap in enumerate(enable):
+        if cap not in QEMU_CAPABILITIES:
+            raise QmpfdError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
+        raise QmpfdError(f"Capability '{cap}' not available")
 
 
 def encode(msg: Message) -> bytes:

@@ -204,11 +204,12 @@ def test_wire_protocol_raw(daemon: Path) -> None:
         b'{"execute":"query-version","id":{"any":["thing"]}}\n',
         b'{"execute":"query-vms","id":7}{"execute":"query-commands","id":8}',
     ])
-    assert greeting["QMP"]["version"]["qmpfd"]["major"] == 0
+    assert greeting["QMP"]["version"]["qemu"]["major"] == 0
+    assert greeting["QMP"]["version"]["package"].startswith("qmpfd ")
     assert replies[0]["error"]["class"] == "CommandNotFound" and replies[0]["id"] == 1
     assert replies[1] == {"return": {}}
     assert "error" in replies[2] and "error" in replies[3] and "error" in replies[4]
-    assert replies[5]["id"] == {"any": ["thing"]} and "qmpfd" in replies[5]["return"]
+    assert replies[5]["id"] == {"any": ["thing"]} and "qemu" in replies[5]["return"]
     assert replies[6]["id"] == 7 and isinstance(replies[6]["return"], list)
 
 
@@ -301,3 +302,48 @@ def test_stalled_and_vanishing_clients_do_not_block_others(daemon: Path) -> None
     finally:
         stalled.close()
         deaf.close()
+
+
+def test_qmp_shell_drives_qmpfd_without_n(daemon: Path) -> None:
+    """QEMU's own qmp-shell (from qemu.qmp), non-interactive, negotiating as with QEMU (no -N):
+    it reads the greeting, fills its completion from query-commands, and runs commands."""
+    shell = Path(sys.executable).with_name("qmp-shell")
+    out = subprocess.run([str(shell), str(daemon)],
+                         input='query-version\nquery-vms\nquery-slots vm=nope\n',
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    replies = [json.loads(line[line.index("{"):]) for line in out.stdout.splitlines()
+               if line.startswith("(QEMU) {")]
+    assert replies[0]["return"]["package"].startswith("qmpfd "), out.stdout
+    assert isinstance(replies[1]["return"], list)
+    assert replies[2]["error"]["class"] == "NotFound"
+
+
+async def test_qmp_capabilities_oob_refused_and_schema_introspected(daemon: Path) -> None:
+    from qemu.qmp import QMPClient
+    from qemu.qmp.protocol import ConnectError
+
+    # qemu.qmp asks for oob only when the greeting offers it; ask by hand, as a client may.
+    greeting, reply = raw_exchange(daemon, [
+        b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n'])
+    assert greeting["QMP"]["capabilities"] == []
+    assert reply["error"] == {"class": "GenericError", "desc": "Capability 'oob' not available"}
+    c = QMPClient("schema")
+    try:
+        await c.connect(str(daemon))
+    except ConnectError as exc:   # pragma: no cover - the greeting must parse
+        pytest.fail(f"qemu.qmp refused qmpfd's greeting: {exc}")
+    schema = await c.execute("query-qmp-schema")
+    names = {e["name"]: e for e in schema}
+    for cmd in await c.execute("query-commands"):
+        entry = names[cmd["name"]]
+        assert entry["meta-type"] == "command" and entry["arg-type"] in names, entry
+    attach = names[names["device-attach"]["arg-type"]]
+    members = {m["name"]: m for m in attach["members"]}
+    assert "default" not in members["functions"] and "default" in members["dry-run"]
+    element = names[names[members["functions"]["type"]]["element-type"]]
+    assert {"id", "driver", "function", "properties", "host"} <= {
+        m["name"] for m in element["members"]}
+    assert all(names[t]["meta-type"] == "builtin" for t in ("str", "int", "bool", "any"))
+    await c.disconnect()

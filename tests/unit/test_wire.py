@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qmpfd.api import wire
-from qmpfd.errors import InvalidRequest, NotFound
+from qmpfd.errors import InvalidRequest, NotFound, QmpfdError
 
 
 def split(chunks: list[bytes], limit: int = 1000) -> list[object]:
@@ -62,7 +62,10 @@ def test_event_and_greeting_shapes() -> None:
     assert ev == {"event": "SLOT_ATTACHED", "data": {"vm": "a"},
                   "timestamp": {"seconds": 12, "microseconds": 500000}}
     g = wire.greeting()
-    assert set(g["QMP"]["version"]["qmpfd"]) == {"major", "minor", "micro"}
+    # QEMU's shape (contract v1.2): qemu.qmp's Greeting model and qmp-shell's banner read it.
+    assert set(g["QMP"]["version"]["qemu"]) == {"major", "minor", "micro"}
+    assert g["QMP"]["version"]["package"].startswith("qmpfd ")
+    assert g["QMP"]["capabilities"] == []
     assert json.loads(wire.encode(g)) == g and wire.encode(g).endswith(b"\n")
 
 
@@ -87,3 +90,20 @@ def test_nul_bytes_are_found_with_their_path() -> None:
     assert wire.find_nul({"qmp": "/run/a\0"}) == "qmp"
     assert wire.find_nul({"properties": {"k\0": 1}}) == "properties.k\\0"
     assert wire.find_nul({"vm": "a", "n": [1, 2]}) is None
+
+
+def test_qmp_capabilities_refuses_what_it_does_not_offer_as_qemu_does() -> None:
+    wire.check_capabilities({})
+    wire.check_capabilities({"enable": []})
+    with pytest.raises(QmpfdError, match="Capability 'oob' not available"):
+        wire.check_capabilities({"enable": ["oob"]})
+    with pytest.raises(QmpfdError, match=r"Parameter 'enable\[0\]' does not accept value 'x'"):
+        wire.check_capabilities({"enable": ["x"]})
+    with pytest.raises(QmpfdError, match="Parameter 'bogus' is unexpected"):
+        wire.check_capabilities({"bogus": 1})
+
+
+def test_greeting_parses_with_qemu_qmps_own_model() -> None:
+    from qemu.qmp.models import Greeting
+
+    Greeting(wire.greeting())      # raises on a shape qemu.qmp does not accept
