@@ -87,7 +87,8 @@ def open_journal(state_dir: Path, set_aside_damaged: bool) -> Journal:
         return Journal.open(state_dir)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """qmpfd's command line (also the source of its man page)."""
     p = argparse.ArgumentParser(prog="qmpfd", description=__doc__)
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     p.add_argument("--socket", type=Path, help="API socket path (overrides the config)")
@@ -97,7 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="if the journal is damaged, move it aside and start empty "
                         "(otherwise qmpfd refuses to start)")
     p.add_argument("--version", action="version", version=f"qmpfd {__version__}")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,12 @@ class Bus:
         return {n: tuple(sorted(fs, key=lambda f: f.function)) for n, fs in by.items()}
 
     def slot(self, number: int) -> Slot:
-        return Slot(self.name, number, self.hotpluggable, self._by_slot.get(number, ()))
+        functions = self._by_slot.get(number, ())
+        # A slot holding a built-in device (the host bridge, the PIIX, anything without an id
+        # under /machine/peripheral) cannot be unplugged or plugged into, even on a
+        # hotpluggable bus.
+        built_in = any(f.id is None for f in functions)
+        return Slot(self.name, number, self.hotpluggable and not built_in, functions)
 
     def slots(self) -> list[Slot]:
         """Every slot of a hotpluggable bus; only the occupied ones of any other bus."""

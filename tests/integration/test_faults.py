@@ -82,7 +82,12 @@ async def observed(c: Client, lab: LabVm, before: set[str], ids: set[str],
     guest = ("unchanged" if seen == before else
              f"{len(next(iter(groups.values())))} functions, one slot" if len(groups) == 1
              else f"{len(seen - before)} new in {len(groups)} slots")
-    slots = await c.execute("query-slots", {"vm": vm})
+    try:
+        slots = await c.execute("query-slots", {"vm": vm})
+    except ExecuteError as exc:
+        if exc.error_class != "NotFound":
+            raise
+        return qemu, guest, "VM not managed"
     mine = {f["id"]: f["state"] for s in slots for f in s["functions"] if f["id"] in ids}
     ops = await c.execute("query-operations", {"vm": vm})
     qmpfd = ("no slot" if not mine else f"slot {'/'.join(sorted(set(mine.values())))}") + (

@@ -1,9 +1,11 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from qmpfd.cli import build_parser, ranges, render, request_of
+from qmpfd.cli import build_parser, main, ranges, render, request_of, slot_number
 
 
 def test_ranges() -> None:
@@ -71,3 +73,74 @@ def test_vm_remove_says_what_became_of_held_host_functions() -> None:
     assert "stay held: 0000:01:00.1" in render("vm-remove", {"host-held": ["0000:01:00.1"]})
     assert "given back: 0000:01:00.1" in render("vm-remove",
                                                {"host-released": ["0000:01:00.1"]})
+
+
+def test_readable_renders_for_policy_version_pending_and_dry_run() -> None:
+    policy = {"vm": "w", "policy": "pcie-native", "multifunction": True,
+              "timeouts": {"plug": 10.0, "unplug": 30.0}, "guest-driven-unplug": True,
+              "buses": [{"bus": "rp1", "mechanism": "pcie-native", "policy": "pcie-native"}]}
+    text = render("query-policy", policy)
+    assert "policy pcie-native" in text and "30 s for an unplug" in text and "{" not in text
+    assert render("query-version", {"qemu": {"major": 0}, "package": "qmpfd 0.2.0"}) == \
+        "qmpfd 0.2.0"
+    assert render("query-pending", []) == "no queued functions"
+    pend = render("query-pending", [{"vm": "w", "bus": "pci.0", "slot": 5, "expires-in": 299.6,
+                                     "functions": [{"function": 1, "id": "n1",
+                                                    "driver": "e1000"}]}])
+    assert "0x05" in pend and "300 s" in pend
+    plan = render("device-attach", {
+        "vm": "w", "bus": "pci.0", "slot": 5, "policy": "acpi-pcihp", "dry-run": True,
+        "functions": [{"id": "n0", "function": 0}],
+        "steps": [{"execute": "device_add", "arguments": {"driver": "e1000", "id": "n0"}}],
+        "rollback": [{"execute": "device_del", "arguments": {"id": "n0"}}]})
+    assert "1. device_add driver=e1000 id=n0" in plan and "device_del id=n0" in plan
+    assert "{" not in plan and "slot 0x05" in plan
+
+
+def test_slot_notation_is_one_and_bad_slots_are_named(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    assert slot_number("0x05") == slot_number("5") == 5
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["attach", "vm", "f.json", "--slot", "zz"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'zz' is not a slot number (0x05 or 5)" in err and "lambda" not in err
+
+
+def test_errors_never_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.json"
+    assert main(["--socket", str(tmp_path / "s"), "attach", "vm", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: cannot read it: No such file or directory" in err and "Errno" not in err
+    # --json: the error as the QMP error object, on stdout, for scripts.
+    assert main(["--json", "--socket", str(tmp_path / "s"), "vm", "list"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"]["class"] == "GenericError"
+    assert "cannot reach qmpfd" in out["error"]["desc"]
+
+
+def test_version_and_completions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("qmpfctl 0.")
+    for shell in ("bash", "zsh"):
+        assert main(["completion", shell]) == 0
+        script = capsys.readouterr().out
+        assert "attach" in script and "detach" in script and "--dry-run" in script
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    qmpfctl = Path(sys.executable).with_name("qmpfctl")
+    proc = subprocess.run(f"'{qmpfctl}' completion zsh | true", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_python_m_qmpfd_is_the_daemon() -> None:
+    out = subprocess.run([sys.executable, "-m", "qmpfd", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("qmpfd 0."), out.stderr

@@ -1,0 +1,5 @@
+import sys
+
+from qmpfd.cli import main
+
+sys.exit(main())
