@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -29,7 +29,8 @@ class DaemonConfig(_Strict):
     socket_mode: int = Field(0o660, alias="socket-mode")
     socket_group: str | None = Field(None, alias="socket-group")
     state_dir: Path = Field(Path("/var/lib/qmpfd"), alias="state-dir")
-    log_level: str = Field("info", alias="log-level")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", alias="log-level")
     log_format: str = Field("json", alias="log-format", pattern="^(json|text)$")
     max_clients: int = Field(64, alias="max-clients", ge=1, le=4096)
     max_line_bytes: int = Field(1 << 20, alias="max-line-bytes", ge=1024, le=64 << 20)

@@ -1,21 +1,25 @@
 """The audit log: one JSON line per state-changing request, with the peer's uid and the outcome.
 
 The file is opened once (0600, append-only) and kept open. :meth:`AuditLog.record` queues the
-line and returns: one writer task writes queued lines in order (in a thread, so a slow disk never
-blocks the event loop), and the reply to the request does not wait for it. The line describes a
-request already carried out, so a failure to write it (a full or read-only disk) is logged
-loudly but never turns a request QEMU carried out into an error reply.
+line and returns: one writer task writes queued lines in order (through ``aiofiles``, in a
+thread, so a slow disk never blocks the event loop), and the reply to the request does not wait
+for it. The line describes a request already carried out, so a failure to write it (a full or
+read-only disk) is logged loudly but never turns a request QEMU carried out into an error reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+import aiofiles
+from aiofiles.threadpool.binary import AsyncFileIO
 
 from qmpfd.access.peer import Peer
 
@@ -25,25 +29,28 @@ log = logging.getLogger("qmpfd.access")
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = -1
+        self._file: AsyncFileIO | None = None
         self._queue: list[tuple[bytes, str, str]] = []
         self._writer: asyncio.Task[None] | None = None
         self.failures = 0
 
-    def _open(self) -> int:
-        if self._fd < 0:
+    async def _open(self) -> AsyncFileIO:
+        if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
-        return self._fd
+            self._file = await aiofiles.open(   # unbuffered: one write() per batch of lines
+                self.path, "ab", buffering=0,
+                opener=lambda p, flags: os.open(p, flags | os.O_CLOEXEC, 0o600))
+        file: AsyncFileIO = self._file
+        return file
 
-    def _write(self, data: bytes) -> None:
-        fd = self._open()
+    async def _write(self, data: bytes) -> None:
+        f = await self._open()
         try:
-            os.write(fd, data)
+            await f.write(data)
         except OSError:
-            os.close(fd)        # reopened next time: the file may have been fixed or rotated
-            self._fd = -1
+            self._file = None       # reopened next time: the file may have been fixed or rotated
+            with contextlib.suppress(OSError):
+                await f.close()
             raise
 
     def record(self, peer: Peer, command: str, arguments: dict[str, Any],
@@ -61,7 +68,7 @@ class AuditLog:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                await asyncio.to_thread(self._write, b"".join(line for line, _, _ in batch))
+                await self._write(b"".join(line for line, _, _ in batch))
             except OSError as exc:
                 self.failures += len(batch)
                 for _, command, outcome in batch:
@@ -76,6 +83,7 @@ class AuditLog:
 
     async def close(self) -> None:
         await self.drain()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                await self._file.close()
+            self._file = None

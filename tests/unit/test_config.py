@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,26 @@ def test_example_access_section() -> None:
     c = load_config(EXAMPLE)
     assert c.access.qmp_passthrough is False
     assert Path("/run/qemu") in c.access.qmp_dirs
+
+
+def test_bad_log_level_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "qmpfd.toml"
+    cfg.write_text('[daemon]\nlog-level = "verbose"\n')
+    out = subprocess.run([sys.executable, "-m", "qmpfd", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "log-level" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_text_log_format_keeps_the_structured_fields() -> None:
+    import logging
+
+    from qmpfd.logs import TextFormatter
+
+    record = logging.LogRecord("qmpfd.vm", logging.WARNING, __file__, 1, "unplug failed", (),
+                               None)
+    record.vm = "web1"
+    record.error = "guest is busy (power indicator blinking)"
+    line = TextFormatter().format(record)
+    assert "unplug failed" in line and "vm=web1" in line
+    assert 'error="guest is busy (power indicator blinking)"' in line
