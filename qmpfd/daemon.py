@@ -29,18 +29,23 @@ log = logging.getLogger("qmpfd")
 
 
 class Daemon:
-    def __init__(self, config: Config, *, set_aside_damaged: bool = False) -> None:
+    def __init__(self, config: Config, *, set_aside_damaged: bool = False,
+                 config_path: Path | None = None, overrides: dict[str, Any] | None = None
+                 ) -> None:
         self.config = config
+        self.config_path = config_path
+        self._overrides = overrides or {}
         d = config.daemon
         prepare_state_dir(d.state_dir)
         self._lock_fd = lock_state_dir(d.state_dir)   # before reading anything in it
         self.access = AccessPolicy.from_config(config.access)
+        # The access policy is looked up on each use, so a reload replaces it for every caller.
         self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes,
-                                authorize=self.access.admit)
+                                authorize=lambda peer: self.access.admit(peer))
         self.journal = open_journal(d.state_dir, set_aside_damaged)
         self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
-                              check_path=self.access.check_qmp_path,
+                              check_path=lambda path: self.access.check_qmp_path(path),
                               on_removed=self.host.release,
                               on_connected=self.host.release_absent)
         audit = AuditLog(config.access.audit_log or config.daemon.state_dir / "audit.log")
@@ -53,6 +58,37 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): read the config file again and apply what can change
+        while running (log level and format, access control); clients and QMP connections stay.
+        A config that does not load is refused, naming the file and the key, and the running
+        one is kept. Socket, state directory and limits need a restart (logged if changed)."""
+        systemd.notify("RELOADING=1")
+        try:
+            new = apply_overrides(load_config(self.config_path), self._overrides)
+            access = AccessPolicy.from_config(new.access)
+        except QmpfdError as exc:
+            log.error("config reload refused; keeping the running config",
+                      extra={"path": str(self.config_path), "error": exc.desc})
+            systemd.notify("READY=1")
+            return
+        restart_needed = [k for k in ("socket", "state_dir", "max_clients", "max_line_bytes")
+                          if getattr(new.daemon, k) != getattr(self.config.daemon, k)]
+        logs.setup(new.daemon.log_level, new.daemon.log_format)
+        self.access = access
+        self.commands.access = access
+        self.config = new
+        log.info("config reloaded", extra={"path": str(self.config_path),
+                                           "needs_restart": restart_needed})
+        systemd.notify("READY=1")
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a loop that stops turning stops the pings, and
+        systemd restarts qmpfd (WatchdogSec in the unit)."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
     async def run(self) -> None:
         d = self.config.daemon
         # Re-adopt (and reconcile) before listening: the first client already sees every VM
@@ -60,8 +96,12 @@ class Daemon:
         await self.vms.readopt()
         await self.server.listen(d.socket, d.socket_mode, d.socket_group)
         systemd.notify("READY=1")
+        interval = watchdog_interval()
+        watchdog = asyncio.create_task(self._watchdog(interval)) if interval else None
         log.info("qmpfd ready", extra={"version": __version__})
         await self._stop.wait()
+        if watchdog is not None:
+            watchdog.cancel()
         systemd.notify("STOPPING=1")
         log.info("shutting down")
         await self.server.close()
@@ -69,6 +109,25 @@ class Daemon:
         await self.journal.drain()
         await self.commands.audit.close()
         self.journal.close()
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), if the watchdog is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 2e6, 0.05)
+    except ValueError:
+        return None
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """The command line's --socket/--state-dir/--log-format win over the file, on reload too."""
+    for key, value in overrides.items():
+        setattr(config.daemon, key, value)
+    return config
 
 
 def open_journal(state_dir: Path, set_aside_damaged: bool) -> Journal:
@@ -112,19 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     except QmpfdError as exc:
         print(f"qmpfd: {exc.desc}", file=sys.stderr)
         return 2
-    if args.socket:
-        config.daemon.socket = args.socket
-    if args.state_dir:
-        config.daemon.state_dir = args.state_dir
-    if args.log_format:
-        config.daemon.log_format = args.log_format
+    overrides = {k: v for k, v in (("socket", args.socket), ("state_dir", args.state_dir),
+                                   ("log_format", args.log_format)) if v}
+    config = apply_overrides(config, overrides)
     logs.setup(config.daemon.log_level, config.daemon.log_format)
 
     async def run() -> None:
-        daemon = Daemon(config, set_aside_damaged=args.set_aside_damaged_journal)
+        daemon = Daemon(config, set_aside_damaged=args.set_aside_damaged_journal,
+                        config_path=args.config, overrides=overrides)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload)
         await daemon.run()
 
     try:
