@@ -20,7 +20,7 @@ from qmpfd.api import models as m
 from qmpfd.api import replies, schema, wire
 from qmpfd.api.session import Session
 from qmpfd.api.xml import parse_devices_xml
-from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError, Unsupported
+from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError, Unsupported
 from qmpfd.host.assign import HostFunctionRequest
 from qmpfd.host.manager import HostDevices
 from qmpfd.hotplug.executor import AttachFailed
@@ -190,13 +190,30 @@ class Commands:
         return {**replies.attached(result), "host": host_info}
 
     async def device_attach_xml(self, a: m.DeviceAttachXmlArgs) -> dict[str, Any]:
-        args: dict[str, Any] = {"vm": a.vm, "functions": parse_devices_xml(a.xml),
+        doc = parse_devices_xml(a.xml)
+        args: dict[str, Any] = {"vm": a.vm, "functions": doc.functions,
                                 "dry-run": a.dry_run, "force": a.force}
-        if a.bus is not None:
-            args["bus"] = a.bus
-        if a.slot is not None:
-            args["slot"] = a.slot
+        bus = self._xml_bus(a.vm, doc.bus_number) if doc.bus_number is not None else None
+        for name, given, from_xml in (("bus", a.bus, bus), ("slot", a.slot, doc.slot)):
+            if given is not None and from_xml is not None and given != from_xml:
+                raise InvalidRequest(f"{name}: {given} differs from the XML's <address> "
+                                     f"({from_xml})")
+            if given is not None or from_xml is not None:
+                args[name] = given if given is not None else from_xml
         return await self.device_attach(m.parse_args(m.DeviceAttachArgs, args))
+
+    def _xml_bus(self, vm_name: str, number: int) -> str:
+        """libvirt's guest bus number as a bus of this VM: 0 is the root bus, N is the bus
+        libvirt names pci.N (its controller with index N)."""
+        buses = self.vms.get(vm_name).table.topology.buses
+        if number == 0:
+            root = next((b for b in buses if "host" in b.owner_type.lower()), None)
+            if root is not None:
+                return root.name
+        elif any(b.name == f"pci.{number}" for b in buses):
+            return f"pci.{number}"
+        raise NotFound(f"xml: address@bus={number}: this VM has no such bus (libvirt's bus N "
+                       f"is the bus named pci.N; buses here: {', '.join(b.name for b in buses)})")
 
     async def query_host_devices(self, a: m.QueryHostDevicesArgs) -> list[dict[str, Any]]:
         return await self.host.query(a.multifunction_only)
