@@ -161,14 +161,21 @@ HOSTILE = [
 ]
 
 
-def test_hostile_input_is_refused_naming_the_field(target: tuple[DaemonProcess, LabVm]) -> None:
-    """NUL bytes and nesting beyond the limit: InvalidRequest naming the field, never an internal
-    error; the connection and the VM are as before."""
-    d, vm = target
+def adopted(d: DaemonProcess, vm: LabVm) -> Conn:
+    """A negotiated connection with the target VM adopted (once per module: a second vm-add
+    of the same VM is a Conflict, which is fine here)."""
     conn = Conn(d.socket)
     conn.send(json.dumps({"execute": "vm-add", "arguments": {
         "name": VM, "qmp": str(vm.qmp_socket)}}).encode() + b"\n")
     conn.replies_until_sentinel()
+    return conn
+
+
+def test_hostile_input_is_refused_naming_the_field(target: tuple[DaemonProcess, LabVm]) -> None:
+    """NUL bytes and nesting beyond the limit: InvalidRequest naming the field, never an internal
+    error; the connection and the VM are as before."""
+    d, vm = target
+    conn = adopted(d, vm)
     before = qemu_devices(vm)
     for request, field in HOSTILE:
         conn.send(json.dumps(request).encode() + b"\n")
@@ -255,10 +262,7 @@ def reached_handler(reply: dict[str, Any]) -> bool:
 
 def test_fuzz_valid_requests_reach_the_handlers(target: tuple[DaemonProcess, LabVm]) -> None:
     d, vm = target
-    conn = Conn(d.socket)
-    conn.send(json.dumps({"execute": "vm-add", "arguments": {
-        "name": VM, "qmp": str(vm.qmp_socket)}}).encode() + b"\n")
-    conn.replies_until_sentinel()
+    conn = adopted(d, vm)
     before = qemu_devices(vm)
     counts = {"requests": 0, "handled": 0}
 
