@@ -104,7 +104,8 @@ def render(command: str, result: Any) -> str:
         return render_policy(result)
     if command == "query-version":
         return str(result.get("package") or f"qmpfd {result}")
-    if command in ("device-attach", "function-add") and isinstance(result, dict):
+    if command in ("device-attach", "device-attach-xml", "function-add") \
+            and isinstance(result, dict):
         if result.get("queued"):
             return (f"queued on {result['bus']} slot {slot(result['slot'])}: "
                     + ", ".join(f"{f['function']}={f['id']}" for f in result["functions"]))
@@ -112,6 +113,11 @@ def render(command: str, result: Any) -> str:
         lines = [f"{head}: {result['vm']} {result['bus']} slot {slot(result['slot'])} "
                  f"({result['policy']})"]
         lines += [f"  function {f['function']}: {f['id']}" for f in result["functions"]]
+        host = result.get("host") or {}
+        if host.get("bind"):
+            lines.append("  host functions to vfio-pci: " + ", ".join(host["bind"]))
+        if host.get("unassigned"):
+            lines.append("  held back (unassigned): " + ", ".join(host["unassigned"]))
         if result.get("dry-run"):
             lines += ["steps:"] + [f"  {n}. {step_text(s)}"
                                    for n, s in enumerate(result["steps"], 1)]

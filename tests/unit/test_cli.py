@@ -144,3 +144,13 @@ def test_python_m_qmpfd_is_the_daemon() -> None:
     out = subprocess.run([sys.executable, "-m", "qmpfd", "--version"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("qmpfd 0."), out.stderr
+
+
+def test_xml_dry_run_renders_as_text() -> None:
+    text = render("device-attach-xml", {
+        "vm": "w", "bus": "pcie.0", "slot": 7, "policy": "acpi-pcihp", "dry-run": True,
+        "functions": [{"id": "g", "function": 0}],
+        "steps": [{"execute": "device_add", "arguments": {"driver": "vfio-pci", "id": "g"}}],
+        "rollback": [], "host": {"bind": ["0000:01:00.1"], "unassigned": ["0000:01:00.0"]}})
+    assert "plan (dry run): w pcie.0 slot 0x07" in text and "{" not in text
+    assert "to vfio-pci: 0000:01:00.1" in text and "unassigned): 0000:01:00.0" in text
