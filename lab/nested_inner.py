@@ -53,6 +53,12 @@ def reload_vfio_pci() -> None:
     report("vfio-pci-reloaded", ok=done.returncode == 0, error=done.stderr.strip())
 
 
+def held_by(inventory: Any) -> list[str | None]:
+    """Who holds each function of the lab's device (other multifunction slots, such as the
+    chipset's, are not the lab's business)."""
+    return [f.get("held-by") for s in inventory if s["slot"] == SLOT for f in s["functions"]]
+
+
 def overrides() -> dict[str, str]:
     return {f"{SLOT}.{i}": (Path("/sys/bus/pci/devices") / f"{SLOT}.{i}" / "driver_override")
             .read_text().strip() for i in range(4)}
@@ -178,7 +184,7 @@ async def main() -> None:
         inv: Any = await c.execute("query-host-devices", {"multifunction-only": True})
         report("bind-fails", **r, rmmod=rmmod.returncode, rmmod_err=rmmod.stderr,
                drivers=drivers(), overrides=overrides(),
-               held_by=[f.get("held-by") for s in inv for f in s["functions"]],
+               held_by=held_by(inv),
                journal=host_records())
         reload_vfio_pci()
 
@@ -200,7 +206,7 @@ async def main() -> None:
         held: Any = await c.execute("query-host-devices", {"multifunction-only": True})
         report("assigned", **r, drivers=drivers(), in_l2=in_l2,
                peripheral=sorted(p["name"] for p in qom if p["type"].startswith("child<")),
-               held_by=[f.get("held-by") for s in held for f in s["functions"]],
+               held_by=held_by(held),
                journal=host_records())
         placed = {}
         for dev in ("p1", "p2"):

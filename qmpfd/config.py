@@ -34,6 +34,8 @@ class DaemonConfig(_Strict):
     log_format: str = Field("json", alias="log-format", pattern="^(json|text)$")
     max_clients: int = Field(64, alias="max-clients", ge=1, le=4096)
     max_line_bytes: int = Field(1 << 20, alias="max-line-bytes", ge=1024, le=64 << 20)
+    #: events kept for query-events {since} (a reconnecting client replays what it missed)
+    event_ring: int = Field(4096, alias="event-ring", ge=16, le=1 << 20)
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -41,7 +41,8 @@ class Daemon:
         self.access = AccessPolicy.from_config(config.access)
         # The access policy is looked up on each use, so a reload replaces it for every caller.
         self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes,
-                                authorize=lambda peer: self.access.admit(peer))
+                                authorize=lambda peer: self.access.admit(peer),
+                                event_ring=d.event_ring)
         self.journal = open_journal(d.state_dir, set_aside_damaged)
         self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
@@ -49,7 +50,7 @@ class Daemon:
                               on_removed=self.host.release,
                               on_connected=self.host.release_absent)
         audit = AuditLog(config.access.audit_log or config.daemon.state_dir / "audit.log")
-        self.commands = Commands(self.vms, self.access, audit, self.host)
+        self.commands = Commands(self.vms, self.access, audit, self.host, self.server.events)
         self._stop = asyncio.Event()
 
     async def _dispatch(self, name: str, args: dict[str, Any], session: Any) -> Any:

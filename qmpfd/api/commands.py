@@ -18,6 +18,7 @@ from qmpfd.access.audit import AuditLog
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
 from qmpfd.api import replies, schema, wire
+from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Session
 from qmpfd.api.xml import parse_devices_xml
 from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError, Unsupported
@@ -43,16 +44,18 @@ class Command:
 
 class Commands:
     def __init__(self, vms: VmRegistry, access: AccessPolicy, audit: AuditLog,
-                 host: HostDevices) -> None:
+                 host: HostDevices, events: EventLog | None = None) -> None:
         self.vms = vms
         self.access = access
         self.audit = audit
         self.host = host
+        self.events = events or EventLog(16)
         self.table: dict[str, Command] = {}
         reg = self._register
         reg("query-version", m.NoArgs, self.query_version, False)
         reg("query-commands", m.NoArgs, self.query_commands, False)
         reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False)
+        reg("query-events", m.QueryEventsArgs, self.query_events, False)
         reg("vm-add", m.VmAddArgs, self.vm_add, True)
         reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
         reg("query-vms", m.NoArgs, self.query_vms, False)
@@ -96,6 +99,9 @@ class Commands:
         # QEMU's shape (contract v1.2), plus v1's "qmpfd" member for older clients.
         reply = wire.version()
         return {**reply, "qmpfd": dict(reply["qemu"])}
+
+    async def query_events(self, a: m.QueryEventsArgs) -> dict[str, Any]:
+        return replies.replay(self.events.replay(a.since, a.boot))
 
     async def query_qmp_schema(self, _: m.NoArgs) -> list[dict[str, Any]]:
         return schema.schema((c.name, c.model) for c in self.table.values())

@@ -167,6 +167,13 @@ class QueryPendingArgs(Args):
     vm: VmName | None = None
 
 
+class QueryEventsArgs(Args):
+    #: the last seq the client saw (replay everything after it); omitted: all that is kept
+    since: Annotated[int, Field(ge=0, strict=True)] | None = None
+    #: the boot id the client's seq belongs to (a different one: qmpfd restarted since)
+    boot: Annotated[str, Field(max_length=64)] | None = None
+
+
 class QueryOperationsArgs(QueryPendingArgs):
     #: also list operations that failed after their request was answered (the last 64 per VM)
     ended: bool = False

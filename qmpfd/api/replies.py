@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from qmpfd.api.eventlog import Replay
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import Plan
 from qmpfd.hotplug.slots import SlotView
@@ -106,3 +107,11 @@ def operation(op: Operation) -> dict[str, Any]:
             "ids": op.ids, "policy": op.policy, "started": op.started, "sent": op.sent,
             "age": round(time.time() - op.started, 1),
             **({"waiting": op.waiting} if op.waiting else {})}
+
+
+def replay(r: Replay) -> dict[str, Any]:
+    out: dict[str, Any] = {"boot": r.boot, "seq": r.last, "complete": r.complete,
+                           "events": r.events}
+    if r.reason:
+        out["reason"] = r.reason
+    return out

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 BUILTINS = {"str": "string", "int": "int", "number": "number", "bool": "boolean",
             "any": "value", "null": "null"}
 EVENTS = ("SLOT_ATTACHED", "SLOT_ATTACH_FAILED", "SLOT_DETACHED", "SLOT_DETACH_FAILED",
-          "SLOT_ORPHANED", "FUNCTION_QUEUED", "PENDING_EXPIRED", "VM_DISCONNECTED",
-          "VM_RECONNECTED")
+          "SLOT_ORPHANED", "FUNCTION_QUEUED", "PENDING_CANCELLED", "PENDING_EXPIRED",
+          "VM_DISCONNECTED", "VM_RECONNECTED")
 
 
 class _Builder:
@@ -77,7 +77,8 @@ def schema(commands: Iterable[tuple[str, type[BaseModel]]]) -> list[dict[str, An
         "members": [{"name": "enable", "type": b.type_of(list[str]), "default": None}]}
     event_data = "event-data"
     b.types[event_data] = {"name": event_data, "meta-type": "object", "members": [
-        {"name": "vm", "type": "str"}]}
+        {"name": "vm", "type": "str"}, {"name": "seq", "type": "int"},
+        {"name": "boot", "type": "str"}]}
     out += [{"name": e, "meta-type": "event", "arg-type": event_data} for e in EVENTS]
     out += sorted(b.types.values(), key=lambda t: str(t["name"]))
     out += [{"name": n, "meta-type": "builtin", "json-type": j} for n, j in BUILTINS.items()]

@@ -20,6 +20,7 @@ from typing import Any
 
 from qmpfd.access.peer import Peer
 from qmpfd.api import wire
+from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Dispatcher, Session
 from qmpfd.errors import QmpfdError
 
@@ -66,12 +67,14 @@ def peer_of(sock: socket.socket | None) -> Peer:
 
 class ApiServer:
     def __init__(self, dispatch: Dispatcher, max_clients: int, max_line: int,
-                 authorize: Callable[[Peer], str | None] | None = None) -> None:
+                 authorize: Callable[[Peer], str | None] | None = None,
+                 event_ring: int = 4096) -> None:
         self._dispatch = dispatch
         self._authorize = authorize
         self._max_clients = max_clients
         self._max_line = max_line
         self._sessions: set[Session] = set()
+        self.events = EventLog(event_ring)
         #: (uid, reason) -> (when last logged, refusals since): see _log_refusal
         self._refusals: dict[tuple[int | None, str], tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -138,8 +141,8 @@ class ApiServer:
                                              "refused_since_last_log": count + 1})
 
     def broadcast(self, name: str, data: dict[str, Any]) -> None:
-        msg = wire.event(name, data)
-        log.info("event %s", name, extra={"event": name, "data": data})
+        msg = self.events.record(name, data)
+        log.info("event %s", name, extra={"event": name, "data": msg["data"]})
         for session in list(self._sessions):
             session.offer_event(msg)
 

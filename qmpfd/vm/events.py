@@ -47,6 +47,9 @@ class VmEvents:
         self._emit("FUNCTION_QUEUED", {"vm": self.vm, "bus": bus, "slot": slot,
                                        "function": function, "id": dev_id})
 
+    def queue_cancelled(self, bus: str, slot: int, ids: Sequence[str]) -> None:
+        self._slot("PENDING_CANCELLED", bus, slot, ids, False)
+
     def queue_expired(self, bus: str, slot: int, ids: Sequence[str]) -> None:
         self._slot("PENDING_EXPIRED", bus, slot, ids, False)
 

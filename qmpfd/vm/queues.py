@@ -78,6 +78,7 @@ async def pending_cancel(vm: ManagedVm, bus: str, slot: int) -> PendingSlot:
             raise NotFound(f"bus/slot: nothing is queued for {bus} slot {slot}")
         await vm.journal.queue_cancelled(vm.name, bus, slot)   # durable: failure changes nothing
         _drop(vm, entry)
+        vm.events.queue_cancelled(bus, slot, [f.id for f in entry.functions.values()])
         return entry
 
 

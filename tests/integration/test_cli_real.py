@@ -64,15 +64,19 @@ async def test_ctrl_c_during_a_detach_says_the_daemon_goes_on(tmp_path: Path,
         await c.execute("device-attach", {"vm": "p", "functions": [
             {"id": "cc0", "driver": "virtio-rng-pci"}]})
         # The guest is held at start: it never answers the ACPI eject, so the detach waits.
+        # Ctrl-C as a terminal sends it (a test run in the background inherits SIGINT ignored).
         proc = await asyncio.create_subprocess_exec(
             QMPFCTL, "--socket", str(d.socket), "detach", "p", "cc0",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        for _ in range(100):
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        for _ in range(300):
             slots = await c.execute("query-slots", {"vm": "p"})
             if any(f["id"] == "cc0" and f["state"] == "unplugging"
                    for s in slots for f in s["functions"]):
                 break
             await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the detach never started")
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         _, raw_err = await asyncio.wait_for(proc.communicate(), 30)
