@@ -61,6 +61,14 @@ class TimeoutConfig(_Strict):
     policy: dict[str, PolicyTimeouts] = Field(default_factory=dict)
 
 
+class TenantRule(_Strict):
+    """A group whose members may act only on the VMs whose names match ``vms`` (shell-style
+    patterns: ``a-*``): a tenant on its own VMs. Host devices and raw QMP stay with full access."""
+
+    group: str | int
+    vms: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(min_length=1)
+
+
 class AccessConfig(_Strict):
     """Who may use the API socket and what they may point qmpfd at."""
 
@@ -76,6 +84,8 @@ class AccessConfig(_Strict):
     qmp_passthrough: bool = Field(False, alias="qmp-passthrough")
     #: Audit log of state-changing requests (JSON lines); default: STATE_DIR/audit.log.
     audit_log: Path | None = Field(None, alias="audit-log")
+    #: Groups limited to some VMs ([[access.tenants]] group = "...", vms = ["pattern", ...]).
+    tenants: list[TenantRule] = Field(default_factory=list)
 
 
 class DenyEntry(_Strict):

@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qmpfd import __version__, logs, systemd
 from qmpfd.access.audit import AuditLog
+from qmpfd.access.peer import Peer
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer
@@ -43,6 +45,7 @@ class Daemon:
         self.server = ApiServer(self._dispatch, d.max_clients, d.max_line_bytes,
                                 authorize=lambda peer: self.access.admit(peer),
                                 event_ring=d.event_ring)
+        self.server.event_filter_for = self._event_filter
         self.journal = open_journal(d.state_dir, set_aside_damaged)
         self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
@@ -58,6 +61,17 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _event_filter(self, peer: Peer) -> Callable[[dict[str, Any]], bool] | None:
+        """A tenant's event stream holds its own VMs' events only (looked up per event, so a
+        reload of [access] applies to connected clients too)."""
+        if self.access.scope(peer) is None:
+            return None
+
+        def allowed(msg: dict[str, Any]) -> bool:
+            scope = self.access.scope(peer)
+            return scope is None or scope.allows(msg.get("data", {}).get("vm"))
+        return allowed
 
     def reload(self) -> None:
         """SIGHUP (``systemctl reload``): read the config file again and apply what can change

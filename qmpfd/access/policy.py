@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import logging
 import os
@@ -46,11 +47,27 @@ def supplementary_groups(uid: int, gid: int) -> set[int]:
 
 
 @dataclass(frozen=True)
+class Scope:
+    """What a tenant peer may touch: the VMs whose names match one rule's patterns."""
+
+    rule: str              # "access.tenants[0] (group tenant-a: a-*, b-*)", for refusals
+    patterns: tuple[str, ...]
+
+    def allows(self, vm_name: str | None) -> bool:
+        return vm_name is not None and any(fnmatch.fnmatchcase(vm_name, p)
+                                           for p in self.patterns)
+
+    def refusal(self, what: str) -> str:
+        return f"access denied: {what} is outside {self.rule}"
+
+
+@dataclass(frozen=True)
 class AccessPolicy:
     uids: frozenset[int]
     gids: frozenset[int]
     qmp_dirs: tuple[Path, ...]
     passthrough: bool
+    tenants: tuple[tuple[int, Scope], ...] = ()     # (gid, scope), in config order
 
     @classmethod
     def from_config(cls, cfg: AccessConfig) -> AccessPolicy:
@@ -58,18 +75,38 @@ class AccessPolicy:
         uids.add(os.getuid())  # whoever runs qmpfd may always talk to it
         gids = {g for g in map(_gid, cfg.groups) if g is not None}
         dirs = tuple(Path(os.path.realpath(d)) for d in cfg.qmp_dirs)
-        return cls(frozenset(uids), frozenset(gids), dirs, cfg.qmp_passthrough)
+        tenants = []
+        for i, rule in enumerate(cfg.tenants):
+            gid = _gid(rule.group)
+            if gid is not None:
+                label = f"access.tenants[{i}] (group {rule.group}: {', '.join(rule.vms)})"
+                tenants.append((gid, Scope(label, tuple(rule.vms))))
+        return cls(frozenset(uids), frozenset(gids), dirs, cfg.qmp_passthrough, tuple(tenants))
+
+    def _groups(self, peer: Peer) -> set[int]:
+        assert peer.uid is not None and peer.gid is not None
+        return {peer.gid} | supplementary_groups(peer.uid, peer.gid)
+
+    def scope(self, peer: Peer) -> Scope | None:
+        """None for full access; the tenant rule that limits the peer otherwise."""
+        if peer.uid is None or peer.gid is None or peer.uid in self.uids:
+            return None
+        groups = self._groups(peer)
+        if self.gids & groups:
+            return None
+        return next((scope for gid, scope in self.tenants if gid in groups), None)
 
     def admit(self, peer: Peer) -> str | None:
         """None if the peer may use the API, else the reason it may not."""
         if peer.uid is None or peer.gid is None:
             return "access denied: the peer's credentials cannot be read"
-        if peer.uid in self.uids or peer.gid in self.gids:
+        if peer.uid in self.uids:
             return None
-        if self.gids & supplementary_groups(peer.uid, peer.gid):
+        groups = self._groups(peer)
+        if self.gids & groups or any(gid in groups for gid, _ in self.tenants):
             return None
         return (f"access denied: uid {peer.uid} is neither an allowed user nor in an allowed "
-                "group (access.users, access.groups)")
+                "group (access.users, access.groups, access.tenants)")
 
     def check_qmp_path(self, path: Path) -> Path:
         """The resolved socket path, if it lies below an allowed directory."""

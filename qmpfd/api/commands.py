@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from qmpfd.access.audit import AuditLog
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
-from qmpfd.api import replies, schema, wire
+from qmpfd.api import replies, schema, tenancy, wire
 from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Session
 from qmpfd.api.xml import parse_devices_xml
@@ -79,6 +79,14 @@ class Commands:
         cmd = self.table.get(name)
         if cmd is None:
             raise CommandNotFound(f"The command {name} has not been found")
+        scope = self.access.scope(session.peer)
+        if scope is not None:
+            tenancy.check(scope, name, args, self.vms)
+            return tenancy.visible(scope, name, await self._run(cmd, name, args, session))
+        return await self._run(cmd, name, args, session)
+
+    async def _run(self, cmd: Command, name: str, args: dict[str, Any],
+                   session: Session) -> Any:
         if not cmd.changes_state:
             return await cmd.handler(m.parse_args(cmd.model, args))
         log.info("request", extra={"command": name, "peer_uid": session.peer.uid})

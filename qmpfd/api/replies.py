@@ -27,7 +27,8 @@ def vm_added(info: VmInfo) -> dict[str, Any]:
 
 def vm(info: VmInfo) -> dict[str, Any]:
     return {"name": info.name, "qmp": info.qmp, "connected": info.connected, "arch": info.arch,
-            "machine": info.machine, "policy": info.policy, "qemu": info.qemu}
+            "machine": info.machine, "policy": info.policy, "qemu": info.qemu,
+            "uuid": info.uuid}
 
 
 def vm_removed(result: RemoveResult) -> dict[str, Any]:

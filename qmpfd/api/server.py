@@ -75,6 +75,9 @@ class ApiServer:
         self._max_line = max_line
         self._sessions: set[Session] = set()
         self.events = EventLog(event_ring)
+        #: per client: which events it may see (set by the daemon from the access policy)
+        self.event_filter_for: Callable[[Peer], Callable[[wire.Message], bool] | None] | None \
+            = None
         #: (uid, reason) -> (when last logged, refusals since): see _log_refusal
         self._refusals: dict[tuple[int | None, str], tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -120,6 +123,8 @@ class ApiServer:
             writer.close()
             return
         session = Session(reader, writer, self._dispatch, peer, self._max_line)
+        if self.event_filter_for is not None:
+            session.event_filter = self.event_filter_for(peer)
         self._sessions.add(session)
         log.debug("client connected", extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
         try:

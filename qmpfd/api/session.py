@@ -55,6 +55,8 @@ class Session:
         self._max_line = max_line
         self.state = SessionState.GREETING
         self._events: asyncio.Queue[wire.Message] = asyncio.Queue(EVENT_QUEUE_LIMIT)
+        #: events this client may see (a tenant sees its own VMs' events); None: all
+        self.event_filter: Callable[[wire.Message], bool] | None = None
         self._write_lock = asyncio.Lock()
 
     @property
@@ -63,7 +65,8 @@ class Session:
 
     def offer_event(self, msg: wire.Message) -> None:
         """Queue an event for this client; a client too slow to keep up is dropped."""
-        if not self.negotiated:
+        if not self.negotiated or (self.event_filter is not None
+                                   and not self.event_filter(msg)):
             return
         try:
             self._events.put_nowait(msg)

@@ -25,6 +25,7 @@ class VmIdentity:
     machine: str        # e.g. "pc-q35-7.2"
     qemu: str           # "7.2.22"
     qemu_version: tuple[int, int, int]
+    uuid: str | None = None   # the VM's UUID (-uuid); None when QEMU has none (all zeros)
 
 
 T = TypeVar("T")
@@ -46,17 +47,20 @@ async def read_identity(conn: QmpLink) -> VmIdentity:
     ``query-machines`` lists every machine type but only marks the running one (``is-current``)
     from QEMU 9.0 on, so the type comes from the QOM type of /machine.
     """
-    target, version, mtype = await asyncio.gather(
+    target, version, mtype, vmuuid = await asyncio.gather(
         conn.execute("query-target"),
         conn.execute("query-version"),
         conn.execute("qom-get", {"path": "/machine", "property": "type"}),
+        conn.execute("query-uuid"),
     )
     machine = str(mtype).removesuffix("-machine")
     q = version["qemu"]
     vtuple = (int(q["major"]), int(q["minor"]), int(q["micro"]))
+    raw_uuid = str(vmuuid.get("UUID", "")).lower()
     return VmIdentity(
         arch=target["arch"], machine=machine,
-        qemu=".".join(map(str, vtuple)), qemu_version=vtuple)
+        qemu=".".join(map(str, vtuple)), qemu_version=vtuple,
+        uuid=None if not raw_uuid or set(raw_uuid) <= {"0", "-"} else raw_uuid)
 
 
 def _link_type(prop_type: str) -> str | None:

@@ -127,7 +127,8 @@ class ManagedVm:
         ident = self.identity
         return VmInfo(self.name, str(self.qmp), self.link.connected,
                       ident.arch if ident else None, ident.machine if ident else None,
-                      ident.qemu if ident else None, self._policy_name)
+                      ident.qemu if ident else None, self._policy_name,
+                      ident.uuid if ident else None)
 
     async def _connect_and_learn(self) -> None:
         await self.link.connect(self._connect_timeout)

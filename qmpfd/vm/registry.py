@@ -44,10 +44,19 @@ class VmRegistry:
         self.policies = configured_policies(config)
 
     def get(self, name: str) -> ManagedVm:
+        """A VM by its name, or by its UUID (QEMU's -uuid, as query-vms shows it)."""
         vm = self._vms.get(name)
-        if vm is None:
-            raise NotFound(f"vm: no VM named '{name}' is managed by qmpfd")
-        return vm
+        if vm is not None:
+            return vm
+        wanted = name.lower()
+        by_uuid = [v for v in self._vms.values()
+                   if v.identity is not None and v.identity.uuid == wanted]
+        if len(by_uuid) == 1:
+            return by_uuid[0]
+        if len(by_uuid) > 1:
+            raise Conflict(f"vm: UUID {name} belongs to {', '.join(v.name for v in by_uuid)}; "
+                           "use the name")
+        raise NotFound(f"vm: no VM named '{name}' (or with that UUID) is managed by qmpfd")
 
     def all(self) -> list[ManagedVm]:
         return list(self._vms.values())

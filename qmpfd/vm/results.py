@@ -19,6 +19,7 @@ class VmInfo:
     machine: str | None
     qemu: str | None
     policy: str | None
+    uuid: str | None = None
 
 
 @dataclass(frozen=True)
