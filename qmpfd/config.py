@@ -105,6 +105,25 @@ class HostConfig(_Strict):
     deny: list[DenyEntry] = Field(default_factory=list)
 
 
+class MetricsConfig(_Strict):
+    """The optional Prometheus/OpenMetrics listener: ``unix:/run/qmpfd/metrics.sock`` or a
+    loopback ``127.0.0.1:9477`` / ``[::1]:9477``. Off (None) by default."""
+
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _local_only(cls, v: str | None) -> str | None:
+        if v is None or v.startswith("unix:/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "::1",
+                                                                      "localhost"):
+            raise ValueError("a Unix socket (unix:/path) or a loopback HOST:PORT "
+                             "(127.0.0.1:9477, [::1]:9477)")
+        return v
+
+
 class VmEntry(_Strict):
     name: str = Field(pattern=VM_NAME_PATTERN)
     qmp: Path
@@ -115,6 +134,7 @@ class Config(_Strict):
     timeouts: TimeoutConfig = Field(default_factory=lambda: TimeoutConfig())
     access: AccessConfig = Field(default_factory=lambda: AccessConfig())
     host: HostConfig = Field(default_factory=lambda: HostConfig())
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
     vm: list[VmEntry] = Field(default_factory=list)
 
 

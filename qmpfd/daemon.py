@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qmpfd import __version__, logs, systemd
+from qmpfd import __version__, logs, metrics, systemd
 from qmpfd.access.audit import AuditLog
 from qmpfd.access.peer import Peer
 from qmpfd.access.policy import AccessPolicy
+from qmpfd.api import metrics_http
 from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer
 from qmpfd.config import Config, load_config
@@ -28,6 +29,9 @@ from qmpfd.state.log import JournalDamaged
 from qmpfd.vm.registry import VmRegistry
 
 log = logging.getLogger("qmpfd")
+
+LAG_PROBE = 0.5      # seconds between event-loop lag samples
+LAG_DECAY = 0.98     # the reported maximum fades over a few minutes
 
 
 class Daemon:
@@ -54,6 +58,9 @@ class Daemon:
                               on_connected=self.host.release_absent)
         audit = AuditLog(config.access.audit_log or config.daemon.state_dir / "audit.log")
         self.commands = Commands(self.vms, self.access, audit, self.host, self.server.events)
+        self.commands.health = self.health
+        self.loop_lag = 0.0
+        self.loop_lag_max = 0.0
         self._stop = asyncio.Event()
 
     async def _dispatch(self, name: str, args: dict[str, Any], session: Any) -> Any:
@@ -61,6 +68,35 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _state_counts(self) -> dict[str, Any]:
+        vms = self.vms.all()
+        return {"vms": len(vms), "connected": sum(vm.link.connected for vm in vms),
+                "queued": sum(len(e.functions) for vm in vms for e in vm.pending.all()),
+                "orphaned": sum(len(vm.table.orphans()) for vm in vms),
+                "held": len(self.journal.host), "in_flight": len(self.journal.ops)}
+
+    async def _measure_lag(self) -> None:
+        """How late the event loop wakes up (a blocked loop delays every request and event)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LAG_PROBE)
+            self.loop_lag = max(0.0, time.monotonic() - before - LAG_PROBE)
+            self.loop_lag_max = max(self.loop_lag_max * LAG_DECAY, self.loop_lag)
+
+    def health(self) -> dict[str, Any]:
+        vms = [{"name": vm.name, "link": vm.link.state.value} for vm in self.vms.all()]
+        problems = [f"VM {v['name']}: link {v['link']}" for v in vms if v["link"] != "up"]
+        if self.journal.last_error:
+            problems.append(f"journal: last write failed: {self.journal.last_error}")
+        if self.loop_lag_max > 1.0:
+            problems.append(f"event loop lagged {self.loop_lag_max:.2f} s")
+        return {"status": "degraded" if problems else "ok", "problems": problems,
+                "version": __version__, "boot": self.server.events.boot,
+                "loop-lag": round(self.loop_lag, 4), "loop-lag-max": round(self.loop_lag_max, 4),
+                "journal": {"path": str(self.journal.path), "syncs": self.journal.syncs,
+                            "last-error": self.journal.last_error},
+                "vms": vms}
 
     def _event_filter(self, peer: Peer) -> Callable[[dict[str, Any]], bool] | None:
         """A tenant's event stream holds its own VMs' events only (looked up per event, so a
@@ -110,6 +146,11 @@ class Daemon:
         # and no operation left over from a crash. Unreachable VMs are retried in the background.
         await self.vms.readopt()
         await self.server.listen(d.socket, d.socket_mode, d.socket_group)
+        metrics_server = None
+        if self.config.metrics.listen:
+            metrics.REGISTRY.register(metrics.StateCollector(self._state_counts))
+            metrics_server = await metrics_http.serve(self.config.metrics.listen)
+        lag = asyncio.create_task(self._measure_lag())
         systemd.notify("READY=1")
         interval = watchdog_interval()
         watchdog = asyncio.create_task(self._watchdog(interval)) if interval else None
@@ -117,6 +158,9 @@ class Daemon:
         await self._stop.wait()
         if watchdog is not None:
             watchdog.cancel()
+        lag.cancel()
+        if metrics_server is not None:
+            metrics_server.close()
         systemd.notify("STOPPING=1")
         log.info("shutting down")
         await self.server.close()

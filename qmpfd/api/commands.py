@@ -50,12 +50,15 @@ class Commands:
         self.audit = audit
         self.host = host
         self.events = events or EventLog(16)
+        #: the daemon's health report (set by the daemon; query-health)
+        self.health: Callable[[], dict[str, Any]] = lambda: {"status": "ok"}
         self.table: dict[str, Command] = {}
         reg = self._register
         reg("query-version", m.NoArgs, self.query_version, False)
         reg("query-commands", m.NoArgs, self.query_commands, False)
         reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False)
         reg("query-events", m.QueryEventsArgs, self.query_events, False)
+        reg("query-health", m.NoArgs, self.query_health, False)
         reg("vm-add", m.VmAddArgs, self.vm_add, True)
         reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
         reg("query-vms", m.NoArgs, self.query_vms, False)
@@ -107,6 +110,9 @@ class Commands:
         # QEMU's shape (contract v1.2), plus v1's "qmpfd" member for older clients.
         reply = wire.version()
         return {**reply, "qmpfd": dict(reply["qemu"])}
+
+    async def query_health(self, _: m.NoArgs) -> dict[str, Any]:
+        return self.health()
 
     async def query_events(self, a: m.QueryEventsArgs) -> dict[str, Any]:
         return replies.replay(self.events.replay(a.since, a.boot))

@@ -79,6 +79,10 @@ class Journal:
     def syncs(self) -> int:
         return self._log.syncs
 
+    @property
+    def last_error(self) -> str | None:
+        return self._log.last_error
+
     @classmethod
     def open(cls, directory: Path) -> Journal:
         """Load the journal (migrating a format-1 state.json). Raises JournalDamaged."""

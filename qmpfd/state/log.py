@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmpfd.errors import QmpfdError
+from qmpfd.metrics import JOURNAL_SYNC_SECONDS
 from qmpfd.state.records import BadLine, Record, decode
 
 log = logging.getLogger("qmpfd.state")
@@ -120,6 +121,8 @@ class AppendLog:
         self.writes = 0
         #: write on the event loop (a fast disk) or in a thread (the last sync was slow)
         self.inline = True
+        #: why the last write failed, until one succeeds (query-health)
+        self.last_error: str | None = None
 
     def open(self) -> list[Record]:
         loaded = read_log(self.path)
@@ -169,7 +172,9 @@ class AppendLog:
                     await asyncio.to_thread(self._write, data, sync)
                 if sync:
                     self.inline = time.monotonic() - started < INLINE_SYNC_LIMIT
+                self.last_error = None
             except OSError as exc:
+                self.last_error = exc.strerror or str(exc)
                 self._failed(batch, exc)
                 if self._queue and all(e.settle for e in self._queue):
                     await asyncio.sleep(RETRY_DELAY)
@@ -204,7 +209,9 @@ class AppendLog:
                 n = os.write(self._fd, view)
                 view = view[n:]
             if sync:
+                started = time.monotonic()
                 os.fdatasync(self._fd)
+                JOURNAL_SYNC_SECONDS.observe(time.monotonic() - started)
                 self.syncs += 1
         except OSError:
             with contextlib.suppress(OSError):

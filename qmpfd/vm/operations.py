@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qmpfd import metrics
 from qmpfd.errors import (
     Conflict,
     InvalidRequest,
@@ -94,11 +95,15 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
     key = (plan.bus, plan.slot)
     op = Operation("attach", vm.name, plan.bus, plan.slot,
                    {f.id: f.function for f in plan.functions}, plan.policy.name)
+    started = time.monotonic()
     try:
         await vm.journal.begin(op)   # synced before QEMU is touched: a crash leaves a record
     except BaseException:
         vm.table.attach_undone(key, [])
+        metrics.operation("attach", plan.policy.name, "refused")
         raise
+    metrics.phase("attach", "journal", time.monotonic() - started)
+    started = time.monotonic()
     log.info("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
                               "ids": plan.ids})
     try:
@@ -106,6 +111,8 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
         await execute_attach(plan, vm.link, vm.tracker, vm.table,
                              after_step=lambda n: fault_point(f"attach-step-{n}"))
     except AttachFailed as exc:
+        metrics.operation("attach", plan.policy.name,
+                          "rolled-back" if not exc.rollback.left else "rollback-pending")
         if not (retry_if_stale and _stale_view(exc)):
             vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
         if isinstance(exc.cause, VmGone):
@@ -124,6 +131,8 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
         raise
     vm.table.attach_done(key)
     vm.journal.end(op)
+    metrics.phase("attach", "qemu", time.monotonic() - started)
+    metrics.operation("attach", plan.policy.name, "ok")
     vm.events.attached(plan.bus, plan.slot, plan.ids)
     if any(creates_bus(str(s.arguments["driver"])) for s in plan.steps):
         async with vm.alloc:
@@ -203,6 +212,7 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
         op = await vm.journal.begin(Operation(
             "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
             policy.name))
+        metrics.phase("detach", "journal", time.monotonic() - started)
         await fault_point("detach-begin")
         vm.table.begin_unplug(key, all_ids)   # before device_del: its events may be quick
     # device_del goes out after the allocation lock is let go: a guest still busy with the
@@ -221,9 +231,12 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
     except QmpfdError:
         vm.table.unplug_ended(key)
         vm.journal.end(op)
+        metrics.operation("detach", policy.name, "refused")
         raise
     finally:
         op.waiting = None
+    sent = time.monotonic()
+    metrics.phase("detach", "qemu", sent - started)
     vm.journal.mark_sent(op)
     await fault_point("detach-sent")
     unplug = Unplug(vm, key, all_ids, op, started=started, done=done)
@@ -237,12 +250,16 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
         result.seconds = round(time.monotonic() - started, 3)
         if force:
             result.unplugging = True
+            metrics.operation("detach", policy.name, "unplugging")
             return result
+        metrics.operation("detach", policy.name, "timeout")
         raise Timeout(f"guest did not release {key[0]} slot {key[1]} within {limit:g} s; "
                       "the slot stays 'unplugging' and completes when QEMU reports "
                       "DEVICE_DELETED") from None
     unplug.answered = True
     result.seconds = round(time.monotonic() - started, 3)
+    metrics.phase("detach", "guest", time.monotonic() - sent)
+    metrics.operation("detach", policy.name, "ok")
     result.host_released = await vm.removed(all_ids)
     return result
 

@@ -64,3 +64,16 @@ def test_text_log_format_keeps_the_structured_fields() -> None:
     line = TextFormatter().format(record)
     assert "unplug failed" in line and "vm=web1" in line
     assert 'error="guest is busy (power indicator blinking)"' in line
+
+
+@pytest.mark.parametrize(("listen", "ok"), [
+    ("unix:/run/qmpfd/metrics.sock", True), ("127.0.0.1:9477", True), ("[::1]:9477", True),
+    ("0.0.0.0:9477", False), ("10.0.0.1:9477", False), ("9477", False)])
+def test_metrics_listen_is_local_only(tmp_path: Path, listen: str, ok: bool) -> None:
+    cfg = tmp_path / "qmpfd.toml"
+    cfg.write_text(f'[metrics]\nlisten = "{listen}"\n')
+    if ok:
+        assert load_config(cfg).metrics.listen == listen
+    else:
+        with pytest.raises(InvalidRequest, match="metrics.listen"):
+            load_config(cfg)
