@@ -22,7 +22,7 @@ from qmpfd.vm.results import (
 
 def vm_added(info: VmInfo) -> dict[str, Any]:
     return {"name": info.name, "arch": info.arch, "machine": info.machine, "qemu": info.qemu,
-            "policy": info.policy}
+            "policy": info.policy, "uuid": info.uuid}
 
 
 def vm(info: VmInfo) -> dict[str, Any]:

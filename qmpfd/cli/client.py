@@ -1,5 +1,5 @@
-"""Talking to qmpfd: one QMP call (with a spinner on a terminal), the event stream, and reading
-an attach request from a file."""
+"""Talking to qmpfd through :mod:`qmpfd.client`: one call (with a spinner on a terminal), the
+event stream, and reading an attach request from a file."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ import asyncio
 import contextlib
 import itertools
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
-from qemu.qmp.error import QMPError
-
 from qmpfd.cli.errors import CliError
+from qmpfd.client import Client, QmpfdClientError
 
 
 class Spinner:
@@ -50,35 +47,11 @@ class Spinner:
             sys.stderr.write("\r" + " " * self._width + "\r")
 
 
-def refusal_reason(sock: str) -> str | None:
-    """What qmpfd said when it turned the connection away (instead of a greeting it sends one
-    error object and closes): its own reason, not a client-library complaint."""
+async def connect(sock: str) -> Client:
     try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(sock)
-            first = s.makefile("rb").readline()
-        msg = json.loads(first)
-    except (OSError, ValueError):
-        return None
-    if isinstance(msg, dict) and isinstance(msg.get("error"), dict):
-        return str(msg["error"].get("desc"))
-    return None
-
-
-async def connect(sock: str) -> QMPClient:
-    client = QMPClient("qmpfctl")
-    try:
-        await client.connect(sock)
-    except (QMPError, OSError) as exc:
-        reason = await asyncio.to_thread(refusal_reason, sock)
-        if reason:
-            raise CliError("GenericError", f"qmpfd at {sock} refused the connection: "
-                                           f"{reason}") from None
-        cause = exc.__cause__ if isinstance(exc, QMPError) and exc.__cause__ else exc
-        text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
-        raise CliError("GenericError", f"cannot reach qmpfd at {sock}: {text}") from None
-    return client
+        return await Client.open(sock, "qmpfctl")
+    except QmpfdClientError as exc:
+        raise CliError("GenericError", exc.desc) from None
 
 
 async def call(sock: str, command: str, args: dict[str, Any] | None,
@@ -86,30 +59,27 @@ async def call(sock: str, command: str, args: dict[str, Any] | None,
     client = await connect(sock)
     try:
         if label and timeout is None and args and "vm" in args and command == "device-detach":
-            with contextlib.suppress(ExecuteError):
-                policy = await client.execute("query-policy", {"vm": args["vm"]})
-                timeout = float(policy["timeouts"]["unplug"])  # type: ignore[index]
+            with contextlib.suppress(QmpfdClientError):
+                policy = await client.query_policy(str(args["vm"]))
+                timeout = float(policy["timeouts"]["unplug"])
         with Spinner(label or f"{command} ...", timeout):
             return await client.execute(command, args)
-    except ExecuteError as exc:
-        raise CliError(exc.error_class, str(exc)) from None
+    except QmpfdClientError as exc:
+        raise CliError(exc.error_class, exc.desc) from None
     finally:
         with contextlib.suppress(Exception):
-            await client.disconnect()
+            await client.close()
 
 
 async def follow_events(sock: str, as_json: bool) -> None:
     client = await connect(sock)
-    listener = EventListener()
-    client.register_listener(listener)
-    async for ev in listener:
+    async for ev in client.events():
         if as_json:
-            print(json.dumps(dict(ev)), flush=True)
+            print(ev.model_dump_json(), flush=True)
         else:
-            data: dict[str, Any] = dict(ev)
-            ts = data["timestamp"]
-            print(f"{ts['seconds']}.{ts['microseconds']:06d} {ev['event']} "
-                  f"{json.dumps(ev.get('data', {}))}", flush=True)
+            ts = ev.timestamp
+            print(f"{ts['seconds']}.{ts['microseconds']:06d} {ev.event} "
+                  f"{json.dumps(ev.data)}", flush=True)
 
 
 def load_attach_request(vm: str, source: str) -> tuple[str, dict[str, Any]]:

@@ -75,5 +75,5 @@ def test_metrics_listen_is_local_only(tmp_path: Path, listen: str, ok: bool) -> 
     if ok:
         assert load_config(cfg).metrics.listen == listen
     else:
-        with pytest.raises(InvalidRequest, match="metrics.listen"):
+        with pytest.raises(InvalidRequest, match=r"metrics\.listen"):
             load_config(cfg)

@@ -1,0 +1,127 @@
+"""Typed replies (pydantic). Unknown members are kept (``extra='allow'``), so a newer qmpfd
+never breaks an older client; wire names with hyphens are read through aliases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+
+class Version(Reply):
+    package: str
+    qemu: dict[str, int]
+
+
+class Vm(Reply):
+    """A managed VM (query-vms; vm-add's reply has the same members but qmp and connected)."""
+
+    name: str
+    qmp: str | None = None
+    connected: bool = True
+    arch: str | None = None
+    machine: str | None = None
+    policy: str | None = None
+    qemu: str | None = None
+    uuid: str | None = None
+
+
+class SlotFunction(Reply):
+    function: int
+    id: str | None
+    driver: str
+    state: str
+
+
+class Slot(Reply):
+    bus: str
+    slot: int
+    hotpluggable: bool
+    functions: list[SlotFunction]
+
+
+class PlacedFunction(Reply):
+    id: str
+    function: int
+
+
+class Attached(Reply):
+    vm: str
+    bus: str
+    slot: int
+    functions: list[PlacedFunction]
+    policy: str | None = None
+    dry_run: bool = Field(False, alias="dry-run")
+    queued: bool = False
+    host: dict[str, Any] | None = None
+
+
+class Detached(Reply):
+    vm: str
+    bus: str
+    slot: int
+    ids: list[str]
+    seconds: float
+    unplugging: bool = False
+    waited_for_guest: float | None = Field(None, alias="waited-for-guest")
+    host_released: list[str] = Field(default_factory=list, alias="host-released")
+
+
+class Pending(Reply):
+    vm: str
+    bus: str
+    slot: int
+    functions: list[dict[str, Any]]
+    expires_in: float | None = Field(None, alias="expires-in")
+
+
+class Operation(Reply):
+    operation: str
+    kind: str
+    vm: str
+    bus: str
+    slot: int
+    ids: list[str]
+    outcome: str | None = None
+    reason: str | None = None
+    waiting: str | None = None
+
+
+class Removed(Reply):
+    host_held: list[str] = Field(default_factory=list, alias="host-held")
+    host_released: list[str] = Field(default_factory=list, alias="host-released")
+    settled: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Event(Reply):
+    """An event: its name, its data (with ``vm`` and friends), and the plane's bookkeeping."""
+
+    event: str
+    data: dict[str, Any]
+    timestamp: dict[str, int]
+
+    @property
+    def seq(self) -> int:
+        return int(self.data["seq"])
+
+    @property
+    def boot(self) -> str:
+        return str(self.data["boot"])
+
+
+class Replay(Reply):
+    boot: str
+    seq: int
+    complete: bool
+    events: list[Event]
+    reason: str | None = None
+
+
+class Health(Reply):
+    status: str
+    problems: list[str] = Field(default_factory=list)
+    vms: list[dict[str, Any]] = Field(default_factory=list)
