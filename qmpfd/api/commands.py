@@ -125,7 +125,10 @@ class Commands:
 
     # -- VMs -------------------------------------------------------------------------------
     async def vm_add(self, a: m.VmAddArgs) -> dict[str, Any]:
-        info = await self.vms.add(a.name, self.access.check_qmp_path(Path(a.qmp)))
+        if a.libvirt is not None:
+            info = await self.vms.add(a.name, None, libvirt=a.libvirt)
+        else:
+            info = await self.vms.add(a.name, self.access.check_qmp_path(Path(str(a.qmp))))
         return replies.vm_added(info)
 
     async def vm_qmp(self, a: m.VmQmpArgs) -> Any:

@@ -35,7 +35,16 @@ class NoArgs(Args):
 
 class VmAddArgs(Args):
     name: VmName
-    qmp: Annotated[str, Field(min_length=1, max_length=4096)]
+    #: the VM's QMP socket; or, for a VM libvirt runs, ``libvirt``: its domain name
+    qmp: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    libvirt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> VmAddArgs:
+        if (self.qmp is None) == (self.libvirt is None):
+            raise ValueError("qmp: give the QMP socket (qmp) or the libvirt domain (libvirt), "
+                             "one of them")
+        return self
 
 
 class VmArgs(Args):

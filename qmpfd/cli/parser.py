@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = sub.add_parser("vm", help="adopt, list and drop VMs").add_subparsers(dest="vmcmd",
                                                                               required=True)
-    a = vm.add_parser("add", help="adopt a running QEMU by its QMP socket")
+    a = vm.add_parser("add", help="adopt a running QEMU by its QMP socket, or a VM libvirt "
+                                  "runs by its domain (--libvirt)")
     a.add_argument("name")
-    a.add_argument("qmp_socket")
+    a.add_argument("qmp_socket", nargs="?")
+    a.add_argument("--libvirt", metavar="DOMAIN", help="a libvirt domain (qemu:///system)")
     vm.add_parser("list", help="list managed VMs")
     r = vm.add_parser("remove", help="stop managing a VM (QEMU keeps running)")
     r.add_argument("name")
@@ -94,6 +96,11 @@ def request_of(ns: argparse.Namespace) -> tuple[str, dict[str, Any] | None, str 
     """The (command, arguments, progress label) an invocation stands for."""
     if ns.cmd == "vm":
         if ns.vmcmd == "add":
+            if (ns.qmp_socket is None) == (ns.libvirt is None):
+                raise CliError("InvalidRequest", "vm add: give the QMP socket or --libvirt "
+                                                 "DOMAIN", 2)
+            if ns.libvirt:
+                return "vm-add", {"name": ns.name, "libvirt": ns.libvirt}, None
             return "vm-add", {"name": ns.name, "qmp": str(Path(ns.qmp_socket).absolute())}, None
         if ns.vmcmd == "remove":
             return "vm-remove", {"name": ns.name, **({"force": True} if ns.force else {})}, None

@@ -27,7 +27,7 @@ from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.plan import Plan, Step
 from qmpfd.hotplug.policies.base import is_transient
 from qmpfd.hotplug.slots import SlotTable
-from qmpfd.qemu.link import QmpLink
+from qmpfd.qemu.link import Link
 from qmpfd.qemu.topology import peripheral
 
 log = logging.getLogger("qmpfd.hotplug")
@@ -53,7 +53,7 @@ def _where(step: Step) -> str:
     return f"function {step.function} ('{step.id}', {step.arguments.get('driver')})"
 
 
-async def _send(link: QmpLink, steps: Sequence[Step], timeout: float
+async def _send(link: Link, steps: Sequence[Step], timeout: float
                 ) -> tuple[list[Step], list[Step], tuple[Step, QmpfdError] | None]:
     """Send ``steps`` together; (accepted, unanswered in time, first refusal or loss)."""
     results: list[object]
@@ -85,7 +85,7 @@ async def _send(link: QmpLink, steps: Sequence[Step], timeout: float
     return accepted, late, failure
 
 
-async def execute_attach(plan: Plan, link: QmpLink, tracker: DeletionTracker, table: SlotTable,
+async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table: SlotTable,
                          after_step: Callable[[int], Awaitable[None]] | None = None) -> None:
     """Plug the plan's functions (non-zero together, then function 0), and roll back on any
     failure. ``after_step(n)`` runs once n device_adds have been accepted (fault injection)."""
@@ -115,7 +115,7 @@ async def execute_attach(plan: Plan, link: QmpLink, tracker: DeletionTracker, ta
                 await after_step(n)
 
 
-async def _exists(link: QmpLink, dev_id: str) -> bool:
+async def _exists(link: Link, dev_id: str) -> bool:
     """Whether QEMU holds the device now (sent after its device_add, so it sees the outcome)."""
     try:
         await link.execute("qom-get", {"path": f"/machine/peripheral/{dev_id}",
@@ -125,7 +125,7 @@ async def _exists(link: QmpLink, dev_id: str) -> bool:
     return True
 
 
-async def rollback(plan: Plan, added: list[str], late: list[str], link: QmpLink,
+async def rollback(plan: Plan, added: list[str], late: list[str], link: Link,
                    tracker: DeletionTracker, table: SlotTable) -> RollbackResult:
     """Take back ``added`` and whichever of ``late`` QEMU did carry out; wait for their
     DEVICE_DELETED within the policy's unplug timeout."""
@@ -163,7 +163,7 @@ READY_FIRST_DELAY = 0.1
 READY_MAX_DELAY = 1.0
 
 
-async def send_when_ready(link: QmpLink, cmd: str, args: dict[str, object], deadline: float,
+async def send_when_ready(link: Link, cmd: str, args: dict[str, object], deadline: float,
                           on_wait: Callable[[str], None] | None = None) -> object:
     """Send ``cmd``; while QEMU refuses it as transient (the guest is still busy with the
     slot), wait and send it again, with backoff, until ``deadline`` (monotonic). ``on_wait``
@@ -184,7 +184,7 @@ async def send_when_ready(link: QmpLink, cmd: str, args: dict[str, object], dead
             delay = min(delay * 2, READY_MAX_DELAY)
 
 
-async def execute_unplug(targets: list[str], ids: list[str], link: QmpLink,
+async def execute_unplug(targets: list[str], ids: list[str], link: Link,
                          tracker: DeletionTracker, deadline: float,
                          on_wait: Callable[[str], None] | None = None) -> asyncio.Future[None]:
     """Send the policy's device_del commands (each retried while the guest is busy, until

@@ -100,12 +100,13 @@ def plan_attach(
     *,
     bus: str | None = None,
     slot: int | None = None,
+    from_top: bool = False,
 ) -> Plan:
     """Plan an attach against the VM's slot table (which knows every slot and id taken by QEMU,
     a queue or an operation in flight). ``policy_of`` maps bus name to its policy."""
     check_functions(functions)
     table.check_new_ids([(f"functions[{i}].id", f.id) for i, f in enumerate(functions)])
-    bus_name, number = table.choose(bus, slot)
+    bus_name, number = table.choose(bus, slot, from_top)
     target = table.bus(bus_name)
     policy = policy_of[target.name]
     if len(functions) > 1 and not policy.multifunction:

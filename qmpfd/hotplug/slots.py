@@ -158,8 +158,10 @@ class SlotTable:
                     raise Conflict(f"{field}: id '{dev_id}' is in use by {key[0]} slot {key[1]} "
                                    f"({c.state.value})")
 
-    def choose(self, bus: str | None, slot: int | None) -> SlotKey:
-        """The given slot if it is free, else the first free hotpluggable slot (topology order)."""
+    def choose(self, bus: str | None, slot: int | None, from_top: bool = False) -> SlotKey:
+        """The given slot if it is free, else the first free hotpluggable slot (topology order;
+        ``from_top``: the highest, for VMs whose manager allocates from the lowest, as
+        libvirt does, so its own later hotplugs do not collide with qmpfd's)."""
         if bus is not None:
             candidates = [self.hotpluggable_bus(bus)]
         else:
@@ -174,8 +176,9 @@ class SlotTable:
                 self.check_slot_number(b, slot)
                 self.check_free((b.name, slot))
                 return b.name, slot
-            for n in range(b.slot_count):
-                if self.state((b.name, n)) is SlotState.EMPTY:
+            order = range(b.slot_count - 1, -1, -1) if from_top else range(b.slot_count)
+            for n in order:
+                if self.state((b.name, n)) is SlotState.EMPTY and b.slot(n).hotpluggable:
                     return b.name, n
         where = f"bus '{bus}'" if bus else "any hotpluggable bus"
         raise Conflict(f"slot: no free slot on {where}")

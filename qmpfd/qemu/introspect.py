@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from qmpfd.errors import QemuError
-from qmpfd.qemu.link import QmpLink
+from qmpfd.qemu.link import Link
 from qmpfd.qemu.topology import RawBus, RawDevice, Topology
 
 _LINK = re.compile(r"^(child|link)<(.+)>$")
@@ -41,7 +41,7 @@ async def gather_all(*aws: Awaitable[T]) -> list[T]:
     return results  # type: ignore[return-value]
 
 
-async def read_identity(conn: QmpLink) -> VmIdentity:
+async def read_identity(conn: Link) -> VmIdentity:
     """Architecture, machine type and QEMU version.
 
     ``query-machines`` lists every machine type but only marks the running one (``is-current``)
@@ -68,12 +68,12 @@ def _link_type(prop_type: str) -> str | None:
     return m.group(2) if m else None
 
 
-async def _qom_list(conn: QmpLink, path: str) -> list[dict[str, Any]]:
+async def _qom_list(conn: Link, path: str) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = await conn.execute("qom-list", {"path": path})
     return result
 
 
-async def _child_buses(conn: QmpLink, path: str) -> list[tuple[str, str]]:
+async def _child_buses(conn: Link, path: str) -> list[tuple[str, str]]:
     """(bus name, bus type) of the PCI buses that are QOM children of ``path``."""
     out = []
     for prop in await _qom_list(conn, path):
@@ -83,7 +83,7 @@ async def _child_buses(conn: QmpLink, path: str) -> list[tuple[str, str]]:
     return out
 
 
-async def find_root_buses(conn: QmpLink) -> list[tuple[str, str, str, str]]:
+async def find_root_buses(conn: Link) -> list[tuple[str, str, str, str]]:
     """(bus path, bus type, owner type) for every host bridge's root bus.
 
     Host bridges hang under /machine (i440fx, q35), among unattached devices (gpex on arm virt),
@@ -108,7 +108,7 @@ async def find_root_buses(conn: QmpLink) -> list[tuple[str, str, str, str]]:
     return roots
 
 
-async def _read_device(conn: QmpLink, bus_path: str, child: str,
+async def _read_device(conn: Link, bus_path: str, child: str,
                        dev_type: str) -> tuple[RawDevice, list[tuple[str, str]]] | None:
     """A device on a bus, or None if it went away while we looked (an unplug completing)."""
     try:
@@ -122,7 +122,7 @@ async def _read_device(conn: QmpLink, bus_path: str, child: str,
     return RawDevice(path=path, type=dev_type, devfn=int(devfn)), buses
 
 
-async def _read_bus(conn: QmpLink, path: str, name: str, bus_type: str, owner_type: str,
+async def _read_bus(conn: Link, path: str, name: str, bus_type: str, owner_type: str,
                     owner_is_pci: bool) -> tuple[RawBus, list[tuple[str, str, str, str]]]:
     props = await _qom_list(conn, path)
     handler = await conn.execute("qom-get", {"path": path, "property": "hotplug-handler"})
@@ -142,7 +142,7 @@ async def _read_bus(conn: QmpLink, path: str, name: str, bus_type: str, owner_ty
     return raw, below
 
 
-async def read_topology(conn: QmpLink,
+async def read_topology(conn: Link,
                         roots: list[tuple[str, str, str, str]] | None = None) -> Topology:
     """Walk every PCI bus from the host bridges down through bridges and ports."""
     if roots is None:

@@ -18,7 +18,7 @@ import enum
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.error import QMPError
@@ -44,6 +44,30 @@ class _Client(QMPClient):
 
     def _cb_inbound(self, msg: Message) -> Message:
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+
+class Link(Protocol):
+    """What qmpfd needs from a connection to one QEMU: :class:`QmpLink` (its QMP socket) or
+    :class:`qmpfd.qemu.libvirt_link.LibvirtLink` (through libvirt, for VMs libvirt runs)."""
+
+    name: str
+    commands_sent: int
+    on_disconnect: Callable[[], None] | None
+
+    @property
+    def state(self) -> LinkState: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def connect(self, timeout: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def subscribe(self, handler: EventHandler) -> Callable[[], None]: ...
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any: ...
 
 
 class LinkState(enum.Enum):

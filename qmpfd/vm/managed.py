@@ -31,7 +31,8 @@ from qmpfd.hotplug.pending import PendingQueues
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
 from qmpfd.hotplug.slots import SlotTable, SlotView
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
-from qmpfd.qemu.link import QmpLink
+from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
+from qmpfd.qemu.link import Link, QmpLink
 from qmpfd.qemu.topology import Topology
 from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm import operations, queues, reconcile
@@ -53,12 +54,17 @@ QEMU_PROBE_TIMEOUT = 2.0  # seconds a liveness probe of the QMP socket may take
 
 class ManagedVm:
     def __init__(self, name: str, qmp: Path, emit: Emit, journal: Journal, *,
+                 libvirt_domain: str | None = None,
                  command_timeout: float, connect_timeout: float, pending_ttl: float,
                  policies: dict[str, Policy] | None = None,
                  on_removed: OnRemoved | None = None,
                  on_connected: OnConnected | None = None) -> None:
         self.name = name
         self.qmp = qmp
+        #: a VM libvirt runs: reached through libvirt's monitor passthrough, and its slots
+        #: taken from the top (libvirt allocates its own hotplugs from the lowest free one)
+        self.libvirt_domain = libvirt_domain
+        self.slots_from_top = libvirt_domain is not None
         self.events = VmEvents(name, emit)
         self.journal = journal
         self.pending_ttl = pending_ttl
@@ -98,8 +104,12 @@ class ManagedVm:
             self.events.attach_failed(op.bus, op.slot, op.ids, reason)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _new_link(self) -> QmpLink:
-        link = QmpLink(self.name, self.qmp, self._command_timeout)
+    def _new_link(self) -> Link:
+        link: Link
+        if self.libvirt_domain is not None:
+            link = LibvirtLink(self.name, self.libvirt_domain, self._command_timeout)
+        else:
+            link = QmpLink(self.name, self.qmp, self._command_timeout)
         link.subscribe(self.tracker.handle_event)
         link.on_disconnect = self._on_disconnect
         return link
@@ -192,6 +202,8 @@ class ManagedVm:
         QEMU) answers False: giving a device back under a running QEMU is the worse error."""
         if self.link.connected:
             return False
+        if self.libvirt_domain is not None:
+            return await asyncio.to_thread(domain_gone, self.libvirt_domain)
         try:
             _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.qmp)),
                                                QEMU_PROBE_TIMEOUT)

@@ -46,7 +46,8 @@ FORCE_GRACE = 1.0       # a forced detach still waits this long for an immediate
 def plan_and_reserve(vm: ManagedVm, functions: Sequence[FunctionSpec], bus: str | None,
                      slot: int | None, timeout: float | None) -> Plan:
     """Under ``vm.alloc``: the plan, with its slot claimed (ATTACHING) in the table."""
-    plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot)
+    plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
+                       from_top=vm.slots_from_top)
     vm.table.reserve((plan.bus, plan.slot), plan.ids)
     if timeout is not None:
         plan = Plan(plan.bus, plan.slot, plan.policy.with_timeouts(timeout, None),
@@ -60,7 +61,8 @@ async def attach(vm: ManagedVm, functions: Sequence[FunctionSpec], *, bus: str |
     """Attach ``functions`` as one slot."""
     async with vm.alloc:
         if dry_run:
-            plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot)
+            plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
+                               from_top=vm.slots_from_top)
             return AttachResult(vm.name, plan, dry_run=True)
         plan = plan_and_reserve(vm, functions, bus, slot, timeout)
     try:

@@ -17,6 +17,9 @@ from qmpfd.vm.results import VmInfo
 
 log = logging.getLogger("qmpfd.vm")
 
+#: how a libvirt-run VM is journaled in place of a QMP socket path
+LIBVIRT_PREFIX = "libvirt:"
+
 
 def configured_policies(config: Config) -> dict[str, Policy]:
     """The policy table with the config's per-policy timeout overrides applied."""
@@ -61,28 +64,32 @@ class VmRegistry:
     def all(self) -> list[ManagedVm]:
         return list(self._vms.values())
 
-    def _new(self, name: str, qmp: Path) -> ManagedVm:
+    def _new(self, name: str, qmp: Path, libvirt: str | None = None) -> ManagedVm:
         t = self._config.timeouts
-        return ManagedVm(name, qmp, self._emit, self.journal, command_timeout=t.command,
+        return ManagedVm(name, qmp, self._emit, self.journal, libvirt_domain=libvirt,
+                         command_timeout=t.command,
                          connect_timeout=t.qmp_connect, pending_ttl=t.pending_expiry,
                          policies=self.policies, on_removed=self._on_removed,
                          on_connected=self._on_connected)
 
-    async def add(self, name: str, qmp: Path) -> VmInfo:
+    async def add(self, name: str, qmp: Path | None, libvirt: str | None = None) -> VmInfo:
         """vm-add: connect now or fail; nothing is kept on failure (not even when only the
-        journal write fails: the VM is not adopted then)."""
+        journal write fails: the VM is not adopted then). ``libvirt``: a domain libvirt runs,
+        reached through libvirt (journaled as ``libvirt:DOMAIN`` in place of the socket)."""
+        target = Path(f"{LIBVIRT_PREFIX}{libvirt}") if libvirt is not None else qmp
+        assert target is not None
         async with self._lock:
             if name in self._vms or name in self._adding:
                 raise Conflict(f"name: a VM named '{name}' is already managed")
             for vm in self._vms.values():
-                if vm.qmp == qmp:
-                    raise Conflict(f"qmp: {qmp} is already managed as VM '{vm.name}'")
+                if vm.qmp == target:
+                    raise Conflict(f"qmp: {target} is already managed as VM '{vm.name}'")
             self._adding.add(name)
         try:
-            vm = self._new(name, qmp)
+            vm = self._new(name, target, libvirt)
             info = await vm.start()
             try:
-                await self.journal.vm_added(name, str(qmp))
+                await self.journal.vm_added(name, str(target))
             except BaseException:
                 await vm.stop()
                 raise
@@ -101,12 +108,15 @@ class VmRegistry:
             wanted.setdefault(entry.name, str(entry.qmp))
 
         async def one(name: str, qmp: str) -> None:
+            libvirt = qmp.removeprefix(LIBVIRT_PREFIX) if qmp.startswith(LIBVIRT_PREFIX) \
+                else None
             try:
-                path = self._check_path(Path(qmp)) if self._check_path else Path(qmp)
+                path = Path(qmp) if libvirt is not None or not self._check_path \
+                    else self._check_path(Path(qmp))
             except QmpfdError as exc:
                 log.error("not re-adopting VM", extra={"vm": name, "error": exc.desc})
                 return
-            vm = self._new(name, path)
+            vm = self._new(name, path, libvirt)
             self._vms[name] = vm
             info = await vm.start(keep_trying=True)
             log.info("VM re-adopted" if info.connected else "VM not reachable; retrying",

@@ -1,0 +1,89 @@
+"""A VM libvirt runs (issue 13): qmpfd adopts it through libvirt's own QEMU monitor passthrough
+and monitor events (no XML edited), attaches a 4-function device that the guest sees in one
+slot, libvirt's own `virsh attach-interface` still works and lands elsewhere, and qmpfd detaches
+the whole slot. Real libvirt 9.0 (libvirtd started by the test) and a real guest."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab.libvirt import LibvirtGuest
+from lab.vm import slot_groups
+from tests.integration.conftest import connect
+from tests.integration.faults_support import DaemonProcess
+
+pytestmark = pytest.mark.integration
+
+FUNCS = [{"id": f"lv{i}", "driver": d} for i, d in
+         enumerate(["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"])]
+
+
+BRIDGE = "qmpfdlvbr0"
+
+
+@pytest.fixture(scope="module")
+def bridge() -> Iterator[str]:
+    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=False)
+    subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
+    yield BRIDGE
+    subprocess.run(["ip", "link", "del", BRIDGE], check=False)
+
+
+@pytest.fixture(scope="module")
+def libvirt_guest(workdir: Path, bridge: str) -> Iterator[LibvirtGuest]:
+    pytest.importorskip("libvirt", reason="libvirt-python: scripts/setup installs it")
+    guest = LibvirtGuest("qmpfd-lab-lv", workdir / "libvirt")
+    try:
+        guest.start()
+        yield guest
+    finally:
+        guest.stop()
+
+
+async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,
+                                                    libvirt_guest: LibvirtGuest) -> None:
+    g = libvirt_guest
+    before = await asyncio.to_thread(g.wait_guest_pci, lambda s: True, 5)
+    d = DaemonProcess(tmp_path / "d")
+    d.start()
+    try:
+        c = await connect(d.socket)
+        info = await c.execute("vm-add", {"name": "lv", "libvirt": g.name})
+        assert info["policy"] == "acpi-pcihp" and info["machine"].startswith("pc")
+        vms = await c.execute("query-vms")
+        assert vms[0]["qmp"] == f"libvirt:{g.name}" and vms[0]["connected"]
+        reply = await c.execute("device-attach", {"vm": "lv", "functions": FUNCS})
+        assert reply["slot"] == 31, "slots are taken from the top in libvirt-run VMs"
+        seen = await asyncio.to_thread(g.wait_guest_pci, lambda s: len(s - before) >= 4, 120)
+        assert sorted(len(x) for x in slot_groups(seen - before).values()) == [4]
+
+        # libvirt's own hotplug still works and lands elsewhere (it allocates from the lowest
+        # free address it knows, and qmpfd took the highest).
+        # A bridge for it (virsh attach-interface has no user networking): libvirt makes a tap.
+        out = await asyncio.to_thread(g.virsh, "attach-interface", g.name, "bridge", BRIDGE,
+                                      "--model", "e1000", "--live")
+        assert out.returncode == 0, out.stderr
+        with_nic = await asyncio.to_thread(g.wait_guest_pci,
+                                           lambda s: len(s - before) >= 5, 120)
+        groups = slot_groups(with_nic - before)
+        assert sorted(len(x) for x in groups.values()) == [1, 4], groups
+        xml = (await asyncio.to_thread(g.virsh, "dumpxml", g.name)).stdout
+        assert "<interface type='bridge'>" in xml and "lv0" not in xml   # libvirt's view
+
+        # qmpfd sees libvirt's NIC in QEMU (an event and a refresh), and detaches its slot.
+        slots = await c.execute("query-slots", {"vm": "lv", "refresh": True})
+        ours = next(s for s in slots if s["slot"] == 31)
+        assert sorted(f["id"] for f in ours["functions"]) == sorted(f["id"] for f in FUNCS)
+        await c.execute("device-detach", {"vm": "lv", "ids": [f["id"] for f in FUNCS]})
+        after = await asyncio.to_thread(g.wait_guest_pci,
+                                        lambda s: len(s - before) == 1, 120)
+        assert sorted(len(x) for x in slot_groups(after - before).values()) == [1]
+        await c.execute("vm-remove", {"name": "lv"})
+        await c.qmp.disconnect()
+    finally:
+        d.stop()
