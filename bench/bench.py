@@ -7,7 +7,7 @@
    interleaved A/B, medians; time to "QMP done" and to "the guest sees every function" (the
    guest's own report); qmpfd's CPU per attach; and every QMP command qmpfd sends per attach and
    per detach, counted by a logging proxy between qmpfd and QEMU (lab/qmp_proxy.py).
-2. libvirt 9.0 (bench/libvirt_bench.py, run by the system python3 with python3-libvirt):
+2. libvirt 9.0 (bench/libvirt_bench.py, with libvirt-python and the lab's libvirt guest):
    attachDeviceFlags of one function vs qmpfd with one and eight; the multifunction case refused.
 3. Unplug: time to the last DEVICE_DELETED, acpi-pcihp vs pcie-native (q35).
 4. Scale: one qmpfd holding 50 and 100 QEMUs (held at start, no guest), concurrent 4-function
@@ -380,7 +380,7 @@ def planner() -> dict[str, float]:
 # -- 2. libvirt -----------------------------------------------------------------------------
 def libvirt(work: Path) -> dict[str, Any]:
     script = Path(__file__).with_name("libvirt_bench.py")
-    proc = subprocess.run(["/usr/bin/python3", str(script), str(work / "libvirt"), str(RUNS)],
+    proc = subprocess.run([sys.executable, str(script), str(work / "libvirt"), str(RUNS)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
