@@ -41,7 +41,7 @@ def main() -> None:
     out: dict[str, object] = {}
     try:
         guest.start()
-        conn = guest.conn
+        conn = libvirt.open("qemu:///system")
         out["libvirt"] = ".".join(map(str, divmod(conn.getLibVersion(), 1000000)))
         dom = conn.lookupByName(guest.name)
 

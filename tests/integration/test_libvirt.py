@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecuteError
 
 from lab.libvirt import LibvirtGuest
 from lab.vm import slot_groups
@@ -36,7 +37,6 @@ def bridge() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def libvirt_guest(workdir: Path, bridge: str) -> Iterator[LibvirtGuest]:
-    pytest.importorskip("libvirt", reason="libvirt-python: scripts/setup installs it")
     guest = LibvirtGuest("qmpfd-lab-lv", workdir / "libvirt")
     try:
         guest.start()
@@ -74,6 +74,28 @@ async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,
         assert sorted(len(x) for x in groups.values()) == [1, 4], groups
         xml = (await asyncio.to_thread(g.virsh, "dumpxml", g.name)).stdout
         assert "<interface type='bridge'>" in xml and "lv0" not in xml   # libvirt's view
+
+        # Rollback through libvirt: a bad property on function 2 leaves nothing behind
+        # (QEMU's own view, asked through virsh, is the referee).
+        with pytest.raises(ExecuteError) as err:
+            await c.execute("device-attach", {"vm": "lv", "functions": [
+                {"id": "rb0", "driver": "e1000"}, {"id": "rb1", "driver": "virtio-rng-pci"},
+                {"id": "rb2", "driver": "virtio-rng-pci", "properties": {"nope": 1}}]})
+        assert "rolled back" in str(err.value)
+        qom = (await asyncio.to_thread(g.virsh, "qemu-monitor-command", g.name,
+                                       '{"execute":"qom-list","arguments":'
+                                       '{"path":"/machine/peripheral"}}')).stdout
+        assert "rb0" not in qom and "rb1" not in qom and "lv0" in qom
+
+        # Recovery: qmpfd killed and started again re-adopts the VM through libvirt.
+        assert d.proc is not None
+        await c.qmp.disconnect()
+        d.proc.kill()
+        d.wait_killed()
+        d.start()
+        c = await connect(d.socket)
+        vms = await c.execute("query-vms")
+        assert vms[0]["qmp"] == f"libvirt:{g.name}" and vms[0]["connected"], vms
 
         # qmpfd sees libvirt's NIC in QEMU (an event and a refresh), and detaches its slot.
         slots = await c.execute("query-slots", {"vm": "lv", "refresh": True})
