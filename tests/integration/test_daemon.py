@@ -191,7 +191,14 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
     cfg = tmp_path / "qmpfd.toml"
     sock = tmp_path / "api.sock"
     base = f'[daemon]\nsocket = "{sock}"\nstate-dir = "{tmp_path}/state"\n'
-    cfg.write_text(base + '[access]\nqmp-passthrough = false\n')
+    access = f'[access]\nqmp-dirs = ["{tmp_path}"]\n'
+    cfg.write_text(base + access + 'qmp-passthrough = false\n')
+    qmp = tmp_path / "vm.qmp"
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "32", "-S",
+                             "-nodefaults", "-display", "none",
+                             "-qmp", f"unix:{qmp},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)],
                             stderr=(tmp_path / "log").open("wb"))
     try:
@@ -208,8 +215,17 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
         def passthrough() -> str:
             client.sendall(b'{"execute":"vm-qmp","arguments":{"vm":"x","command":"q"}}\n')
             return str(json.loads(f.readline())["error"]["class"])
+
+        def vm_connected() -> bool:
+            client.sendall(b'{"execute":"query-vms"}\n')
+            return bool(json.loads(f.readline())["return"][0]["connected"])
+        while not qmp.exists():
+            time.sleep(0.05)
+        client.sendall(json.dumps({"execute": "vm-add", "arguments": {
+            "name": "x1", "qmp": str(qmp)}}).encode() + b"\n")
+        assert "return" in json.loads(f.readline())
         assert passthrough() == "Unsupported"       # passthrough off
-        cfg.write_text(base + '[access]\nqmp-passthrough = true\n')
+        cfg.write_text(base + access + 'qmp-passthrough = true\n')
         proc.send_signal(signal.SIGHUP)
         for _ in range(50):
             if passthrough() == "NotFound":          # on now: it looks for the VM
@@ -217,7 +233,8 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
             time.sleep(0.1)
         else:
             raise AssertionError("reload did not apply the new config")
-        cfg.write_text(base + '[access]\nqmp-passthrough = "maybe"\n')   # does not load
+        assert vm_connected(), "reload dropped the VM's QMP connection"
+        cfg.write_text(base + access + 'qmp-passthrough = "maybe"\n')   # does not load
         proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert proc.poll() is None, "a bad config on reload stopped the daemon"
@@ -225,7 +242,10 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
         log = (tmp_path / "log").read_text()
         assert "config reload refused; keeping the running config" in log
         assert "access.qmp-passthrough" in log
+        assert vm_connected()
         client.close()
     finally:
         proc.terminate()
         proc.wait(15)
+        qemu.kill()
+        qemu.wait()
