@@ -45,7 +45,7 @@ from qmpfd.hotplug.policies import policy_for  # noqa: E402
 from qmpfd.hotplug.slots import SlotTable  # noqa: E402
 from qmpfd.qemu.topology import RawBus, RawDevice, Topology  # noqa: E402
 
-RUNS = int(os.environ.get("BENCH_RUNS", "8"))
+RUNS = int(os.environ.get("BENCH_RUNS", "16"))
 DRIVERS = ["e1000", "virtio-rng-pci", "virtio-net-pci", "virtio-rng-pci"] * 2
 
 
