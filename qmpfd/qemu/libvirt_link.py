@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qmpfd.errors import QemuError, Timeout, VmGone
-from qmpfd.qemu.link import EventHandler, LinkState
+from qmpfd.qemu.link import EventFanout, EventHandler, LinkState
 
 log = logging.getLogger("qmpfd.qemu")
 
@@ -79,7 +79,7 @@ class LibvirtLink:
         self._conn: Any = None
         self._dom: Any = None
         self._callbacks: list[int] = []
-        self._handlers: list[EventHandler] = []
+        self._events = EventFanout(name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = LinkState.NEW
         self.on_disconnect: Callable[[], None] | None = None
@@ -143,7 +143,7 @@ class LibvirtLink:
         data = json.loads(details) if details else {}
         msg = {"event": event, "data": data,
                "timestamp": {"seconds": seconds, "microseconds": micros}}
-        self._post(lambda: self._deliver(msg))
+        self._post(lambda: self._events.deliver(msg))
 
     def _on_lifecycle(self, _conn: Any, _dom: Any, event: int, _detail: int,
                       _opaque: Any) -> None:
@@ -156,27 +156,19 @@ class LibvirtLink:
     def _on_close(self, _conn: Any, _reason: int, _opaque: Any) -> None:
         self._post(self._lost)
 
-    def _deliver(self, msg: dict[str, Any]) -> None:
-        for handler in list(self._handlers):
-            try:
-                handler(dict(msg))
-            except Exception:
-                log.exception("event handler failed", extra={"vm": self.name})
-
     def _lost(self) -> None:
         if self._state is not LinkState.UP:
             return
         self._state = LinkState.DOWN
         log.warning("libvirt domain gone or libvirtd connection lost", extra={"vm": self.name})
-        self._deliver({"event": "QMPFD_DISCONNECTED", "data": {}})
+        self._events.deliver({"event": "QMPFD_DISCONNECTED", "data": {}})
         self._release()
         if self.on_disconnect is not None:
             self.on_disconnect()
 
     # -- the QmpLink interface ---------------------------------------------------------------
     def subscribe(self, handler: EventHandler) -> Callable[[], None]:
-        self._handlers.append(handler)
-        return lambda: self._handlers.remove(handler) if handler in self._handlers else None
+        return self._events.subscribe(handler)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:

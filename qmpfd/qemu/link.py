@@ -46,6 +46,27 @@ class _Client(QMPClient):
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
 
+class EventFanout:
+    """The subscribers of one link's QEMU events (both kinds of link use it): each gets every
+    event; one that fails is logged and the others still get theirs."""
+
+    def __init__(self, vm: str) -> None:
+        self._vm = vm
+        self._handlers: list[EventHandler] = []
+
+    def subscribe(self, handler: EventHandler) -> Callable[[], None]:
+        """Call ``handler`` for every QEMU event; returns the function that unsubscribes."""
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler) if handler in self._handlers else None
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler(dict(event))
+            except Exception:
+                log.exception("event handler failed", extra={"vm": self._vm})
+
+
 class Link(Protocol):
     """What qmpfd needs from a connection to one QEMU: :class:`QmpLink` (its QMP socket) or
     :class:`qmpfd.qemu.libvirt_link.LibvirtLink` (through libvirt, for VMs libvirt runs)."""
@@ -85,7 +106,7 @@ class QmpLink:
         self._client = _Client(f"qmpfd-{name}")
         self._listener = EventListener()
         self._client.register_listener(self._listener)
-        self._handlers: list[EventHandler] = []
+        self._events = EventFanout(name)
         self._pump: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.on_disconnect: Callable[[], None] | None = None
@@ -133,9 +154,7 @@ class QmpLink:
             await self._client.disconnect()
 
     def subscribe(self, handler: EventHandler) -> Callable[[], None]:
-        """Call ``handler`` for every QEMU event; returns the function that unsubscribes."""
-        self._handlers.append(handler)
-        return lambda: self._handlers.remove(handler) if handler in self._handlers else None
+        return self._events.subscribe(handler)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
@@ -156,11 +175,7 @@ class QmpLink:
 
     async def _pump_events(self) -> None:
         async for event in self._listener:
-            for handler in list(self._handlers):
-                try:
-                    handler(dict(event))
-                except Exception:
-                    log.exception("event handler failed", extra={"vm": self.name})
+            self._events.deliver(dict(event))
 
     async def _watch_runstate(self) -> None:
         while True:
@@ -168,9 +183,7 @@ class QmpLink:
             if state is not Runstate.RUNNING:
                 log.warning("QMP connection lost", extra={"vm": self.name})
                 # Wake waiters (they see `connected` False) and let the owner react.
-                for handler in list(self._handlers):
-                    with contextlib.suppress(Exception):
-                        handler({"event": "QMPFD_DISCONNECTED", "data": {}})
+                self._events.deliver({"event": "QMPFD_DISCONNECTED", "data": {}})
                 if self.on_disconnect is not None:
                     self.on_disconnect()
                 return
