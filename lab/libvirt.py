@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.guest import build_initramfs, find_kernel
+from lab.vm import latest_pci_report
 
 QEMU_CONF = """user = "root"
 group = "root"
@@ -26,7 +26,6 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 dynamic_ownership = 0
 """
-PCI_LINE = re.compile(r"PCI-DEVICES: ?(.*)$")
 
 
 class LibvirtGuest:
@@ -112,16 +111,7 @@ class LibvirtGuest:
 
     # -- the guest's report ------------------------------------------------------------------
     def guest_pci(self) -> set[str] | None:
-        try:
-            text = self.console.read_text(errors="replace")
-        except FileNotFoundError:
-            return None
-        last = None
-        for line in text.splitlines():
-            m = PCI_LINE.search(line)
-            if m:
-                last = set(m.group(1).split())
-        return last
+        return latest_pci_report(self.console)
 
     def wait_guest_pci(self, cond: Any, timeout: float = 60) -> set[str]:
         self._wait(lambda: (s := self.guest_pci()) is not None and cond(s), timeout,

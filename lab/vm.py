@@ -16,6 +16,23 @@ from lab.guest import DEBIAN_ARCH, LabSetupError, build_initramfs, find_kernel
 PCI_LINE = re.compile(r"^PCI-DEVICES: ?(.*)$")
 
 
+def latest_pci_report(serial_log: Path) -> set[str] | None:
+    """The guest init's latest ``PCI-DEVICES:`` line in a serial log (any lab guest, started
+    by the lab or by libvirt), or None before its first one."""
+    try:
+        text = serial_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    last = None
+    for line in text.splitlines():
+        # The firmware's escape sequences can share a line with the report: search, not match.
+        m = PCI_LINE.match(line[line.index("PCI-DEVICES:"):]) if "PCI-DEVICES:" in line \
+            else None
+        if m:
+            last = set(m.group(1).split())
+    return last
+
+
 @dataclass
 class LabVmSpec:
     """What to start.
@@ -160,18 +177,7 @@ class LabVm:
 
     def guest_pci(self) -> set[str] | None:
         """The guest's latest report of /sys/bus/pci/devices, or None before its first one."""
-        try:
-            text = self.serial_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return None
-        last = None
-        for line in text.splitlines():
-            # The firmware's escape sequences can share a line with the report: search, not match.
-            m = PCI_LINE.match(line[line.index("PCI-DEVICES:"):]) if "PCI-DEVICES:" in line \
-                else None
-            if m:
-                last = set(m.group(1).split())
-        return last
+        return latest_pci_report(self.serial_log)
 
     def wait_guest_pci(self, cond: Callable[[set[str]], bool], timeout: float = 60.0) -> set[str]:
         """Wait until the guest's PCI list satisfies ``cond``; return it."""
