@@ -33,12 +33,25 @@ def report(step: str, **data: Any) -> None:
 
 
 def driver(address: str) -> str | None:
-    link = Path("/sys/bus/pci/devices") / address / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+    try:
+        return os.path.basename(os.readlink(Path("/sys/bus/pci/devices") / address / "driver"))
+    except FileNotFoundError:       # unbound, or the link went away while being read
+        return None
 
 
 def drivers() -> dict[str, str | None]:
-    return {f"{SLOT}.{i}": driver(f"{SLOT}.{i}") for i in range(4)}
+    """The four functions' drivers once two reads 0.2 s apart agree (a bind the kernel is
+    still finishing must not be caught half-way), at most 5 s."""
+    def read() -> dict[str, str | None]:
+        return {f"{SLOT}.{i}": driver(f"{SLOT}.{i}") for i in range(4)}
+    last = read()
+    for _ in range(25):
+        time.sleep(0.2)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def reload_vfio_pci() -> None:
