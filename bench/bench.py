@@ -129,7 +129,7 @@ async def raw_plug(c: QMPClient, n: int, ids: list[str], bus: str, slot: int,
         a: dict[str, Any] = {"driver": drivers[fn], "id": ids[fn], "bus": bus,
                              "addr": f"{slot:#x}.{fn:x}" if n > 1 else f"{slot:#x}"}
         if n > 1 and fn == 0:
-            a["multifunction"] = "on"
+            a["multifunction"] = True
         return a
     await asyncio.gather(*(c.execute("device_add", args(fn)) for fn in range(1, n)))
     await c.execute("device_add", args(0))

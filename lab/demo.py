@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lab.guest import DEBIAN_ARCH, find_kernel
 from lab.vm import LabVm, LabVmSpec, slot_groups
 
 DEVICE = [
@@ -48,13 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machine", default="pc",
                    choices=["pc", "q35", "q35-native", "virt", "pseries"])
     p.add_argument("--accel", default="tcg", help="tcg (default) or kvm on a real host")
+    p.add_argument("--qemu", default=None,
+                   help="which QEMU runs the guest: host (default), a Debian release whose QEMU "
+                        "scripts/setup unpacked (bookworm 7.2, trixie 10.0, sid 11.x) or a "
+                        "version such as 10.0 (or set QMPFD_LAB_QEMU)")
+    p.add_argument("--kernel", default=None,
+                   help="guest kernel: host (default), bookworm (6.1) or trixie (6.12) "
+                        "(or set QMPFD_LAB_KERNEL)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="qmpfd-demo-") as tmp:
         work = Path(tmp)
         sock = work / "qmpfd.sock"
         say(f"booting a {args.machine} guest (Debian kernel + busybox initramfs, {args.accel})")
-        vm = LabVm("demo", work / "vm", LabVmSpec(machine=args.machine, accel=args.accel))
+        if args.kernel:
+            os.environ["QMPFD_LAB_KERNEL"] = args.kernel
+        vm = LabVm("demo", work / "vm", LabVmSpec(machine=args.machine, accel=args.accel,
+                                                  qemu=args.qemu))
+        say(f"== QEMU {vm.qemu.version} ({vm.qemu.name}), guest kernel "
+            f"{find_kernel(DEBIAN_ARCH[vm.spec.arch]).name}")
         # A pseries guest configures each function through rtas_errd and drmgr, seconds apiece
         # under TCG; the others take well under a second.
         guest_wait = 180.0 if args.machine == "pseries" else 60.0

@@ -76,21 +76,40 @@ class LabSetupError(RuntimeError):
     """Something the lab needs is not installed; the message says what to install."""
 
 
+#: Guest kernels ``scripts/setup`` unpacks beside the host release's own, by Debian suite.
+KERNEL_SUITES = {"bookworm": "6.1", "trixie": "6.12"}
+
+
+def kernel_dir(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
+    """Where the guest kernel of ``arch`` is unpacked: the host release's (``kernel-ARCH``), or
+    the one ``$QMPFD_LAB_KERNEL`` names (a suite, ``bookworm``/``trixie``, or its kernel
+    series, ``6.1``/``6.12``)."""
+    choice = os.environ.get("QMPFD_LAB_KERNEL", "")
+    if not choice or choice == "host":
+        return cache / f"kernel-{arch}"
+    suite = next((s for s, series in KERNEL_SUITES.items() if choice in (s, series)), None)
+    if suite is None:
+        raise LabSetupError(f"QMPFD_LAB_KERNEL={choice}: one of host, "
+                            + ", ".join(f"{s} ({v})" for s, v in KERNEL_SUITES.items()))
+    return cache / f"kernel-{arch}-{suite}"
+
+
 def find_kernel(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
     """The guest kernel for a Debian architecture (amd64, arm64, ppc64el)."""
     env = os.environ.get(f"QMPFD_GUEST_KERNEL_{arch.upper()}") or (
         os.environ.get("QMPFD_GUEST_KERNEL") if arch == "amd64" else None)
     if env:
         return Path(env)
-    patterns = [str(cache / f"kernel-{arch}" / "boot" / "vmlinu*")]
-    if arch == "amd64":
+    kdir = kernel_dir(arch, cache)
+    patterns = [str(kdir / "boot" / "vmlinu*")]
+    if arch == "amd64" and kdir.name == "kernel-amd64":
         patterns.append("/boot/vmlinuz-*")
     for pattern in patterns:
         found = sorted(glob.glob(pattern))
         if found:
             return Path(found[-1])
     raise LabSetupError(f"no {arch} guest kernel: run scripts/setup (it unpacks Debian's "
-                        f"kernel package into .cache/lab/kernel-{arch})")
+                        f"kernel package into {kdir})")
 
 
 def find_busybox(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
@@ -115,7 +134,7 @@ def guest_userland(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> list[Pat
     if arch != "ppc64el":
         return []
     userland = cache / "userland-ppc64el"
-    kernel = cache / "kernel-ppc64el"  # only its lib/modules is copied
+    kernel = kernel_dir(arch, cache)  # only its lib/modules is copied
     if not (userland / ".complete").exists() or not any(
             kernel.glob("lib/modules/*/kernel/drivers/pci/hotplug/rpaphp.ko")):
         raise LabSetupError("the ppc64el guest's hotplug userland (rtas_errd, drmgr, rpaphp) is "

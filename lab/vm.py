@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.guest import DEBIAN_ARCH, LabSetupError, build_initramfs, find_kernel
+from lab import qemu as lab_qemu
+from lab.guest import DEBIAN_ARCH, build_initramfs, find_kernel
 
 PCI_LINE = re.compile(r"^PCI-DEVICES: ?(.*)$")
 
@@ -55,6 +55,9 @@ class LabVmSpec:
     accel: str = "tcg"
     paused: bool = False
     extra: list[str] = field(default_factory=list)
+    #: which QEMU runs it (lab.qemu.resolve): "host", a Debian suite or a version; None:
+    #: ``$QMPFD_LAB_QEMU``, else the host's
+    qemu: str | None = None
 
     @property
     def arch(self) -> str:
@@ -73,6 +76,7 @@ class LabVm:
         self.inspect_socket = workdir / f"{name}.qmp-inspect"
         self.serial_log = workdir / f"{name}.serial"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.qemu = lab_qemu.resolve(spec.qemu)
 
     def _machine_args(self) -> list[str]:
         s = self.spec
@@ -126,15 +130,9 @@ class LabVm:
 
     def command(self) -> list[str]:
         s = self.spec
-        binary = f"qemu-system-{s.arch}"
-        qemu = shutil.which(binary)
-        if qemu is None:
-            package = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm",
-                       "ppc64": "qemu-system-ppc"}[s.arch]
-            raise LabSetupError(f"{binary} not found: apt-get install {package}")
         debian_arch = DEBIAN_ARCH[s.arch]
         memory = s.memory_mb or (512 if s.machine == "pseries" else 256)
-        cmd = [qemu, *self._machine_args(), "-m", str(memory),
+        cmd = [*self.qemu.command(s.arch), *self._machine_args(), "-m", str(memory),
                "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
                "-kernel", str(find_kernel(debian_arch)),
                "-initrd", str(build_initramfs(arch=debian_arch)),
@@ -148,7 +146,7 @@ class LabVm:
     def start(self, boot_timeout: float = 120.0) -> None:
         self.serial_log.unlink(missing_ok=True)
         self.qmp_socket.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=self.qemu.env(),
                                      stdout=subprocess.DEVNULL,
                                      stderr=(self.workdir / f"{self.name}.stderr").open("wb"))
         self._wait(lambda: self.qmp_socket.exists(), 30, "QMP socket")

@@ -184,13 +184,16 @@ class Commands:
     # -- hotplug ---------------------------------------------------------------------------
     async def device_attach(self, a: m.DeviceAttachArgs) -> dict[str, Any]:
         vm = self.vms.get(a.vm)
+        # Properties typed from QEMU's own introspection before anything is held or plugged.
+        fields = {f.id: f"functions[{i}]." for i, f in enumerate(a.functions)}
         if not a.has_host:
-            return replies.attached(await vm.attach(a.specs(), bus=a.bus, slot=a.slot,
+            specs = await vm.typed(a.specs(), fields)
+            return replies.attached(await vm.attach(specs, bus=a.bus, slot=a.slot,
                                                     dry_run=a.dry_run, timeout=a.timeout))
         requests = [HostFunctionRequest(f.id, f.host, f.function, f.unassigned, f.managed)
                     for f in a.functions if f.host is not None]
         assignment = await self.host.plan(requests, vm.name, a.force)
-        specs = a.specs(assignment.guest, assignment.address)
+        specs = await vm.typed(a.specs(assignment.guest, assignment.address), fields)
         if not specs:
             raise InvalidRequest("functions: every host function is unassigned; nothing would "
                                  "reach the guest")
@@ -242,8 +245,9 @@ class Commands:
         return await self.host.query(a.multifunction_only)
 
     async def function_add(self, a: m.FunctionAddArgs) -> dict[str, Any]:
-        return replies.function_added(
-            await self.vms.get(a.vm).function_add(a.spec(), a.bus, a.slot))
+        vm = self.vms.get(a.vm)
+        (spec,) = await vm.typed([a.spec()], {a.id: ""})
+        return replies.function_added(await vm.function_add(spec, a.bus, a.slot))
 
     async def query_pending(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
         vms = [self.vms.get(a.vm)] if a.vm else self.vms.all()

@@ -55,9 +55,16 @@ def slot(n: int) -> str:
     return f"{n:#04x}"
 
 
+def _device_value(value: Any) -> str:
+    """A device_add value as -device writes it (booleans on/off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def step_text(step: dict[str, Any]) -> str:
     """{"execute": "device_add", "arguments": {...}} -> 'device_add driver=e1000 id=n0 ...'."""
-    args = " ".join(f"{k}={v}" for k, v in step.get("arguments", {}).items())
+    args = " ".join(f"{k}={_device_value(v)}" for k, v in step.get("arguments", {}).items())
     return f"{step['execute']} {args}".strip()
 
 

@@ -120,7 +120,8 @@ def plan_attach(
         args: dict[str, Any] = {"driver": f.driver, "id": f.id, "bus": target.name,
                                 "addr": f"{number:#04x}.{fn:#x}" if multi else f"{number:#04x}"}
         if multi and fn == 0:
-            args["multifunction"] = "on"
+            # A JSON boolean: QEMU >= 8 type-checks device_add and refuses the string "on".
+            args["multifunction"] = True
         args.update(f.properties)
         steps.append(Step("device_add", args, f.id, fn))
     ordered = tuple(sorted(functions, key=lambda f: f.function))

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from qmpfd.errors import QemuError
 from qmpfd.qemu.link import Link
-from qmpfd.qemu.topology import RawBus, RawDevice, Topology
+from qmpfd.qemu.topology import ACPI_PCIHP_HANDLERS, RawBus, RawDevice, Topology
 
 _LINK = re.compile(r"^(child|link)<(.+)>$")
 _HOST_HINTS = ("pcihost", "pci-host", "host-bridge", "i440fx", "q35", "phb")
@@ -127,8 +127,11 @@ async def _read_bus(conn: Link, path: str, name: str, bus_type: str, owner_type:
     props = await _qom_list(conn, path)
     handler = await conn.execute("qom-get", {"path": path, "property": "hotplug-handler"})
     handler_type = None
+    root_hotplug = True
     if handler:
         handler_type = await conn.execute("qom-get", {"path": handler, "property": "type"})
+        if handler_type in ACPI_PCIHP_HANDLERS and not owner_is_pci:
+            root_hotplug = await _root_hotplug(conn, str(handler))
     children = [(p["name"], _link_type(p["type"]) or "?") for p in props
                 if p["name"].startswith("child[")]
     found = await gather_all(*(_read_device(conn, path, c, t) for c, t in children))
@@ -138,8 +141,18 @@ async def _read_bus(conn: Link, path: str, name: str, bus_type: str, owner_type:
              for d, buses in results for bname, btype in buses]
     raw = RawBus(name=name, path=path, bus_type=bus_type, owner_type=owner_type,
                  owner_is_pci_device=owner_is_pci, handler_path=str(handler or ""),
-                 handler_type=handler_type, devices=devices)
+                 handler_type=handler_type, devices=devices, root_hotplug=root_hotplug)
     return raw, below
+
+
+async def _root_hotplug(conn: Link, handler: str) -> bool:
+    """Whether an ACPI handler hotplugs its root bus: PIIX4's ``acpi-root-pci-hotplug``;
+    a handler without it (ICH9) never does."""
+    try:
+        return bool(await conn.execute("qom-get", {"path": handler,
+                                                   "property": "acpi-root-pci-hotplug"}))
+    except QemuError:
+        return False
 
 
 async def read_topology(conn: Link,

@@ -22,6 +22,8 @@ ACPI_PCIHP_HANDLERS = frozenset({"PIIX4_PM", "ICH9-LPC"})
 PCIE_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
 # An upstream port's bus only takes downstream ports, never an endpoint device.
 UPSTREAM_PORT_TYPES = frozenset({"x3130-upstream"})
+# arm64 virt, QEMU >= 10.1: ACPI PCI hotplug through the generic event device (opt-in).
+ACPI_GED_HANDLERS = frozenset({"acpi-ged"})
 # A pseries PHB is the hotplug handler of its own root bus (hw/ppc/spapr_pci.c).
 SPAPR_HANDLERS = frozenset({"spapr-pci-host-bridge"})
 # s390x: the zPCI host bridge handles its bus (hw/s390x/s390-pci-bus.c); no multifunction.
@@ -32,6 +34,7 @@ MECH_PCIE = "pcie-native"
 MECH_SPAPR = "spapr"
 MECH_SHPC = "shpc"
 MECH_ZPCI = "zpci"
+MECH_ACPI_GED = "acpi-ged"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class RawBus:
     handler_path: str               # hotplug-handler link, "" when the bus cannot hotplug
     handler_type: str | None        # QOM type of that handler
     devices: tuple[RawDevice, ...] = ()
+    #: a root bus under ACPI hotplug: the handler's ``acpi-root-pci-hotplug`` (PIIX4 has it, on
+    #: by default; ICH9 has none, its root complex never takes hotplug)
+    root_hotplug: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,11 +137,25 @@ class Bus:
 
 
 def mechanism_of(raw: RawBus) -> str | None:
-    """Which hotplug mechanism serves this bus, from its hotplug handler."""
+    """Which hotplug mechanism serves this bus, from its hotplug handler; None when QEMU would
+    refuse a ``device_add`` on it.
+
+    A handler link alone does not say the bus takes hotplug: QEMU >= 8 links q35's root complex
+    (pcie.0) to ICH9's ACPI handler (for acpi-index) while its ``is_hotpluggable_bus`` refuses
+    every device there ("Bus 'pcie.0' does not support hotplugging", seen on 10.0 and 11.1). A
+    PCIe root complex has no hotplug slots on any version, and an ACPI root bus takes hotplug
+    only where the handler says so (``acpi-root-pci-hotplug``).
+    """
     if not raw.handler_path or raw.owner_type in UPSTREAM_PORT_TYPES:
         return None
+    if raw.bus_type == "PCIE" and not raw.owner_is_pci_device:
+        return None
     if raw.handler_type in ACPI_PCIHP_HANDLERS:
+        if not raw.owner_is_pci_device and not raw.root_hotplug:
+            return None
         return MECH_ACPI
+    if raw.handler_type in ACPI_GED_HANDLERS:
+        return MECH_ACPI_GED
     if raw.handler_type in PCIE_PORT_TYPES or (
         raw.bus_type == "PCIE" and raw.owner_is_pci_device
         and raw.handler_type == raw.owner_type

@@ -20,20 +20,24 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qmpfd.errors import QmpfdError
+from qmpfd.errors import InvalidRequest, QemuError, QmpfdError
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.pending import PendingQueues
+from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
 from qmpfd.hotplug.slots import SlotTable, SlotView
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
 from qmpfd.qemu.link import Link, QmpLink
+from qmpfd.qemu.properties import coerce_properties
 from qmpfd.qemu.topology import Topology
+from qmpfd.qemu.versions import check_supported
 from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm import operations, queues, reconcile
 from qmpfd.vm.events import Emit, VmEvents
@@ -81,6 +85,9 @@ class ManagedVm:
         self.table = SlotTable(Topology())
         self._policy_name: str | None = None
         self._roots: list[tuple[str, str, str, str]] | None = None
+        #: property name -> QEMU type, per driver, from device-list-properties (per connection:
+        #: a restarted QEMU may be another version)
+        self._property_types: dict[str, dict[str, str]] = {}
         self.alloc = asyncio.Lock()
         self.pending = PendingQueues.restore(list(journal.pending.get(name, {}).values()),
                                              time.monotonic(), time.time())
@@ -142,8 +149,10 @@ class ManagedVm:
 
     async def _connect_and_learn(self) -> None:
         await self.link.connect(self._connect_timeout)
+        self._property_types = {}
         try:
             self.identity = await read_identity(self.link)
+            check_supported(self.identity)
             self._roots = await find_root_buses(self.link)
             await self.refresh()
             self._policy_name = vm_policy_name(self.identity.arch, self.identity.machine,
@@ -246,6 +255,31 @@ class ManagedVm:
         return {b.name: policy_for(ident.arch, ident.machine, b.mechanism, self._policy_table,
                                    ident.qemu_version)
                 for b in self.table.topology.buses}
+
+    async def typed(self, specs: Sequence[FunctionSpec],
+                    fields: Mapping[str, str]) -> list[FunctionSpec]:
+        """``specs`` with every property in the JSON type QEMU wants (see
+        :mod:`qmpfd.qemu.properties`); errors name ``fields[id]`` + ``properties.NAME``."""
+        out = []
+        for spec in specs:
+            if not spec.properties:
+                out.append(spec)
+                continue
+            where = fields.get(spec.id, "")
+            types = await self._types_of(spec.driver, where)
+            out.append(replace(spec, properties=coerce_properties(spec.properties, types,
+                                                                  spec.driver, where)))
+        return out
+
+    async def _types_of(self, driver: str, where: str) -> dict[str, str]:
+        if driver not in self._property_types:
+            try:
+                listed = await self.link.execute("device-list-properties", {"typename": driver})
+            except QemuError as exc:
+                raise InvalidRequest(f"{where}driver: QEMU cannot list the properties of "
+                                     f"'{driver}' ({exc.desc})") from None
+            self._property_types[driver] = {str(p["name"]): str(p["type"]) for p in listed}
+        return self._property_types[driver]
 
     def policy_name(self) -> str | None:
         return self._policy_name

@@ -68,31 +68,46 @@ async def attach(vm: ManagedVm, functions: Sequence[FunctionSpec], *, bus: str |
     try:
         await run_attach(vm, plan, retry_if_stale=True)
     except AttachFailed as exc:
-        if not _stale_view(exc):
+        if not _may_be_stale(exc):
             raise
-        # QEMU refused because something changed behind qmpfd's back: read it again and plan
-        # once more (the new plan picks another slot, or says clearly why it cannot).
-        log.info("QEMU's view differed from qmpfd's; re-reading and planning again",
-                 extra={"vm": vm.name, "error": exc.desc})
         async with vm.alloc:
-            await vm.refresh()
+            if not await _view_was_stale(vm, plan):
+                vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
+                raise
+            # QEMU refused because something changed behind qmpfd's back: plan once more on
+            # the view just read (the new plan picks another slot, or says clearly why not).
+            log.info("QEMU's view differed from qmpfd's; planning again on what QEMU holds",
+                     extra={"vm": vm.name, "error": exc.desc})
             plan = plan_and_reserve(vm, functions, bus, slot, timeout)
         await run_attach(vm, plan)
     return AttachResult(vm.name, plan)
 
 
-def _stale_view(exc: AttachFailed) -> bool:
-    """A refusal that says the slot or an id was taken (not a bad property), fully undone."""
-    text = exc.cause.desc if isinstance(exc.cause, QemuError) else ""
-    return not exc.rollback.left and ("not available" in text or "in use" in text
-                                      or "Duplicate" in text or "already" in text)
+def _may_be_stale(exc: AttachFailed) -> bool:
+    """A refusal by QEMU, fully undone: it may come from an out-of-date view of the VM."""
+    return isinstance(exc.cause, QemuError) and not exc.rollback.left
+
+
+async def _view_was_stale(vm: ManagedVm, plan: Plan) -> bool:
+    """Under ``vm.alloc``: read QEMU again and tell whether the plan's slot or one of its ids
+    was taken behind qmpfd's back. Decided from QEMU's topology, not from the wording of the
+    refusal, which differs between QEMU versions."""
+    try:
+        await vm.refresh()
+    except QmpfdError:
+        return False
+    topology = vm.table.topology
+    target = topology.bus(plan.bus)
+    return (target is None or not target.slot(plan.slot).empty
+            or bool(topology.device_ids() & set(plan.ids)))
 
 
 async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False) -> None:
     """Execute a reserved plan: journal, plug, and settle the slot's state either way.
 
     ``retry_if_stale``: the caller plans again if QEMU refused because qmpfd's view was stale,
-    so that first attempt is not announced as a failed attach (the client sees one outcome).
+    so a fully undone refusal is not announced here: the caller announces it if it does not
+    retry (the client sees one outcome).
     """
     key = (plan.bus, plan.slot)
     op = Operation("attach", vm.name, plan.bus, plan.slot,
@@ -115,7 +130,7 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
     except AttachFailed as exc:
         metrics.operation("attach", plan.policy.name,
                           "rolled-back" if not exc.rollback.left else "rollback-pending")
-        if not (retry_if_stale and _stale_view(exc)):
+        if not (retry_if_stale and _may_be_stale(exc)):   # the caller decides and announces
             vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
         if isinstance(exc.cause, VmGone):
             vm.table.attach_undone(key, [])  # reconnect re-reads QEMU; reconcile settles it

@@ -116,7 +116,7 @@ async def test_attach_then_detach_whole_slot(client: Client, guest: Guest, n: in
     # Plug order: every non-zero function first, function 0 last with multifunction=on.
     fns = [int(s["arguments"]["addr"].split(".")[1], 16) for s in reply["steps"]]
     assert fns[-1] == 0 and sorted(fns[:-1]) == list(range(1, n))
-    assert reply["steps"][-1]["arguments"]["multifunction"] == "on"
+    assert reply["steps"][-1]["arguments"]["multifunction"] is True
     slots = await client.execute("query-slots", {"vm": guest.name})
     mine = [s for s in slots if s["bus"] == reply["bus"] and s["slot"] == reply["slot"]]
     assert [f["id"] for f in mine[0]["functions"]] == [f"{prefix}f{i}" for i in range(n)]

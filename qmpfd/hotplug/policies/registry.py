@@ -27,7 +27,7 @@ def policy_for(arch: str, machine: str, mechanism: str | None,
     if arch == "s390x":
         return S390_ZPCI  # one function at a time; any multifunction request is refused
     if mechanism is None or mechanism not in SUPPORTED.get(arch, set()) or mechanism not in table:
-        return not_yet(arch, machine)
+        return not_yet(arch, machine, mechanism)
     policy = table[mechanism]
     if mechanism == "spapr":
         # Same timeouts as configured, but the unplug order follows the QEMU version.

@@ -12,8 +12,22 @@ S390_ZPCI = Policy(
                        "(QEMU: multifunction not supported in s390)")
 
 
-def not_yet(arch: str, machine: str) -> Policy:
+#: Mechanisms QEMU offers that qmpfd recognises but does not drive, and why.
+NOT_DRIVEN = {
+    "acpi-ged": "ACPI PCI hotplug through acpi-ged (arm64 virt, QEMU >= 10.1, opt-in) is not "
+                "driven by qmpfd: the guest uses it only when booted through UEFI and it is not "
+                "proven here; leave acpi-ged's acpi-pci-hotplug-with-bridge-support off (the "
+                "default) to hotplug natively on PCIe root ports",
+    "shpc": "the bus is served by its bridge's own SHPC controller (a bridge without ACPI "
+            "hotplug, or one hot-plugged on QEMU >= 8.0), which qmpfd does not drive; use a "
+            "cold-plugged bridge, a root bus or a PCIe root port",
+}
+
+
+def not_yet(arch: str, machine: str, mechanism: str | None = None) -> Policy:
+    reason = NOT_DRIVEN.get(mechanism or "") or (
+        f"multifunction hotplug on {arch} machine '{machine}' is not supported by this qmpfd "
+        "version")
     return Policy(
         name="unsupported", timeouts=PolicyTimeouts(plug=10.0, unplug=30.0), multifunction=False,
-        unsupported_reason=f"multifunction hotplug on {arch} machine '{machine}' is not supported "
-                           "by this qmpfd version")
+        unsupported_reason=reason)
