@@ -157,6 +157,18 @@ class MatrixRow:
 
 
 MATRIX: list[MatrixRow] = []
+#: Rows of the QEMU version matrix (tests/integration/test_versions.py) as observed:
+#: (QEMU version, machine, what was done, what the referees saw).
+VERSION_MATRIX: list[tuple[str, str, str, str]] = []
+
+
+def render_version_matrix(rows: list[tuple[str, str, str, str]]) -> str:
+    """One line per QEMU version and machine: what passed there."""
+    cells: dict[tuple[str, str], list[str]] = {}
+    for version, machine, what, _ in rows:
+        cells.setdefault((version, machine), []).append(what)
+    return "\n".join(f"| {v} | {m} | {len(w)}: {'; '.join(w)} |"
+                     for (v, m), w in sorted(cells.items()))
 
 
 def render_matrix(rows: list[MatrixRow]) -> str:
