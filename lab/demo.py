@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["QMPFD_LAB_KERNEL"] = args.kernel
         vm = LabVm("demo", work / "vm", LabVmSpec(machine=args.machine, accel=args.accel,
                                                   qemu=args.qemu))
-        say(f"== QEMU {vm.qemu.version} ({vm.qemu.name}), guest kernel "
+        say(f"QEMU {vm.qemu.version} ({vm.qemu.name}), guest kernel "
             f"{find_kernel(DEBIAN_ARCH[vm.spec.arch]).name}")
         # A pseries guest configures each function through rtas_errd and drmgr, seconds apiece
         # under TCG; the others take well under a second.

@@ -1,4 +1,12 @@
-from qmpfd.qemu.topology import MECH_ACPI, MECH_PCIE, RawDevice
+from dataclasses import replace
+
+import pytest
+
+from qmpfd.errors import Unsupported
+from qmpfd.hotplug.policies import policy_for
+from qmpfd.qemu.introspect import VmIdentity
+from qmpfd.qemu.topology import MECH_ACPI, MECH_ACPI_GED, MECH_PCIE, MECH_SHPC, RawBus, RawDevice
+from qmpfd.qemu.versions import check_supported
 from tests.unit.topologies import pc_raw, q35_raw, switch_raw, topo
 
 
@@ -51,3 +59,50 @@ def test_pseries_phb_is_its_own_handler_spapr() -> None:
                  handler_type="spapr-pci-host-bridge")
     t = Topology.from_raw([phb])
     assert t.buses[0].mechanism == MECH_SPAPR and t.buses[0].slot_count == 32
+
+
+def test_pcie_root_complex_with_an_acpi_handler_still_takes_no_hotplug() -> None:
+    """QEMU >= 8 links q35's pcie.0 to ICH9's ACPI handler, yet refuses device_add there."""
+    root, *ports = q35_raw(native=False)
+    linked = replace(root, handler_path="/machine/unattached/device[2]", handler_type="ICH9-LPC",
+                     root_hotplug=False)
+    t = topo([linked, *ports])
+    assert not t.bus("pcie.0").hotpluggable  # type: ignore[union-attr]
+    assert t.bus("rp1").mechanism == MECH_ACPI  # type: ignore[union-attr]
+
+
+def test_acpi_root_bus_follows_the_handlers_root_hotplug_property() -> None:
+    root, bridge = pc_raw()
+    assert topo([replace(root, root_hotplug=False), bridge]).bus("pci.0").mechanism is None  # type: ignore[union-attr]
+    assert topo([root, bridge]).bus("pci.0").mechanism == MECH_ACPI  # type: ignore[union-attr]
+    # a bridge's bus is not a root bus: the property does not apply to it
+    assert topo([replace(root, root_hotplug=False), bridge]).bus("br1").mechanism == MECH_ACPI  # type: ignore[union-attr]
+
+
+def test_acpi_ged_and_shpc_are_recognised_and_refused_by_name() -> None:
+    port = RawBus(name="rp1", path="/machine/peripheral/rp1/rp1", bus_type="PCIE",
+                  owner_type="pcie-root-port", owner_is_pci_device=True,
+                  handler_path="/machine/unattached/device[5]", handler_type="acpi-ged")
+    bridge = RawBus(name="hb", path="/machine/peripheral/hb/hb", bus_type="PCI",
+                    owner_type="pci-bridge", owner_is_pci_device=True,
+                    handler_path="/machine/peripheral/hb", handler_type="pci-bridge")
+    t = topo([port, bridge])
+    assert t.bus("rp1").mechanism == MECH_ACPI_GED  # type: ignore[union-attr]
+    assert t.bus("hb").mechanism == MECH_SHPC  # type: ignore[union-attr]
+    ged = policy_for("aarch64", "virt-10.1", MECH_ACPI_GED)
+    shpc = policy_for("x86_64", "pc-q35-10.0", MECH_SHPC)
+    assert not ged.multifunction and "acpi-ged" in (ged.unsupported_reason or "")
+    assert not shpc.multifunction and "SHPC" in (shpc.unsupported_reason or "")
+
+
+@pytest.mark.parametrize(("version", "refused"), [((5, 2, 0), True), ((6, 2, 0), True),
+                                                  ((7, 1, 0), True), ((7, 2, 0), False),
+                                                  ((11, 1, 3), False)])
+def test_qemu_older_than_the_minimum_is_refused_naming_it(version: tuple[int, int, int],
+                                                          refused: bool) -> None:
+    ident = VmIdentity("x86_64", "pc-i440fx", ".".join(map(str, version)), version)
+    if refused:
+        with pytest.raises(Unsupported, match=r"minimum is QEMU 7\.2"):
+            check_supported(ident)
+    else:
+        check_supported(ident)
