@@ -80,11 +80,12 @@ class LabSetupError(RuntimeError):
 KERNEL_SUITES = {"bookworm": "6.1", "trixie": "6.12"}
 
 
-def kernel_dir(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
+def kernel_dir(arch: str = "amd64", cache: Path = DEFAULT_CACHE,
+               choice: str | None = None) -> Path:
     """Where the guest kernel of ``arch`` is unpacked: the host release's (``kernel-ARCH``), or
-    the one ``$QMPFD_LAB_KERNEL`` names (a suite, ``bookworm``/``trixie``, or its kernel
-    series, ``6.1``/``6.12``)."""
-    choice = os.environ.get("QMPFD_LAB_KERNEL", "")
+    the one ``choice`` or else ``$QMPFD_LAB_KERNEL`` names (a suite, ``bookworm``/``trixie``,
+    or its kernel series, ``6.1``/``6.12``)."""
+    choice = choice or os.environ.get("QMPFD_LAB_KERNEL", "")
     if not choice or choice == "host":
         return cache / f"kernel-{arch}"
     suite = next((s for s, series in KERNEL_SUITES.items() if choice in (s, series)), None)
@@ -94,13 +95,14 @@ def kernel_dir(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
     return cache / f"kernel-{arch}-{suite}"
 
 
-def find_kernel(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
+def find_kernel(arch: str = "amd64", cache: Path = DEFAULT_CACHE,
+                choice: str | None = None) -> Path:
     """The guest kernel for a Debian architecture (amd64, arm64, ppc64el)."""
     env = os.environ.get(f"QMPFD_GUEST_KERNEL_{arch.upper()}") or (
         os.environ.get("QMPFD_GUEST_KERNEL") if arch == "amd64" else None)
     if env:
         return Path(env)
-    kdir = kernel_dir(arch, cache)
+    kdir = kernel_dir(arch, cache, choice)
     patterns = [str(kdir / "boot" / "vmlinu*")]
     if arch == "amd64" and kdir.name == "kernel-amd64":
         patterns.append("/boot/vmlinuz-*")
@@ -124,7 +126,8 @@ def find_busybox(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> Path:
                         f"for amd64; busybox-static:{arch} is unpacked into .cache/lab)")
 
 
-def guest_userland(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> list[Path]:
+def guest_userland(arch: str = "amd64", cache: Path = DEFAULT_CACHE,
+                   kernel_choice: str | None = None) -> list[Path]:
     """Trees copied into the initramfs beside busybox, for guests that need more than a shell.
 
     A pseries guest learns of PCI hotplug only through rtas_errd and drmgr (dynamically linked,
@@ -134,7 +137,7 @@ def guest_userland(arch: str = "amd64", cache: Path = DEFAULT_CACHE) -> list[Pat
     if arch != "ppc64el":
         return []
     userland = cache / "userland-ppc64el"
-    kernel = kernel_dir(arch, cache)  # only its lib/modules is copied
+    kernel = kernel_dir(arch, cache, kernel_choice)  # only its lib/modules is copied
     if not (userland / ".complete").exists() or not any(
             kernel.glob("lib/modules/*/kernel/drivers/pci/hotplug/rpaphp.ko")):
         raise LabSetupError("the ppc64el guest's hotplug userland (rtas_errd, drmgr, rpaphp) is "
@@ -150,11 +153,11 @@ def _tree_digest(trees: list[Path]) -> int:
 
 
 def build_initramfs(cache: Path = DEFAULT_CACHE, busybox: Path | None = None,
-                    arch: str = "amd64") -> Path:
+                    arch: str = "amd64", kernel: str | None = None) -> Path:
     """Build (once) a gzipped cpio initramfs holding busybox, the reporting init and the
-    architecture's :func:`guest_userland`."""
+    architecture's :func:`guest_userland` (with the modules of the ``kernel`` chosen)."""
     bb = busybox or find_busybox(arch, cache)
-    extras = guest_userland(arch, cache)
+    extras = guest_userland(arch, cache, kernel)
     tag = (f"{arch}-{bb.stat().st_size}-{zlib.crc32(INIT_SCRIPT.encode()):08x}"
            + (f"-{_tree_digest(extras):08x}" if extras else ""))
     out = cache / f"initramfs-{tag}.cpio.gz"

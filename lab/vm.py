@@ -58,6 +58,9 @@ class LabVmSpec:
     #: which QEMU runs it (lab.qemu.resolve): "host", a Debian suite or a version; None:
     #: ``$QMPFD_LAB_QEMU``, else the host's
     qemu: str | None = None
+    #: guest kernel (lab.guest.kernel_dir): "host", "bookworm"/"6.1", "trixie"/"6.12"; None:
+    #: ``$QMPFD_LAB_KERNEL``, else the host release's
+    kernel: str | None = None
 
     @property
     def arch(self) -> str:
@@ -134,8 +137,8 @@ class LabVm:
         memory = s.memory_mb or (512 if s.machine == "pseries" else 256)
         cmd = [*self.qemu.command(s.arch), *self._machine_args(), "-m", str(memory),
                "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
-               "-kernel", str(find_kernel(debian_arch)),
-               "-initrd", str(build_initramfs(arch=debian_arch)),
+               "-kernel", str(find_kernel(debian_arch, choice=s.kernel)),
+               "-initrd", str(build_initramfs(arch=debian_arch, kernel=s.kernel)),
                "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
                "-qmp", f"unix:{self.inspect_socket},server=on,wait=off",
                *self._topology_args()]

@@ -76,6 +76,13 @@ async def daemon_proc(tmp_path: Path) -> AsyncIterator[DaemonProcess]:
     d.stop()
 
 
+def refused_by_qemu(driver: str) -> dict[str, str]:
+    """Properties of the right type that QEMU refuses when it creates the device (a backend
+    that does not exist): a refusal only QEMU can make, after earlier functions went in.
+    (A property that does not exist or does not convert is refused by qmpfd itself.)"""
+    return {"rng": "nosuch"} if "rng" in driver else {"netdev": "nosuch"}
+
+
 def start_lab_vm(workdir: Path, name: str, spec: LabVmSpec) -> LabVm:
     vm = LabVm(name, workdir / name, spec)
     vm.start(boot_timeout=float(os.environ.get("QMPFD_BOOT_TIMEOUT", "180")))

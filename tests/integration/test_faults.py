@@ -17,7 +17,14 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
+from tests.integration.conftest import (
+    Client,
+    connect,
+    qemu_execute,
+    qemu_view,
+    refused_by_qemu,
+    start_lab_vm,
+)
 from tests.integration.faults_support import MATRIX, DaemonProcess, MatrixRow, QmpPipe
 
 pytestmark = pytest.mark.integration
@@ -153,7 +160,7 @@ async def test_device_add_fails_at_each_function(daemon_proc: DaemonProcess, lab
     daemon_proc.start()
     c = await adopt(daemon_proc, lab.qmp_socket)
     funcs: list[dict[str, Any]] = [dict(f) for f in FUNCS]
-    funcs[bad]["properties"] = {"no-such-property": "1"}
+    funcs[bad]["properties"] = refused_by_qemu(funcs[bad]["driver"])
     with pytest.raises(ExecuteError) as err:
         await c.execute("device-attach", {"vm": "f", "functions": funcs})
     assert err.value.error_class == "QemuError" and f"ff{bad}" in str(err.value)

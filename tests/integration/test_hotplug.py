@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     connect,
     qemu_execute,
     qemu_view,
+    refused_by_qemu,
     start_lab_vm,
 )
 from tests.integration.faults_support import MATRIX, MatrixRow
@@ -136,12 +137,12 @@ async def test_bad_property_fails_whole_attach(client: Client, guest: Guest,
     before = guest.lab.guest_pci() or set()
     slots_before = await client.execute("query-slots", {"vm": guest.name})
     funcs = functions(f"bad{bad_function}", 4)
-    funcs[bad_function]["properties"] = {"no-such-property": "1"}
+    funcs[bad_function]["properties"] = refused_by_qemu(funcs[bad_function]["driver"])
     with pytest.raises(ExecuteError) as err:
         await client.execute("device-attach", {"vm": guest.name, "functions": funcs})
     assert err.value.error_class == "QemuError"
     assert f"bad{bad_function}f{bad_function}" in str(err.value)
-    assert "no-such-property" in str(err.value)
+    assert "nosuch" in str(err.value)
     ids = {f["id"] for f in funcs}
     peripheral, in_pci = await qemu_view(guest.lab)
     assert not ids & (peripheral | in_pci), "rollback left functions in QEMU"

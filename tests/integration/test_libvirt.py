@@ -80,7 +80,7 @@ async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,
         with pytest.raises(ExecuteError) as err:
             await c.execute("device-attach", {"vm": "lv", "functions": [
                 {"id": "rb0", "driver": "e1000"}, {"id": "rb1", "driver": "virtio-rng-pci"},
-                {"id": "rb2", "driver": "virtio-rng-pci", "properties": {"nope": 1}}]})
+                {"id": "rb2", "driver": "virtio-rng-pci", "properties": {"rng": "nosuch"}}]})
         assert "rolled back" in str(err.value)
         qom = (await asyncio.to_thread(g.virsh, "qemu-monitor-command", g.name,
                                        '{"execute":"qom-list","arguments":'

@@ -70,7 +70,7 @@ async def test_metrics_follow_real_operations_and_health_reports(tmp_path: Path,
             {"id": "ok0", "driver": "virtio-rng-pci"}]})
         with pytest.raises(ExecuteError):
             await c.execute("device-attach", {"vm": "m", "functions": [
-                {"id": "bad0", "driver": "virtio-rng-pci", "properties": {"nope": 1}}]})
+                {"id": "bad0", "driver": "virtio-rng-pci", "properties": {"rng": "nosuch"}}]})
         await c.execute("function-add", {"vm": "m", "id": "q1", "driver": "e1000",
                                          "bus": "pci.0", "slot": 9, "function": 1})
         ctype, text = await asyncio.to_thread(scrape, sock)

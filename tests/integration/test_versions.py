@@ -26,6 +26,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from lab import qemu as lab_qemu
+from lab.guest import DEBIAN_ARCH, find_kernel
 from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import Client, connect, qemu_execute, qemu_view, start_lab_vm
 from tests.integration.faults_support import VERSION_MATRIX, DaemonProcess
@@ -38,6 +39,7 @@ POLICY = {"pc": "acpi-pcihp", "q35": "acpi-pcihp", "q35-native": "pcie-native",
 #: Guest-side waits bound a hang; they are not speed checks. pseries under TCG: drmgr takes
 #: ~7 s per function each way.
 GUEST_WAIT = {"pseries": 300.0}
+KERNEL_OF = {"host": "host", "bookworm": "bookworm", "trixie": "trixie", "sid": "trixie"}
 DRIVERS = ["virtio-net-pci", "virtio-rng-pci", "e1000", "virtio-rng-pci"] * 2
 
 
@@ -68,7 +70,8 @@ class Cell:
         return GUEST_WAIT.get(self.machine, 60.0)
 
     def record(self, what: str, outcome: str) -> None:
-        VERSION_MATRIX.append((self.qemu.version, self.machine, what, outcome))
+        kernel = find_kernel(DEBIAN_ARCH[self.lab.spec.arch], choice=self.lab.spec.kernel).name
+        VERSION_MATRIX.append((self.qemu.version, f"{self.machine} ({kernel})", what, outcome))
 
 
 @pytest.fixture(scope="module", params=[(b, m) for b in BUILDS for m in MACHINES],
@@ -76,7 +79,9 @@ class Cell:
 def cell(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Cell]:
     build, machine = request.param
     name = f"v{build.version}-{machine}"
-    spec = LabVmSpec(machine=machine, root_ports=4, qemu=build.name)
+    # Each release's QEMU boots that release's guest kernel: 6.1 beside 7.2, 6.12 beside 10.0
+    # and 11.x (the host's QEMU boots the host release's kernel).
+    spec = LabVmSpec(machine=machine, root_ports=4, qemu=build.name, kernel=KERNEL_OF[build.name])
     lab = start_lab_vm(workdir, name, spec)
     d = DaemonProcess(workdir / f"{name}-qmpfd", extra_config="""
 [timeouts.policy.spapr]
