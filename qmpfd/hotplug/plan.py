@@ -106,13 +106,15 @@ def plan_attach(
     a queue or an operation in flight). ``policy_of`` maps bus name to its policy."""
     check_functions(functions)
     table.check_new_ids([(f"functions[{i}].id", f.id) for i, f in enumerate(functions)])
-    bus_name, number = table.choose(bus, slot, from_top)
+    multi = len(functions) > 1
+    bus_name, number = table.choose(
+        bus, slot, from_top,
+        suits=(lambda b: policy_of[b.name].multifunction) if multi else None)
     target = table.bus(bus_name)
     policy = policy_of[target.name]
     if len(functions) > 1 and not policy.multifunction:
         raise Unsupported(policy.unsupported_reason or
                           f"bus '{target.name}' cannot take a multifunction device")
-    multi = len(functions) > 1
     by_fn = {f.function: f for f in functions}
     steps = []
     for fn in policy.plug_order(list(by_fn)):

@@ -21,7 +21,7 @@ qmpfd or an old crash) is ORPHANED. The others are claims. Pure code: no I/O, no
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
@@ -158,16 +158,22 @@ class SlotTable:
                     raise Conflict(f"{field}: id '{dev_id}' is in use by {key[0]} slot {key[1]} "
                                    f"({c.state.value})")
 
-    def choose(self, bus: str | None, slot: int | None, from_top: bool = False) -> SlotKey:
+    def choose(self, bus: str | None, slot: int | None, from_top: bool = False,
+               suits: Callable[[Bus], bool] | None = None) -> SlotKey:
         """The given slot if it is free, else the first free hotpluggable slot (topology order;
         ``from_top``: the highest, for VMs whose manager allocates from the lowest, as
-        libvirt does, so its own later hotplugs do not collide with qmpfd's)."""
+        libvirt does, so its own later hotplugs do not collide with qmpfd's). An automatic
+        choice prefers buses that ``suits`` the request (a multifunction attach: buses whose
+        policy can take one); with none, any, so the plan can say why it cannot."""
         if bus is not None:
             candidates = [self.hotpluggable_bus(bus)]
         else:
             if slot is not None:
                 raise InvalidRequest("slot: given without bus")
             candidates = [b for b in self._topology.buses if b.hotpluggable]
+            if suits is not None:
+                suited = [b for b in candidates if suits(b)]
+                candidates = suited + [b for b in candidates if b not in suited]
             if not candidates:
                 raise Unsupported("bus: this VM has no hotpluggable PCI bus (pc needs ACPI "
                                   "hotplug; q35 needs free pcie-root-ports created at start)")

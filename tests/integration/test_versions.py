@@ -317,3 +317,28 @@ async def test_qemu_older_than_the_minimum_is_refused_at_vm_add(workdir: Path,
     finally:
         await c.qmp.disconnect()
         lab.stop()
+
+
+async def test_hot_plugged_bridge_is_shpc_and_refused_by_name(cell: Cell, mc: Client) -> None:
+    """A bridge hot-plugged under ACPI serves its bus with its own SHPC controller (QEMU
+    reports the bridge as the bus's hotplug handler): recognised, refused by name for a
+    multifunction attach, and skipped by an automatic choice."""
+    if cell.machine != "q35":
+        pytest.skip("the ACPI q35 cell covers it")
+    before = await start_view(cell)
+    await mc.execute("device-attach", {"vm": cell.vm, "functions": [
+        {"id": "hbr", "driver": "pci-bridge", "properties": {"chassis_nr": "42"}}]})
+    with_bridge = await asyncio.to_thread(cell.lab.wait_guest_pci,
+                                          lambda s: len(s - before) >= 1, cell.wait)
+    policy = await mc.execute("query-policy", {"vm": cell.vm})
+    assert {"bus": "hbr", "mechanism": "shpc", "policy": "unsupported"} in policy["buses"]
+    with pytest.raises(ExecuteError) as err:
+        await mc.execute("device-attach", {"vm": cell.vm, "bus": "hbr",
+                                           "functions": funcs("s", 2)})
+    assert err.value.error_class == "Unsupported" and "SHPC" in str(err.value)
+    auto = await mc.execute("device-attach", {"vm": cell.vm, "functions": funcs("s", 2)})
+    assert auto["bus"] != "hbr"
+    await detach(cell, mc, ["s0", "s1"], with_bridge)
+    await mc.execute("device-detach", {"vm": cell.vm, "ids": ["hbr"]})
+    await nothing_left(cell, mc, before, {"hbr", "s0", "s1"})
+    cell.record("bridge hot-plugged under ACPI", "its bus is SHPC: refused by name, skipped")

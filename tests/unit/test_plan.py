@@ -5,7 +5,7 @@ from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach
 from qmpfd.hotplug.policies import POLICIES, Policy, policy_for
 from qmpfd.hotplug.slots import SlotTable
-from qmpfd.qemu.topology import Topology
+from qmpfd.qemu.topology import RawBus, Topology
 from tests.unit.topologies import pc_raw, q35_raw
 from tests.unit.topologies import topo as raw_topo
 
@@ -146,3 +146,16 @@ def test_config_timeout_override() -> None:
     p = POLICIES["pcie-native"].with_timeouts(None, 99)
     assert p.timeouts.unplug == 99 and p.timeouts.plug == POLICIES["pcie-native"].timeouts.plug
     assert p.rollback_targets  # still the native policy's behaviour
+
+
+def test_automatic_choice_skips_buses_that_cannot_take_a_multifunction_device() -> None:
+    """A bridge on its own SHPC controller comes first in topology order; a 2-function attach
+    goes to the first bus whose policy can take it, a single function may use the bridge."""
+    shpc = RawBus(name="hb", path="/machine/peripheral/hb/hb", bus_type="PCI",
+                  owner_type="pci-bridge", owner_is_pci_device=True,
+                  handler_path="/machine/peripheral/hb", handler_type="pci-bridge")
+    t = topo([shpc, *pc_raw(with_bridge=False)])
+    assert plan_attach(t, specs(2), policies(t)).bus == "pci.0"
+    assert plan_attach(t, specs(1), policies(t)).bus == "hb"
+    with pytest.raises(Unsupported, match="SHPC"):
+        plan_attach(t, specs(2), policies(t), bus="hb")
