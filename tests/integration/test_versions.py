@@ -166,7 +166,9 @@ async def test_attach_and_whole_slot_detach(cell: Cell, mc: Client, n: int) -> N
 
 
 async def test_properties_as_strings_and_json_types(cell: Cell, mc: Client) -> None:
-    """-device spellings ("1024", "0x10", "on") and JSON types reach QEMU as its types."""
+    """-device spellings ("1024", "0x10", "off") and JSON types reach QEMU as its types. p0
+    carries the properties qmpfd maps from libvirt XML (rombar, romfile, bootindex,
+    acpi-index): PCI device properties, the same on vfio-pci as on an emulated function."""
     before = await start_view(cell)
     functions = [
         {"id": "p0", "driver": "virtio-net-pci",
@@ -181,9 +183,11 @@ async def test_properties_as_strings_and_json_types(cell: Cell, mc: Client) -> N
     got = {(dev, prop): await qemu_execute(cell.lab, "qom-get",
                                            {"path": f"/machine/peripheral/{dev}",
                                             "property": prop})
-           for dev, prop in [("p0", "rombar"), ("p0", "acpi-index"), ("p1", "max-bytes"),
+           for dev, prop in [("p0", "rombar"), ("p0", "acpi-index"), ("p0", "bootindex"),
+                             ("p0", "romfile"), ("p1", "max-bytes"),
                              ("p1", "period"), ("p2", "max-bytes"), ("p2", "ioeventfd")]}
-    assert got == {("p0", "rombar"): 0, ("p0", "acpi-index"): 7, ("p1", "max-bytes"): 1024,
+    assert got == {("p0", "rombar"): 0, ("p0", "acpi-index"): 7, ("p0", "bootindex"): 3,
+                   ("p0", "romfile"): "", ("p1", "max-bytes"): 1024,
                    ("p1", "period"): 16, ("p2", "max-bytes"): 2048, ("p2", "ioeventfd"): False}
     await detach(cell, mc, ["p0", "p1", "p2"], before)
     cell.record("properties as strings and JSON types", "read back through QOM as typed")
