@@ -57,6 +57,12 @@ class QemuBuild:
         return [str(loader), "--library-path", ":".join(map(str, libdirs)), str(exe),
                 "-L", str(self.root / "usr/share/qemu"), "-L", str(self.root / "usr/share/seabios")]
 
+    def aarch64_uefi(self) -> Path | None:
+        """UEFI firmware for arm64 ``virt`` shipped with this build's release, if unpacked."""
+        base = self.root if self.root is not None else Path("/")
+        fd = base / "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"
+        return fd if fd.exists() else None
+
     def env(self) -> dict[str, str]:
         """Environment for the QEMU process."""
         env = dict(os.environ)

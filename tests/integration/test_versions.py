@@ -346,3 +346,44 @@ async def test_hot_plugged_bridge_is_shpc_and_refused_by_name(cell: Cell, mc: Cl
     await mc.execute("device-detach", {"vm": cell.vm, "ids": ["hbr"]})
     await nothing_left(cell, mc, before, {"hbr", "s0", "s1"})
     cell.record("bridge hot-plugged under ACPI", "its bus is SHPC: refused by name, skipped")
+
+
+def _version(b: lab_qemu.QemuBuild) -> tuple[int, ...]:
+    return tuple(int(x) for x in b.version.split("."))
+
+
+GED_BUILDS = [b for b in BUILDS if _version(b) >= (10, 1) and b.aarch64_uefi() is not None]
+
+
+@pytest.mark.skipif(not GED_BUILDS, reason="no QEMU >= 10.1 with arm64 UEFI firmware here")
+@pytest.mark.parametrize("build", GED_BUILDS, ids=lambda b: b.version)
+async def test_arm64_acpi_ged_hotplug_is_refused_by_name(build: lab_qemu.QemuBuild,
+                                                         workdir: Path, daemon: Path) -> None:
+    """arm64 virt, QEMU >= 10.1, booted through UEFI with ACPI PCI hotplug turned on: QEMU
+    names acpi-ged as the root ports' hotplug handler. qmpfd recognises it and refuses a
+    multifunction attach naming it, before QEMU sees anything. (Paused at start: the refusal
+    needs no guest.)"""
+    fw = build.aarch64_uefi()
+    assert fw is not None
+    lab = LabVm(f"ged-{build.version}", workdir / f"ged-{build.version}", LabVmSpec(
+        machine="virt", root_ports=2, paused=True, qemu=build.name,
+        extra=["-bios", str(fw), "-global", "acpi-ged.acpi-pci-hotplug-with-bridge-support=on"]))
+    lab.start()
+    c = await connect(daemon)
+    name = f"ged-{build.version}"
+    try:
+        await c.execute("vm-add", {"name": name, "qmp": str(lab.qmp_socket)})
+        policy = await c.execute("query-policy", {"vm": name})
+        assert {b["mechanism"] for b in policy["buses"]} == {"acpi-ged"}, policy
+        with pytest.raises(ExecuteError) as err:
+            await c.execute("device-attach", {"vm": name, "functions": funcs("g", 2)})
+        assert err.value.error_class == "Unsupported" and "acpi-ged" in str(err.value)
+        peripheral, _ = await qemu_view(lab)
+        assert not {"g0", "g1"} & peripheral
+        VERSION_MATRIX.append((build.version, "virt (UEFI, acpi-ged hotplug on)",
+                               "multifunction attach", "refused naming acpi-ged"))
+    finally:
+        with contextlib.suppress(Exception):
+            await c.execute("vm-remove", {"name": name})
+        await c.qmp.disconnect()
+        lab.stop()
