@@ -84,9 +84,19 @@ def available(*, supported_only: bool = False) -> list[QemuBuild]:
     release first (``supported_only``: without those older than qmpfd's minimum)."""
     builds = [QemuBuild("host", None)]
     builds += [QemuBuild(s, ROOTS / s / "root") for s in SUITES
-               if (ROOTS / s / "root" / ".complete").exists()
+               if (ROOTS / s / "root" / ".complete").exists() and s != host_suite()
                and not (supported_only and s in TOO_OLD)]
     return builds
+
+
+def host_suite() -> str:
+    """The Debian release of this machine (its QEMU is the "host" build)."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", text, re.MULTILINE)
+    return os.environ.get("QMPFD_HOST_SUITE") or (m.group(1) if m else "")
 
 
 def resolve(name: str | None = None) -> QemuBuild:
