@@ -1,7 +1,7 @@
-"""A guest that libvirt 9.0 runs, for tests of libvirt-run VMs (issue 13).
+"""A guest that libvirt runs (the machine's libvirtd: 9.0 on Debian 12, 11.3 on Debian 13), for
+tests of libvirt-run VMs.
 
-Starts virtlogd and libvirtd as root without systemd (as ../shared/design/libvirt-comparison.md
-describes: security driver and cgroups off, so they run in a container or a CI machine), defines
+Starts virtlogd and libvirtd as root without systemd (security driver and cgroups off, so they run in a container or a CI machine), defines
 a TCG domain booting the lab's Debian kernel and busybox initramfs with its serial console in a
 file (the same guest report as the other lab VMs), starts it, and undoes all of it on stop.
 """

@@ -1,7 +1,8 @@
 """A VM libvirt runs (issue 13): qmpfd adopts it through libvirt's own QEMU monitor passthrough
 and monitor events (no XML edited), attaches a 4-function device that the guest sees in one
 slot, libvirt's own `virsh attach-interface` still works and lands elsewhere, and qmpfd detaches
-the whole slot. Real libvirt 9.0 (libvirtd started by the test) and a real guest."""
+the whole slot. Real libvirtd (started by the test: the machine's, 9.0 on Debian 12, and Debian
+13's 11.3 under scripts/other-python) and a real guest."""
 
 from __future__ import annotations
 
