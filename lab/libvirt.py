@@ -1,9 +1,10 @@
 """A guest that libvirt runs (the machine's libvirtd: 9.0 on Debian 12, 11.3 on Debian 13), for
 tests of libvirt-run VMs.
 
-Starts virtlogd and libvirtd as root without systemd (security driver and cgroups off, so they run in a container or a CI machine), defines
-a TCG domain booting the lab's Debian kernel and busybox initramfs with its serial console in a
-file (the same guest report as the other lab VMs), starts it, and undoes all of it on stop.
+Starts virtlogd and libvirtd as root without systemd (security driver and cgroups off, so they
+run in a container or a CI machine), defines a TCG domain booting the lab's Debian kernel and
+busybox initramfs with its serial console in a file (the same guest report as the other lab
+VMs), starts it, and undoes all of it on stop.
 """
 
 from __future__ import annotations
