@@ -37,7 +37,7 @@ def test_kernel_choice_by_release_or_series(tmp_path: Path) -> None:
     assert kernel_dir("arm64", tmp_path, "6.12") == tmp_path / "kernel-arm64-trixie"
     assert kernel_dir("arm64", tmp_path, "bookworm") == tmp_path / "kernel-arm64-bookworm"
     assert kernel_dir("ppc64el", tmp_path, "host") == tmp_path / "kernel-ppc64el"
-    with pytest.raises(LabSetupError, match="QMPFD_LAB_KERNEL=5.10"):
+    with pytest.raises(LabSetupError, match=r"QMPFD_LAB_KERNEL=5\.10"):
         kernel_dir("amd64", tmp_path, "5.10")
 
 
