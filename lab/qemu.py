@@ -102,6 +102,8 @@ def host_suite() -> str:
 def resolve(name: str | None = None) -> QemuBuild:
     """The QEMU named by ``name`` or ``$QMPFD_LAB_QEMU`` (default: the host's)."""
     name = name or os.environ.get("QMPFD_LAB_QEMU") or "host"
+    if name == host_suite():
+        name = "host"   # this machine's release: its QEMU is the host's own
     builds = available()
     for b in builds:
         if name == b.name:
