@@ -184,7 +184,8 @@ async def main() -> None:
         # 3. QEMU refuses the first function plugged: everything goes back to e1000e.
         r = await attempt(c, "device-attach", {"vm": "l2", "functions": [
             {"id": "p1", "host": f"{SLOT}.1"},
-            {"id": "p2", "host": f"{SLOT}.2", "properties": {"no-such-property": 1}},
+            # a value of the right type that QEMU itself refuses (no such BAR)
+            {"id": "p2", "host": f"{SLOT}.2", "properties": {"x-msix-relocation": "bar9"}},
             {"id": "u0", "host": f"{SLOT}.0", "unassigned": True},
             {"id": "u3", "host": f"{SLOT}.3", "unassigned": True}]})
         report("failure-gives-back", **r, drivers=drivers())
