@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,7 +306,8 @@ async def test_device_add_answered_after_the_timeout(cell: Cell, mc: Client) -> 
 OLD = [b for b in lab_qemu.available() if b.name in lab_qemu.TOO_OLD]
 
 
-@pytest.mark.skipif(not OLD, reason="no QEMU older than the minimum was built here")
+@pytest.mark.skipif(not OLD, reason="Debian 11's QEMU 5.2 is not unpacked: run scripts/setup "
+                    "(scripts/debian-roots builds .cache/qemu/bullseye)")
 async def test_qemu_older_than_the_minimum_is_refused_at_vm_add(workdir: Path,
                                                                 daemon: Path) -> None:
     """Debian 11's QEMU 5.2: vm-add names the minimum and qmpfd manages nothing of it."""
@@ -327,6 +328,24 @@ async def test_qemu_older_than_the_minimum_is_refused_at_vm_add(workdir: Path,
         lab.stop()
 
 
+@contextlib.asynccontextmanager
+async def paused_vm_adopted(name: str, spec: LabVmSpec, workdir: Path,
+                            daemon: Path) -> AsyncIterator[tuple[LabVm, Client]]:
+    """A VM held at start, adopted by the session's qmpfd as ``name``; removed and stopped
+    afterwards. For rows that QEMU alone decides (no guest needed)."""
+    lab = LabVm(name, workdir / name, spec)
+    lab.start()
+    c = await connect(daemon)
+    try:
+        await c.execute("vm-add", {"name": name, "qmp": str(lab.qmp_socket)})
+        yield lab, c
+    finally:
+        with contextlib.suppress(Exception):
+            await c.execute("vm-remove", {"name": name})
+        await c.qmp.disconnect()
+        lab.stop()
+
+
 @pytest.mark.parametrize("build", BUILDS, ids=lambda b: b.version)
 async def test_hot_plugged_bridge_is_shpc_and_refused_by_name(build: lab_qemu.QemuBuild,
                                                               workdir: Path,
@@ -337,12 +356,8 @@ async def test_hot_plugged_bridge_is_shpc_and_refused_by_name(build: lab_qemu.Qe
     guest (6.1 and 6.12 alike) trips in acpiphp over a bridge hot-plugged into a root port
     created without ``bus-reserve`` and stops handling ACPI hotplug afterwards."""
     name = f"shpc-{build.version}"
-    lab = LabVm(name, workdir / name, LabVmSpec(machine="q35", root_ports=2, paused=True,
-                                                qemu=build.name))
-    lab.start()
-    c = await connect(daemon)
-    try:
-        await c.execute("vm-add", {"name": name, "qmp": str(lab.qmp_socket)})
+    spec = LabVmSpec(machine="q35", root_ports=2, paused=True, qemu=build.name)
+    async with paused_vm_adopted(name, spec, workdir, daemon) as (lab, c):
         await c.execute("device-attach", {"vm": name, "functions": [
             {"id": "hbr", "driver": "pci-bridge", "properties": {"chassis_nr": "42"}}]})
         policy = await c.execute("query-policy", {"vm": name})
@@ -358,11 +373,6 @@ async def test_hot_plugged_bridge_is_shpc_and_refused_by_name(build: lab_qemu.Qe
         assert "hbr" in peripheral and not {"s0", "s1"} & peripheral
         VERSION_MATRIX.append((build.version, "q35 (bridge hot-plugged under ACPI)",
                                "multifunction attach on its bus", "SHPC: refused by name"))
-    finally:
-        with contextlib.suppress(Exception):
-            await c.execute("vm-remove", {"name": name})
-        await c.qmp.disconnect()
-        lab.stop()
 
 
 def _version(b: lab_qemu.QemuBuild) -> tuple[int, ...]:
@@ -372,7 +382,9 @@ def _version(b: lab_qemu.QemuBuild) -> tuple[int, ...]:
 GED_BUILDS = [b for b in BUILDS if _version(b) >= (10, 1) and b.aarch64_uefi() is not None]
 
 
-@pytest.mark.skipif(not GED_BUILDS, reason="no QEMU >= 10.1 with arm64 UEFI firmware here")
+@pytest.mark.skipif(not GED_BUILDS,
+                    reason="no QEMU >= 10.1 with arm64 UEFI firmware: run scripts/setup "
+                           "(scripts/debian-roots unpacks sid's QEMU and qemu-efi-aarch64)")
 @pytest.mark.parametrize("build", GED_BUILDS, ids=lambda b: b.version)
 async def test_arm64_acpi_ged_hotplug_is_refused_by_name(build: lab_qemu.QemuBuild,
                                                          workdir: Path, daemon: Path) -> None:
@@ -382,14 +394,10 @@ async def test_arm64_acpi_ged_hotplug_is_refused_by_name(build: lab_qemu.QemuBui
     needs no guest.)"""
     fw = build.aarch64_uefi()
     assert fw is not None
-    lab = LabVm(f"ged-{build.version}", workdir / f"ged-{build.version}", LabVmSpec(
-        machine="virt", root_ports=2, paused=True, qemu=build.name,
-        extra=["-bios", str(fw), "-global", "acpi-ged.acpi-pci-hotplug-with-bridge-support=on"]))
-    lab.start()
-    c = await connect(daemon)
     name = f"ged-{build.version}"
-    try:
-        await c.execute("vm-add", {"name": name, "qmp": str(lab.qmp_socket)})
+    spec = LabVmSpec(machine="virt", root_ports=2, paused=True, qemu=build.name, extra=[
+        "-bios", str(fw), "-global", "acpi-ged.acpi-pci-hotplug-with-bridge-support=on"])
+    async with paused_vm_adopted(name, spec, workdir, daemon) as (lab, c):
         policy = await c.execute("query-policy", {"vm": name})
         assert {b["mechanism"] for b in policy["buses"]} == {"acpi-ged"}, policy
         with pytest.raises(ExecuteError) as err:
@@ -399,8 +407,3 @@ async def test_arm64_acpi_ged_hotplug_is_refused_by_name(build: lab_qemu.QemuBui
         assert not {"g0", "g1"} & peripheral
         VERSION_MATRIX.append((build.version, "virt (UEFI, acpi-ged hotplug on)",
                                "multifunction attach", "refused naming acpi-ged"))
-    finally:
-        with contextlib.suppress(Exception):
-            await c.execute("vm-remove", {"name": name})
-        await c.qmp.disconnect()
-        lab.stop()
