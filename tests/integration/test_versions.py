@@ -63,6 +63,10 @@ class Cell:
     machine: str
     lab: LabVm
     daemon: DaemonProcess
+    #: The guest's PCI list after boot. Every row starts from it and must end at it: a row that
+    #: read the guest's current list instead once took a transient view (a device the guest
+    #: enumerated after the previous row's check had already passed, then dropped) as its start.
+    baseline: frozenset[str]
     vm: str = "m"
 
     @property
@@ -89,7 +93,8 @@ unplug = 300
 """, access_config=f'qmp-dirs = ["{workdir}"]')
     try:
         d.start()
-        yield Cell(build, machine, lab, d)
+        baseline = frozenset(lab.wait_guest_pci(lambda s: True, 30))
+        yield Cell(build, machine, lab, d, baseline)
     finally:
         d.stop()
         lab.stop()
@@ -146,7 +151,9 @@ async def detach(cell: Cell, c: Client, ids: list[str], before: set[str]) -> Non
 
 
 async def start_view(cell: Cell) -> set[str]:
-    return await asyncio.to_thread(cell.lab.wait_guest_pci, lambda s: True, 5)
+    """The cell's baseline, once the guest shows exactly it (what the previous row left)."""
+    await asyncio.to_thread(cell.lab.wait_guest_pci, lambda s: s == cell.baseline, cell.wait)
+    return set(cell.baseline)
 
 
 async def test_adopted_with_its_version_and_policy(cell: Cell, mc: Client) -> None:
