@@ -51,6 +51,8 @@ class PolicyTimeouts(_Strict):
 
     unplug: Seconds | None = None
     plug: Seconds | None = None
+    #: seconds a slot emptied on this mechanism is kept from new devices (see the policy)
+    reuse_delay: Annotated[float, Field(ge=0, le=60)] | None = Field(None, alias="reuse-delay")
 
 
 class TimeoutConfig(_Strict):

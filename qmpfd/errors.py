@@ -36,6 +36,11 @@ class Conflict(QmpfdError):
     error_class = "Conflict"
 
 
+class GuestEjected(Conflict):
+    """QEMU removed functions of a slot being plugged without a request (the guest ejected
+    it); the attach was undone and may be tried again."""
+
+
 class Unsupported(QmpfdError):
     error_class = "Unsupported"
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
+from qmpfd.errors import GuestEjected, QemuError, QmpfdError, Timeout, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.plan import Plan, Step
 from qmpfd.hotplug.policies.base import is_transient
@@ -37,6 +37,9 @@ log = logging.getLogger("qmpfd.hotplug")
 class RollbackResult:
     removed: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)   # still in QEMU: the slot stays 'unplugging'
+    #: QEMU stopped answering before it could say which of ``left`` it holds: nothing was sent
+    #: to take them back; the caller finds out once QEMU answers again
+    unknown: bool = False
 
 
 class AttachFailed(QmpfdError):
@@ -95,13 +98,19 @@ async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table
         else [list(plan.steps)]
     added: list[str] = []
     late: list[str] = []
+    start = tracker.seq
     for batch in batches:
         ok, unanswered, failure = await _send(link, batch, timeout)
+        # A DEVICE_DELETED read before the reply it follows: never record what QEMU dropped.
+        gone = tracker.deleted_since(start)
         table.added(key, [peripheral(s.id, str(s.arguments["driver"]), plan.slot, s.function)
-                          for s in (*ok, *unanswered)])
+                          for s in (*ok, *unanswered) if s.id not in gone])
         added += [s.id for s in ok]
         late += [s.id for s in unanswered]
+        if failure is None:
+            failure = _ejected(batch, set(added) & gone)
         if failure is not None:
+            added = [i for i in added if i not in gone]
             step, exc = failure
             if isinstance(exc, VmGone):
                 raise AttachFailed(exc, f"{_where(step)}: {exc.desc}",
@@ -113,6 +122,25 @@ async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table
         if after_step is not None:
             for n in range(len(added) - len(ok) + 1, len(added) + 1):
                 await after_step(n)
+    ejected = set(added) & tracker.deleted_since(start)
+    if ejected:   # after the last reply, before the caller answers: undo the rest too
+        result = await rollback(plan, [i for i in added if i not in ejected], [], link,
+                                tracker, table)
+        raise AttachFailed(GuestEjected(_ejected_desc(ejected)),
+                           _ejected_desc(ejected) + ("; rolled back" if not result.left else
+                                                     "; rollback still waiting"), result)
+
+
+def _ejected_desc(ids: set[str]) -> str:
+    return (f"QEMU removed {', '.join(sorted(ids))} without a request while the slot was being "
+            "plugged (the guest ejected it)")
+
+
+def _ejected(batch: Sequence[Step], ids: set[str]) -> tuple[Step, QmpfdError] | None:
+    """The failure to report when the guest ejected functions of this attach mid-way."""
+    if not ids:
+        return None
+    return batch[0], GuestEjected(_ejected_desc(ids))
 
 
 async def _exists(link: Link, dev_id: str) -> bool:
@@ -136,7 +164,9 @@ async def rollback(plan: Plan, added: list[str], late: list[str], link: Link,
             else:
                 table.deleted(dev_id)
     except VmGone:
-        return RollbackResult(left=added + late)
+        return RollbackResult(left=list(dict.fromkeys(added + late)))
+    except Timeout:   # the monitor is stalled: QEMU may still carry out any of them
+        return RollbackResult(left=list(dict.fromkeys(added + late)), unknown=True)
     if not added:
         return RollbackResult()
     done = tracker.expect(added)
@@ -184,20 +214,26 @@ async def send_when_ready(link: Link, cmd: str, args: dict[str, object], deadlin
             delay = min(delay * 2, READY_MAX_DELAY)
 
 
-async def execute_unplug(targets: list[str], ids: list[str], link: Link,
+async def execute_unplug(targets: list[str], done: asyncio.Future[None], link: Link,
                          tracker: DeletionTracker, deadline: float,
-                         on_wait: Callable[[str], None] | None = None) -> asyncio.Future[None]:
+                         on_wait: Callable[[str], None] | None = None) -> None:
     """Send the policy's device_del commands (each retried while the guest is busy, until
-    ``deadline``); return the future of all DEVICE_DELETED events.
+    ``deadline``); ``done`` (from :meth:`DeletionTracker.expect`, registered before anything
+    was sent) completes with the last DEVICE_DELETED.
 
     The caller waits on it with its own timeout and may leave it running: a late DEVICE_DELETED
-    still completes the slot.
+    still completes the slot. A target QEMU already deleted (the guest ejected the slot
+    meanwhile) is not asked for again.
     """
-    done = tracker.expect(ids)
     try:
         for target in targets:
-            await send_when_ready(link, "device_del", {"id": target}, deadline, on_wait)
+            if done.done():
+                break
+            try:
+                await send_when_ready(link, "device_del", {"id": target}, deadline, on_wait)
+            except QemuError:
+                if target in tracker.pending(done):
+                    raise
     except QmpfdError:
         done.cancel()
         raise
-    return done

@@ -101,15 +101,17 @@ def plan_attach(
     bus: str | None = None,
     slot: int | None = None,
     from_top: bool = False,
+    now: float = 0.0,
 ) -> Plan:
     """Plan an attach against the VM's slot table (which knows every slot and id taken by QEMU,
-    a queue or an operation in flight). ``policy_of`` maps bus name to its policy."""
+    a queue or an operation in flight). ``policy_of`` maps bus name to its policy; ``now``
+    (monotonic) tells which slots are still held back from reuse."""
     check_functions(functions)
     table.check_new_ids([(f"functions[{i}].id", f.id) for i, f in enumerate(functions)])
     multi = len(functions) > 1
     bus_name, number = table.choose(
         bus, slot, from_top,
-        suits=(lambda b: policy_of[b.name].multifunction) if multi else None)
+        suits=(lambda b: policy_of[b.name].multifunction) if multi else None, now=now)
     target = table.bus(bus_name)
     policy = policy_of[target.name]
     if len(functions) > 1 and not policy.multifunction:

@@ -70,6 +70,12 @@ class SlotTable:
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
         self._claims: dict[SlotKey, Claim] = {}
+        #: slot -> the time (monotonic, given by the caller) before which it is not reused
+        self._held_back: dict[SlotKey, float] = {}
+        #: reads of QEMU's topology in progress, and what changed since the first began
+        #: (replayed onto each read's result, so a refresh never loses a change it raced)
+        self._reads = 0
+        self._changes: list[Callable[[Topology], Topology]] = []
 
     @property
     def topology(self) -> Topology:
@@ -158,13 +164,25 @@ class SlotTable:
                     raise Conflict(f"{field}: id '{dev_id}' is in use by {key[0]} slot {key[1]} "
                                    f"({c.state.value})")
 
+    def hold_back(self, key: SlotKey, until: float, now: float) -> None:
+        """Keep a slot just emptied from new devices until ``until`` (its policy's reuse
+        delay: see :mod:`qmpfd.hotplug.policies.acpi_pcihp`)."""
+        self._held_back = {k: t for k, t in self._held_back.items() if t > now}
+        self._held_back[key] = max(until, self._held_back.get(key, 0.0))
+
+    def held_back(self, key: SlotKey, now: float) -> float:
+        """Seconds before the slot may take a new device (0: now)."""
+        return max(0.0, self._held_back.get(key, 0.0) - now)
+
     def choose(self, bus: str | None, slot: int | None, from_top: bool = False,
-               suits: Callable[[Bus], bool] | None = None) -> SlotKey:
+               suits: Callable[[Bus], bool] | None = None, now: float = 0.0) -> SlotKey:
         """The given slot if it is free, else the first free hotpluggable slot (topology order;
         ``from_top``: the highest, for VMs whose manager allocates from the lowest, as
         libvirt does, so its own later hotplugs do not collide with qmpfd's). An automatic
         choice prefers buses that ``suits`` the request (a multifunction attach: buses whose
-        policy can take one); with none, any, so the plan can say why it cannot."""
+        policy can take one); with none, any, so the plan can say why it cannot. A free slot
+        held back (:meth:`hold_back`) is chosen automatically only when no other is free: the
+        one free soonest."""
         if bus is not None:
             candidates = [self.hotpluggable_bus(bus)]
         else:
@@ -177,6 +195,7 @@ class SlotTable:
             if not candidates:
                 raise Unsupported("bus: this VM has no hotpluggable PCI bus (pc needs ACPI "
                                   "hotplug; q35 needs free pcie-root-ports created at start)")
+        later: list[tuple[float, SlotKey]] = []
         for b in candidates:
             if slot is not None:
                 self.check_slot_number(b, slot)
@@ -185,7 +204,12 @@ class SlotTable:
             order = range(b.slot_count - 1, -1, -1) if from_top else range(b.slot_count)
             for n in order:
                 if self.state((b.name, n)) is SlotState.EMPTY and b.slot(n).hotpluggable:
-                    return b.name, n
+                    wait = self.held_back((b.name, n), now)
+                    if not wait:
+                        return b.name, n
+                    later.append((wait, (b.name, n)))
+        if later:
+            return min(later)[1]
         where = f"bus '{bus}'" if bus else "any hotpluggable bus"
         raise Conflict(f"slot: no free slot on {where}")
 
@@ -216,7 +240,9 @@ class SlotTable:
     def added(self, key: SlotKey, devices: Iterable[RawDevice]) -> None:
         """While ATTACHING: QEMU accepted these device_adds (or may have: a late reply)."""
         self._expect(key, SlotState.ATTACHING)
-        self._topology = self._topology.with_devices(key[0], devices)
+        added = tuple(devices)
+        self._change(lambda t: t.with_devices(key[0], [d for d in added
+                                                       if d.id not in t.device_ids()]))
 
     def attach_done(self, key: SlotKey) -> None:
         """ATTACHING -> PRESENT."""
@@ -249,11 +275,33 @@ class SlotTable:
     # -- what QEMU tells ---------------------------------------------------------------------
     def deleted(self, dev_id: str) -> None:
         """DEVICE_DELETED: the device is gone, whoever removed it."""
-        self._topology = self._topology.without({dev_id})
+        self._change(lambda t: t.without({dev_id}))
 
-    def refresh(self, topology: Topology) -> None:
+    def _change(self, change: Callable[[Topology], Topology]) -> None:
+        self._topology = change(self._topology)
+        if self._reads:
+            self._changes.append(change)
+
+    def read_started(self) -> int:
+        """A read of QEMU's topology begins; pass the mark to :meth:`refresh` (or
+        :meth:`read_abandoned`)."""
+        self._reads += 1
+        return len(self._changes)
+
+    def read_abandoned(self) -> None:
+        self._reads -= 1
+        if not self._reads:
+            self._changes.clear()
+
+    def refresh(self, topology: Topology, since: int | None = None) -> None:
         """A fresh read of QEMU (adopt, reconnect, passthrough, a refusal that says qmpfd's view
-        was stale). Claims stay: they are operations qmpfd still runs."""
+        was stale). Claims stay: they are operations qmpfd still runs. ``since``: the mark of
+        :meth:`read_started`; what qmpfd learnt while the read ran (its own device_adds, QEMU's
+        DEVICE_DELETED) is applied on top, since the read may have missed it."""
+        if since is not None:
+            for change in self._changes[since:]:
+                topology = change(topology)
+            self.read_abandoned()
         self._topology = topology
 
     # -- the view for query-slots ----------------------------------------------------------

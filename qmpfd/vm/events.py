@@ -40,6 +40,12 @@ class VmEvents:
     def detach_failed(self, bus: str, slot: int, ids: Sequence[str], reason: str) -> None:
         self._slot("SLOT_DETACH_FAILED", bus, slot, ids, False, reason=reason)
 
+    def ejected(self, bus: str, slot: int, ids: Sequence[str]) -> None:
+        """QEMU removed these functions without a request from qmpfd (the guest ejected the
+        slot, or a raw device_del)."""
+        self._slot("SLOT_EJECTED", bus, slot, ids, False,
+                   reason="removed by QEMU without a request from qmpfd")
+
     def orphaned(self, bus: str, slot: int, ids: Sequence[str]) -> None:
         self._slot("SLOT_ORPHANED", bus, slot, ids, False)
 

@@ -31,7 +31,7 @@ from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.pending import PendingQueues
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
-from qmpfd.hotplug.slots import SlotTable, SlotView
+from qmpfd.hotplug.slots import SlotKey, SlotTable, SlotView
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
 from qmpfd.qemu.link import Link, QmpLink
@@ -51,6 +51,7 @@ OnRemoved = Callable[[str, list[str]], Coroutine[Any, Any, list[str]]]
 OnConnected = Callable[[str, AbstractSet[str]], Coroutine[Any, Any, Any]]
 
 FAILED_KEPT = 64         # failed operations query-operations {ended} can still show
+EJECT_GATHER = 0.1      # seconds the deletions of one unasked eject are gathered into one event
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
 QEMU_PROBE_TIMEOUT = 2.0  # seconds a liveness probe of the QMP socket may take
@@ -95,6 +96,8 @@ class ManagedVm:
             for f in entry.functions.values():
                 self.table.queue((entry.bus, entry.slot), f.id)
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: functions QEMU removed without a request, per slot, until announced
+        self._ejected: dict[SlotKey, list[str]] = {}
         self._stopping = False
         self._reconnecting = False
         #: the last operations that failed after their request was answered (bounded)
@@ -168,7 +171,13 @@ class ManagedVm:
 
     async def refresh(self) -> None:
         """Read the topology from QEMU again (see the module docstring for when)."""
-        self.table.refresh(await read_topology(self.link, self._roots))
+        mark = self.table.read_started()
+        try:
+            topology = await read_topology(self.link, self._roots)
+        except BaseException:
+            self.table.read_abandoned()
+            raise
+        self.table.refresh(topology, mark)
 
     def _report_orphans(self) -> None:
         for (bus, slot), ids in self.table.orphans():
@@ -176,8 +185,39 @@ class ManagedVm:
                         extra={"vm": self.name, "bus": bus, "slot": slot, "ids": ids})
             self.events.orphaned(bus, slot, ids)
 
-    def _device_deleted(self, dev_id: str) -> None:
+    def _device_deleted(self, dev_id: str, asked: bool) -> None:
+        """DEVICE_DELETED, asked for or not: the table follows QEMU at once; a slot emptied on
+        a mechanism with a reuse delay is held back; an unasked removal is announced (gathered
+        per slot: one eject removes every function) and its host functions given back."""
+        key = self.table.find(dev_id)
         self.table.deleted(dev_id)
+        if key is None:
+            return
+        policy = self._bus_policy(key[0])
+        if policy is not None and policy.reuse_delay and not self.table.functions(key):
+            now = time.monotonic()
+            self.table.hold_back(key, now + policy.reuse_delay, now)
+        if asked:
+            return
+        gathered = self._ejected.setdefault(key, [])
+        gathered.append(dev_id)
+        if len(gathered) == 1:
+            asyncio.get_running_loop().call_later(EJECT_GATHER, self._announce_ejected, key)
+
+    def _announce_ejected(self, key: SlotKey) -> None:
+        ids = self._ejected.pop(key, [])
+        log.warning("QEMU removed functions without a request (the guest ejected the slot)",
+                    extra={"vm": self.name, "bus": key[0], "slot": key[1], "ids": ids})
+        self.events.ejected(key[0], key[1], ids)
+        self.spawn(self.removed(ids), "release")
+
+    def _bus_policy(self, bus: str) -> Policy | None:
+        ident = self.identity
+        b = self.table.topology.bus(bus)
+        if ident is None or b is None:
+            return None
+        return policy_for(ident.arch, ident.machine, b.mechanism, self._policy_table,
+                          ident.qemu_version)
 
     def _on_disconnect(self) -> None:
         if self._stopping or self._reconnecting:

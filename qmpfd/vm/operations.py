@@ -27,7 +27,7 @@ from qmpfd.errors import (
     VmGone,
 )
 from qmpfd.faults import fault_point
-from qmpfd.hotplug.executor import AttachFailed, execute_attach, execute_unplug
+from qmpfd.hotplug.executor import AttachFailed, execute_attach, execute_unplug, rollback
 from qmpfd.hotplug.plan import FunctionSpec, Plan, plan_attach
 from qmpfd.hotplug.policies.base import SlotMember
 from qmpfd.hotplug.slots import SlotKey, SlotState
@@ -47,7 +47,7 @@ def plan_and_reserve(vm: ManagedVm, functions: Sequence[FunctionSpec], bus: str 
                      slot: int | None, timeout: float | None) -> Plan:
     """Under ``vm.alloc``: the plan, with its slot claimed (ATTACHING) in the table."""
     plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
-                       from_top=vm.slots_from_top)
+                       from_top=vm.slots_from_top, now=time.monotonic())
     vm.table.reserve((plan.bus, plan.slot), plan.ids)
     if timeout is not None:
         plan = Plan(plan.bus, plan.slot, plan.policy.with_timeouts(timeout, None),
@@ -114,6 +114,8 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
                    {f.id: f.function for f in plan.functions}, plan.policy.name)
     started = time.monotonic()
     try:
+        # The slot is ours (ATTACHING); a slot just emptied waits out its reuse delay.
+        await asyncio.sleep(vm.table.held_back(key, started))
         await vm.journal.begin(op)   # synced before QEMU is touched: a crash leaves a record
     except BaseException:
         vm.table.attach_undone(key, [])
@@ -128,6 +130,14 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
         await execute_attach(plan, vm.link, vm.tracker, vm.table,
                              after_step=lambda n: fault_point(f"attach-step-{n}"))
     except AttachFailed as exc:
+        if exc.rollback.unknown:
+            metrics.operation("attach", plan.policy.name, "unknown")
+            vm.spawn(_undo_when_qemu_answers(vm, plan, op, exc.rollback.left), "undo")
+            raise AttachFailed(Timeout(exc.desc), (
+                f"{exc.desc}; QEMU stopped answering, so which functions of the slot it holds "
+                "is not known yet: the operation stays in flight (query-operations), is "
+                "rolled back once QEMU answers, and SLOT_ATTACH_FAILED says so"),
+                exc.rollback) from exc
         metrics.operation("attach", plan.policy.name,
                           "rolled-back" if not exc.rollback.left else "rollback-pending")
         if not (retry_if_stale and _may_be_stale(exc)):   # the caller decides and announces
@@ -154,6 +164,32 @@ async def run_attach(vm: ManagedVm, plan: Plan, *, retry_if_stale: bool = False)
     if any(creates_bus(str(s.arguments["driver"])) for s in plan.steps):
         async with vm.alloc:
             await vm.refresh()   # a bridge or port brings a bus qmpfd must learn
+
+
+UNKNOWN_RETRY = 2.0     # seconds between attempts to learn what a stalled QEMU holds
+
+
+async def _undo_when_qemu_answers(vm: ManagedVm, plan: Plan, op: Operation,
+                                  ids: Sequence[str]) -> None:
+    """QEMU's monitor stopped answering mid-attach: any of ``ids`` may or may not be in QEMU.
+    Keep asking until it answers; then take back whichever it holds, end the operation (its
+    slot stays ATTACHING until then) and announce the outcome."""
+    key = (plan.bus, plan.slot)
+    while True:
+        result = await rollback(plan, [], list(ids), vm.link, vm.tracker, vm.table)
+        if not result.unknown:
+            break
+        await asyncio.sleep(UNKNOWN_RETRY)
+    reason = "QEMU stopped answering mid-attach; rolled back once it answered"
+    if result.left:      # the guest has not let go yet (or the link is gone: reconcile)
+        vm.table.attach_undone(key, result.left)
+        vm.journal.mark_sent(op)
+        Unplug(vm, key, result.left, op, attach=True).watch()
+        return
+    vm.table.attach_undone(key, [])
+    vm.journal.end(op)
+    await vm.removed(plan.ids)
+    vm.events.attach_failed(plan.bus, plan.slot, plan.ids, reason)
 
 
 @dataclass
@@ -225,13 +261,21 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
         all_ids = [m.id for m in members]
         targets = (policy.unplug_targets(members) if state is SlotState.PRESENT
                    else policy.rollback_targets(members))
+        # The slot is this detach's, and its deletions are awaited, before anything awaits:
+        # the guest may eject it while the record is written (then there is nothing to send).
+        vm.table.begin_unplug(key, all_ids)
+        done = vm.tracker.expect(all_ids)
         started = time.monotonic()
-        op = await vm.journal.begin(Operation(
-            "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
-            policy.name))
+        try:
+            op = await vm.journal.begin(Operation(
+                "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
+                policy.name))
+        except BaseException:
+            done.cancel()
+            vm.table.unplug_ended(key)
+            raise
         metrics.phase("detach", "journal", time.monotonic() - started)
         await fault_point("detach-begin")
-        vm.table.begin_unplug(key, all_ids)   # before device_del: its events may be quick
     # device_del goes out after the allocation lock is let go: a guest still busy with the
     # slot is waited out here (retried until the deadline) without holding up other slots.
     limit = timeout if timeout is not None else policy.timeouts.unplug
@@ -243,8 +287,8 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
         log.info("guest not ready for unplug; retrying", extra={
             "vm": vm.name, "bus": key[0], "slot": key[1], "error": desc})
     try:
-        done = await execute_unplug(targets, all_ids, vm.link, vm.tracker,
-                                    deadline=started + limit, on_wait=waiting)
+        await execute_unplug(targets, done, vm.link, vm.tracker,
+                             deadline=started + limit, on_wait=waiting)
     except QmpfdError:
         vm.table.unplug_ended(key)
         vm.journal.end(op)

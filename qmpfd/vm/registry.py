@@ -26,7 +26,8 @@ def configured_policies(config: Config) -> dict[str, Policy]:
     table = dict(POLICIES)
     for name, override in config.timeouts.policy.items():
         if name in table:
-            table[name] = table[name].with_timeouts(override.plug, override.unplug)
+            table[name] = table[name].with_timeouts(override.plug, override.unplug,
+                                                    override.reuse_delay)
     return table
 
 

@@ -105,7 +105,7 @@ def setup(machine: str = "pc", n: int = 4) -> tuple[Plan, SlotTable, ScriptedQem
                 plan.steps)
     table.reserve((plan.bus, plan.slot), plan.ids)
     tracker = DeletionTracker()
-    tracker.on_deleted.append(table.deleted)
+    tracker.on_deleted.append(lambda dev, _asked: table.deleted(dev))
     qemu = ScriptedQemu(tracker, slot_wide_eject=machine == "pc")
     return plan, table, qemu, tracker
 
@@ -231,8 +231,9 @@ async def test_unplug_waits_out_a_busy_guest_and_reports_the_wait() -> None:
     qemu.script[("device_del", "d0")] = "busy:3"
     waits: list[str] = []
     loop = asyncio.get_running_loop()
-    done = await execute_unplug(["d0"], plan.ids, qemu, tracker,  # type: ignore[arg-type]
-                                deadline=loop.time() + 5, on_wait=waits.append)
+    done = tracker.expect(plan.ids)
+    await execute_unplug(["d0"], done, qemu, tracker,  # type: ignore[arg-type]
+                         deadline=loop.time() + 5, on_wait=waits.append)
     await asyncio.wait_for(done, 2)
     assert len(waits) == 3 and "guest is busy" in waits[0]
     assert [c for c in qemu.sent if c[0] == "device_del"] == [("device_del", "d0")] * 4
@@ -246,13 +247,13 @@ async def test_a_guest_busy_past_the_deadline_is_a_timeout_and_other_refusals_ar
     loop = asyncio.get_running_loop()
     qemu.script[("device_del", "d0")] = "busy:1000"
     with pytest.raises(Timeout, match="still refused it when the request's time ran out"):
-        await execute_unplug(["d0"], plan.ids, qemu, tracker,  # type: ignore[arg-type]
-                             deadline=loop.time() + 0.5)
+        await execute_unplug(["d0"], tracker.expect(plan.ids), qemu,  # type: ignore[arg-type]
+                             tracker, deadline=loop.time() + 0.5)
     qemu.script[("device_del", "d0")] = REFUSE
     sent = len(qemu.sent)
     with pytest.raises(QemuError):
-        await execute_unplug(["d0"], plan.ids, qemu, tracker,  # type: ignore[arg-type]
-                             deadline=loop.time() + 5)
+        await execute_unplug(["d0"], tracker.expect(plan.ids), qemu,  # type: ignore[arg-type]
+                             tracker, deadline=loop.time() + 5)
     assert len(qemu.sent) == sent + 1                 # not retried
 
 

@@ -84,3 +84,16 @@ def test_unreadable_queue_records_are_skipped() -> None:
                {"id": "d", "driver": "e1000", "function": 2}]}]
     restored = PendingQueues.restore([*bad, good], now_mono=0.0, now_wall=0.0)
     assert restored.keys() == {("pci.0", 3)}
+
+
+async def test_deletions_are_numbered_and_told_whether_asked() -> None:
+    t = DeletionTracker()
+    heard: list[tuple[str, bool]] = []
+    t.on_deleted.append(lambda dev, asked: heard.append((dev, asked)))
+    done = t.expect(["a"])
+    mark = t.seq
+    t.handle_event({"event": "DEVICE_DELETED", "data": {"device": "a", "path": "x"}})
+    t.handle_event({"event": "DEVICE_DELETED", "data": {"device": "b", "path": "y"}})
+    await asyncio.wait_for(done, 1)
+    assert heard == [("a", True), ("b", False)]               # "b": nobody asked
+    assert t.deleted_since(mark) == {"a", "b"} and t.deleted_since(t.seq) == set()

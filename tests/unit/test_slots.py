@@ -152,3 +152,47 @@ def test_view_shows_claims_and_queued_functions() -> None:
     assert views[("pci.0", 6)].state is S.QUEUED
     assert [(f.function, f.id, f.state) for f in views[("pci.0", 6)].functions] == [
         (1, "q1", S.QUEUED)]
+
+
+def test_a_slot_held_back_is_chosen_last_and_says_how_long() -> None:
+    t = table()
+    t.hold_back(("pci.0", 3), until=12.0, now=10.0)
+    assert t.held_back(("pci.0", 3), now=10.5) == 1.5
+    assert t.held_back(("pci.0", 3), now=12.5) == 0.0
+    assert t.choose(None, None, now=10.0) == ("pci.0", 4)       # another free slot first
+    assert t.choose(None, None, now=12.0) == ("pci.0", 3)       # over: the first free again
+    assert t.choose("pci.0", 3, now=10.0) == ("pci.0", 3)       # named: the caller waits
+    for b in t.topology.buses:
+        for n in range(b.slot_count):
+            if (b.name, n) != ("pci.0", 3) and t.state((b.name, n)) is S.EMPTY:
+                t.reserve((b.name, n), [f"x{b.name}{n}"])
+    assert t.choose(None, None, now=10.0) == ("pci.0", 3)       # the only one: it, after a wait
+
+
+def test_a_refresh_keeps_what_changed_while_it_read() -> None:
+    """A read of QEMU that began before a device_add or a DEVICE_DELETED and ends after it
+    does not undo it (several clients refreshing beside attaches)."""
+    t = table()
+    t.reserve(KEY, ["a"])
+    t.reserve(("pci.0", 6), ["gone"])
+    t.added(("pci.0", 6), [dev("gone", 0, slot=6)])
+    t.attach_done(("pci.0", 6))
+    mark = t.read_started()
+    stale = t.topology                                        # what the read returns: no "a"...
+    t.added(KEY, [dev("a", 0)])
+    t.deleted("gone")
+    t.refresh(stale, mark)                                    # ...but still "gone"
+    assert t.find("a") == KEY and t.find("gone") is None
+    later = t.read_started()
+    t.refresh(t.topology, later)                              # a read that already has "a"
+    assert [f.id for f in t.functions(KEY)] == ["a"]          # not twice
+
+
+def test_an_abandoned_read_changes_nothing() -> None:
+    t = table()
+    t.read_started()
+    t.read_abandoned()
+    t.reserve(KEY, ["a"])
+    t.added(KEY, [dev("a", 0)])
+    t.refresh(topo(pc_raw()))                                 # a plain refresh replaces
+    assert t.find("a") is None

@@ -42,11 +42,16 @@ class Policy:
     unsupported_reason: str = ""
     #: Whether unplug needs a cooperating guest (ACPI eject, PCIe attention button).
     guest_driven_unplug: bool = True
+    #: Seconds a slot whose functions just left QEMU is not given to a new device: where the
+    #: guest may still act on a request about the slot's previous occupant.
+    reuse_delay: float = 0.0
 
-    def with_timeouts(self, plug: float | None, unplug: float | None) -> Policy:
+    def with_timeouts(self, plug: float | None, unplug: float | None,
+                      reuse_delay: float | None = None) -> Policy:
         return replace(self, timeouts=PolicyTimeouts(
             plug=plug if plug is not None else self.timeouts.plug,
-            unplug=unplug if unplug is not None else self.timeouts.unplug))
+            unplug=unplug if unplug is not None else self.timeouts.unplug),
+            reuse_delay=reuse_delay if reuse_delay is not None else self.reuse_delay)
 
     def plug_order(self, functions: Sequence[int]) -> list[int]:
         """Non-zero functions first (QEMU hides them until function 0 exists), function 0 last."""
@@ -67,4 +72,5 @@ class Policy:
             "multifunction": self.multifunction,
             "timeouts": {"plug": self.timeouts.plug, "unplug": self.timeouts.unplug},
             "guest-driven-unplug": self.guest_driven_unplug,
+            "reuse-delay": self.reuse_delay,
         }
