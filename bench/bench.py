@@ -59,13 +59,14 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Daemon:
-    def __init__(self, work: Path, state_dir: Path | None = None) -> None:
+    def __init__(self, work: Path, state_dir: Path | None = None, extra: str = "") -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.sock = work / "qmpfd.sock"
         cfg = work / "qmpfd.toml"
         state = state_dir or work / "state"
         cfg.write_text(f'[daemon]\nsocket = "{self.sock}"\nstate-dir = "{state}"\n'
-                       f'log-level = "warning"\n[access]\nqmp-dirs = ["{work.parent}"]\n')
+                       f'log-level = "warning"\n[access]\nqmp-dirs = ["{work.parent}"]\n'
+                       f'{extra}')
         self.proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)],
                                      stderr=(work / "qmpfd.log").open("wb"))
         while not self.sock.exists():

@@ -6,7 +6,8 @@
   so a test can kill QEMU or cut the QMP socket mid-operation.
 
 Points: ``attach-begin``, ``attach-step-N`` (after the N-th device_add was accepted),
-``detach-begin`` (journaled, nothing sent), ``detach-sent`` (device_del accepted).
+``detach-recording`` (the slot claimed, its record not yet written), ``detach-begin``
+(journaled, nothing sent), ``detach-sent`` (device_del accepted).
 """
 
 from __future__ import annotations

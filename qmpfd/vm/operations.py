@@ -267,6 +267,7 @@ async def detach(vm: ManagedVm, *, ids: Sequence[str] | None, bus: str | None,
         done = vm.tracker.expect(all_ids)
         started = time.monotonic()
         try:
+            await fault_point("detach-recording")
             op = await vm.journal.begin(Operation(
                 "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
                 policy.name))

@@ -4,12 +4,15 @@
 - a ``device_add`` whose reply comes after the plug timeout (``timeout: 0.001``): the reply never
   says "rolled back" while QEMU holds a function, and the ids are free afterwards;
 - ``vm-remove`` during an attach: refused with Conflict naming the operation; with ``force`` the
-  attach settles first and the reply says how.
+  attach settles first and the reply says how;
+- QEMU's monitor stalled mid-attach: the outcome is announced once QEMU answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import connect, qemu_view, start_lab_vm
+from tests.integration.conftest import connect, qemu_execute, qemu_view, start_lab_vm
 from tests.integration.faults_support import DaemonProcess
 from tests.integration.test_faults import (
     FUNCS,
@@ -169,3 +172,62 @@ async def test_qemu_restarted_with_the_devices_during_a_detach(daemon_proc: Daem
         await c.qmp.disconnect()
     finally:
         vm.stop()
+
+
+async def test_monitor_stalled_mid_attach(tmp_path: Path, lab: LabVm) -> None:
+    """QEMU stops answering (SIGSTOP) while an attach runs: the client hears Timeout saying
+    the outcome is not known yet, the operation stays in flight, and once QEMU answers again
+    (it then carries out the device_adds it had queued) qmpfd takes the slot back, ends the
+    operation and announces it. QEMU, guest and qmpfd agree; the ids are free."""
+    before = await asyncio.to_thread(lab.wait_guest_pci, lambda s: True, 5)
+    d = DaemonProcess(tmp_path / "qmpfd", extra_config="[timeouts]\ncommand = 2\n")
+    d.start()
+    try:
+        c = await adopt(d, lab.qmp_socket)
+        assert lab.proc is not None
+        os.kill(lab.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ExecuteError) as err:
+                await c.execute("device-attach", {"vm": "f", "functions": FUNCS, "timeout": 1})
+            assert err.value.error_class == "Timeout"
+            assert "not known yet" in str(err.value), err.value
+            ops = await c.execute("query-operations")
+            assert [o["kind"] for o in ops] == ["attach"], ops
+        finally:
+            os.kill(lab.proc.pid, signal.SIGCONT)
+        event = await c.wait_event("SLOT_ATTACH_FAILED", timeout=120)
+        assert sorted(event["data"]["ids"]) == sorted(IDS)
+        await settled(c)
+        view = await agreement(c, lab, before)
+        record("QEMU's monitor stalled mid-attach (SIGSTOP), then answers",
+               "Timeout (outcome unknown); rolled back when QEMU answers", view)
+        await c.execute("device-attach", {"vm": "f", "functions": FUNCS})   # ids free again
+        await agreement(c, lab, before, expect_attached=True)
+        await cleanup(c, lab, before)
+    finally:
+        d.stop()
+
+
+async def test_slot_emptied_while_the_detach_is_recorded(tmp_path: Path, lab: LabVm) -> None:
+    """The slot's functions leave QEMU (here a raw device_del on QEMU's other monitor; the
+    guest ejecting it is the same to qmpfd) while the detach's record is being written: the
+    detach ends as done, nothing stays in flight, the VM can be removed."""
+    before = await asyncio.to_thread(lab.wait_guest_pci, lambda s: True, 5)
+    d = DaemonProcess(tmp_path / "qmpfd")
+    d.start(QMPFD_PAUSE_AT="detach-recording", QMPFD_PAUSE_SECONDS="4")
+    try:
+        c = await adopt(d, lab.qmp_socket)
+        await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+        await agreement(c, lab, before, expect_attached=True)
+        detach = asyncio.create_task(c.execute("device-detach", {"vm": "f", "ids": sorted(IDS)}))
+        await asyncio.sleep(1)
+        await qemu_execute(lab, "device_del", {"id": "ff0"})
+        reply = await asyncio.wait_for(detach, 60)
+        assert sorted(reply["ids"]) == sorted(IDS)
+        await settled(c, 10)
+        view = await agreement(c, lab, before)
+        await c.execute("vm-remove", {"name": "f"})
+        record("slot emptied while its detach is being recorded", "detach done; nothing "
+               "in flight; vm-remove works", view)
+    finally:
+        d.stop()
