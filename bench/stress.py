@@ -1,14 +1,16 @@
 """The long concurrency run (lab/stress.py) and what the ACPI reuse delay changes.
 
     .venv/bin/python -m bench.stress [--seconds 600] [--clients 3] [--machines pc]
-                                     [--reuse-delay 0,2] [--rounds 2]
+                                     [--rounds 2] [--variants default,unguarded]
 
-One lab VM per machine kind, booted once. For each round and each reuse delay (interleaved:
-A, B, A, B, ... so the machine's drift hits both alike), a fresh qmpfd on a fresh state dir with
-``[timeouts.policy.acpi-pcihp] reuse-delay`` set, and the clients of lab/stress.py for
-``seconds / rounds`` seconds. Counts per delay go to bench/stress-results.md: requests by outcome,
-SLOT_EJECTED events (the guest ejecting a slot unasked) and violations (a reply QEMU contradicts,
-or qmpfd, QEMU and the guest disagreeing at the end). Counts, not times.
+One lab VM per machine kind, booted once. For each round and each variant (interleaved: A, B,
+A, B, ... so the machine's drift hits all alike), a fresh qmpfd on a fresh state dir with the
+variant's ACPI settings, and the clients of lab/stress.py for ``seconds / rounds`` seconds.
+Variants: ``default`` (qmpfd as shipped: the unplug gate and the reuse delay), ``delay-only``
+(no gate), ``gate-only`` (no reuse delay), ``unguarded`` (neither: what several raw QMP clients
+get). Counts per variant go to bench/stress-results.md: requests by outcome, SLOT_EJECTED
+events (the guest ejecting a slot unasked) and violations (a reply QEMU contradicts, or qmpfd,
+QEMU and the guest disagreeing at the end). Counts, not times.
 """
 
 from __future__ import annotations
@@ -28,11 +30,18 @@ from bench.bench import Daemon, client  # noqa: E402
 from lab import stress  # noqa: E402
 from lab.vm import LabVm, LabVmSpec  # noqa: E402
 
+VARIANTS = {
+    "default": "",
+    "delay-only": "serial-unplug = false\n",
+    "gate-only": "reuse-delay = 0\n",
+    "unguarded": "serial-unplug = false\nreuse-delay = 0\n",
+}
 
-async def one_round(work: Path, labs: dict[str, LabVm], delay: float, clients: int,
+
+async def one_round(work: Path, labs: dict[str, LabVm], variant: str, clients: int,
                     seconds: float, seed: int) -> stress.StressResult:
-    extra = f'[timeouts.policy.acpi-pcihp]\nreuse-delay = {delay:g}\n'
-    d = Daemon(work / f"qmpfd-{seed}-{delay:g}", extra=extra)
+    extra = f"[timeouts.policy.acpi-pcihp]\n{VARIANTS[variant]}"
+    d = Daemon(work / f"qmpfd-{seed}-{variant}", extra=extra)
     try:
         c = await client(d.sock)
         vms = []
@@ -61,14 +70,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--machines", default="pc")
-    ap.add_argument("--reuse-delay", default="0,2")
+    ap.add_argument("--variants", default="default,unguarded")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    delays = [float(x) for x in args.reuse_delay.split(",")]
+    delays = args.variants.split(",")
     machines = args.machines.split(",")
     per_round = args.seconds / args.rounds
-    totals: dict[float, Counter[str]] = {d: Counter() for d in delays}
-    examples: dict[float, list[str]] = {d: [] for d in delays}
+    totals: dict[str, Counter[str]] = {d: Counter() for d in delays}
+    examples: dict[str, list[str]] = {d: [] for d in delays}
     with tempfile.TemporaryDirectory(prefix="qmpfd-stress-") as tmp:
         work = Path(tmp)
         labs = {m: LabVm(f"stress-{m}", work / m, LabVmSpec(machine=m, root_ports=4))
@@ -80,7 +89,7 @@ def main() -> None:
                 for delay in delays:
                     res = asyncio.run(one_round(work, labs, delay, args.clients, per_round,
                                                 seed=r + 1))
-                    print(f"round {r + 1} reuse-delay {delay:g}: {res.summary()}", flush=True)
+                    print(f"round {r + 1} {delay}: {res.summary()}", flush=True)
                     totals[delay].update(res.counts)
                     totals[delay]["SLOT_EJECTED events"] += len(res.ejected)
                     totals[delay]["violations"] += len(res.violations)
@@ -91,20 +100,20 @@ def main() -> None:
     write(args, delays, totals, examples)
 
 
-def write(args: argparse.Namespace, delays: list[float], totals: dict[float, Counter[str]],
-          examples: dict[float, list[str]]) -> None:
+def write(args: argparse.Namespace, delays: list[str], totals: dict[str, Counter[str]],
+          examples: dict[str, list[str]]) -> None:
     keys = sorted({k for c in totals.values() for k in c})
     lines = [
         "# Concurrency run (bench/stress.py)", "",
-        f"{time.strftime('%Y-%m-%d')}: {args.clients} clients, {args.seconds:g} s per reuse "
-        f"delay in {args.rounds} interleaved rounds, machines {args.machines}; real guests "
+        f"{time.strftime('%Y-%m-%d')}: {args.clients} clients, {args.seconds:g} s per variant "
+        f"in {args.rounds} interleaved rounds, machines {args.machines}; real guests "
         "under TCG, QEMU's second monitor and the guest as referees (lab/stress.py).", "",
-        "| count | " + " | ".join(f"reuse-delay {d:g} s" for d in delays) + " |",
+        "| count | " + " | ".join(delays) + " |",
         "|---|" + "---|" * len(delays)]
     lines += [f"| {k} | " + " | ".join(str(totals[d][k]) for d in delays) + " |" for k in keys]
     for d in delays:
         if examples[d]:
-            lines += ["", f"Violations seen with reuse-delay {d:g} s (first ones):", ""]
+            lines += ["", f"Violations seen with {d} (first ones):", ""]
             lines += [f"- {v}" for v in examples[d]]
     out = ROOT / "bench" / "stress-results.md"
     out.write_text("\n".join(lines) + "\n")

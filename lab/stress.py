@@ -97,6 +97,16 @@ class _Observer:
         self.result = result
         self.ejected_ids: set[str] = set()
 
+    async def announced(self, ids: set[str], within: float = 2.0) -> bool:
+        """Whether qmpfd announces the removal of ``ids`` (it gathers an eject's deletions
+        for a moment before it does)."""
+        deadline = time.monotonic() + within
+        while not ids <= self.ejected_ids:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def run(self, qmp: QMPClient) -> None:
         listener = EventListener()
         with qmp.listen(listener):
@@ -146,7 +156,7 @@ class _Client:
             return
         held = await self.referee.peripheral(vm.name)
         missing = set(ids) - held
-        if missing - self.observer.ejected_ids:
+        if missing and not await self.observer.announced(missing):
             self._violation(f"attach of {ids} answered ok; QEMU lacks {sorted(missing)}")
         if not missing:
             self.owned.setdefault(vm.name, []).append(ids)
@@ -161,7 +171,7 @@ class _Client:
                 "device-detach", {"vm": vm.name, "ids": ids}), 120)
         except ExecuteError as exc:
             self.result.counts[f"device-detach {exc.error_class}"] += 1
-            if exc.error_class == "NotFound" and not set(ids) <= self.observer.ejected_ids:
+            if exc.error_class == "NotFound" and not await self.observer.announced(set(ids)):
                 self._violation(f"detach of {ids}: NotFound with no SLOT_EJECTED for them")
             elif exc.error_class == "Timeout":
                 mine.append(ids)   # still unplugging: try again later
@@ -197,7 +207,7 @@ class _Client:
             await self._call("pending-cancel", where)
             return
         held = await self.referee.peripheral(vm.name)
-        if set(ids) - held - self.observer.ejected_ids:
+        if set(ids) - held and not await self.observer.announced(set(ids) - held):
             self._violation(f"function 0 of {ids} answered ok; QEMU lacks "
                             f"{sorted(set(ids) - held)}")
         elif set(ids) <= held:

@@ -53,6 +53,8 @@ class PolicyTimeouts(_Strict):
     plug: Seconds | None = None
     #: seconds a slot emptied on this mechanism is kept from new devices (see the policy)
     reuse_delay: Annotated[float, Field(ge=0, le=60)] | None = Field(None, alias="reuse-delay")
+    #: false only to measure what the unplug gate prevents (qmpfd.qemu.gate)
+    serial_unplug: bool | None = Field(None, alias="serial-unplug")
 
 
 class TimeoutConfig(_Strict):

@@ -232,7 +232,9 @@ async def execute_unplug(targets: list[str], done: asyncio.Future[None], link: L
             try:
                 await send_when_ready(link, "device_del", {"id": target}, deadline, on_wait)
             except QemuError:
-                if target in tracker.pending(done):
+                # Refused because QEMU already let it go (the guest ejected the slot just
+                # before): its DEVICE_DELETED is on its way and completes ``done``.
+                if target in tracker.pending(done) and await _exists(link, target):
                     raise
     except QmpfdError:
         done.cancel()

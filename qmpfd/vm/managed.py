@@ -32,6 +32,7 @@ from qmpfd.hotplug.pending import PendingQueues
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
 from qmpfd.hotplug.slots import SlotKey, SlotTable, SlotView
+from qmpfd.qemu.gate import GatedLink, UnplugGate
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
 from qmpfd.qemu.link import Link, QmpLink
@@ -120,6 +121,7 @@ class ManagedVm:
             link = LibvirtLink(self.name, self.libvirt_domain, self._command_timeout)
         else:
             link = QmpLink(self.name, self.qmp, self._command_timeout)
+        link = GatedLink(link, UnplugGate(self._gated))
         link.subscribe(self.tracker.handle_event)
         link.on_disconnect = self._on_disconnect
         return link
@@ -210,6 +212,17 @@ class ManagedVm:
                     extra={"vm": self.name, "bus": key[0], "slot": key[1], "ids": ids})
         self.events.ejected(key[0], key[1], ids)
         self.spawn(self.removed(ids), "release")
+
+    def _gated(self, cmd: str, args: dict[str, Any]) -> bool:
+        """Whether a device_add/device_del goes through the unplug gate: its bus's policy
+        says so (ACPI hotplug)."""
+        if cmd == "device_add":
+            bus = args.get("bus")
+        else:
+            key = self.table.find(str(args.get("id")))
+            bus = key[0] if key else None
+        policy = self._bus_policy(str(bus)) if bus is not None else None
+        return policy is not None and policy.serial_unplug
 
     def _bus_policy(self, bus: str) -> Policy | None:
         ident = self.identity

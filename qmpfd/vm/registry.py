@@ -27,7 +27,8 @@ def configured_policies(config: Config) -> dict[str, Policy]:
     for name, override in config.timeouts.policy.items():
         if name in table:
             table[name] = table[name].with_timeouts(override.plug, override.unplug,
-                                                    override.reuse_delay)
+                                                    override.reuse_delay,
+                                                    override.serial_unplug)
     return table
 
 

@@ -26,4 +26,4 @@ this way is undone and answered as failed.
 from qmpfd.hotplug.policies.base import Policy, PolicyTimeouts
 
 ACPI_PCIHP = Policy(name="acpi-pcihp", timeouts=PolicyTimeouts(plug=10.0, unplug=30.0),
-                    reuse_delay=2.0)
+                    reuse_delay=2.0, serial_unplug=True)

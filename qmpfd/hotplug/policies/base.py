@@ -45,13 +45,18 @@ class Policy:
     #: Seconds a slot whose functions just left QEMU is not given to a new device: where the
     #: guest may still act on a request about the slot's previous occupant.
     reuse_delay: float = 0.0
+    #: Whether an unplug must be the only hotplug event the guest handles on the controller
+    #: until it completes (:mod:`qmpfd.qemu.gate`).
+    serial_unplug: bool = False
 
     def with_timeouts(self, plug: float | None, unplug: float | None,
-                      reuse_delay: float | None = None) -> Policy:
+                      reuse_delay: float | None = None,
+                      serial_unplug: bool | None = None) -> Policy:
         return replace(self, timeouts=PolicyTimeouts(
             plug=plug if plug is not None else self.timeouts.plug,
             unplug=unplug if unplug is not None else self.timeouts.unplug),
-            reuse_delay=reuse_delay if reuse_delay is not None else self.reuse_delay)
+            reuse_delay=reuse_delay if reuse_delay is not None else self.reuse_delay,
+            serial_unplug=serial_unplug if serial_unplug is not None else self.serial_unplug)
 
     def plug_order(self, functions: Sequence[int]) -> list[int]:
         """Non-zero functions first (QEMU hides them until function 0 exists), function 0 last."""
@@ -73,4 +78,5 @@ class Policy:
             "timeouts": {"plug": self.timeouts.plug, "unplug": self.timeouts.unplug},
             "guest-driven-unplug": self.guest_driven_unplug,
             "reuse-delay": self.reuse_delay,
+            "serial-unplug": self.serial_unplug,
         }
