@@ -19,8 +19,8 @@ from pydantic import BaseModel
 BUILTINS = {"str": "string", "int": "int", "number": "number", "bool": "boolean",
             "any": "value", "null": "null"}
 EVENTS = ("SLOT_ATTACHED", "SLOT_ATTACH_FAILED", "SLOT_DETACHED", "SLOT_DETACH_FAILED",
-          "SLOT_ORPHANED", "FUNCTION_QUEUED", "PENDING_CANCELLED", "PENDING_EXPIRED",
-          "VM_DISCONNECTED", "VM_RECONNECTED")
+          "SLOT_ORPHANED", "SLOT_EJECTED", "FUNCTION_QUEUED", "PENDING_CANCELLED",
+          "PENDING_EXPIRED", "VM_DISCONNECTED", "VM_RECONNECTED")
 
 
 class _Builder:

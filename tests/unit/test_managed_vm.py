@@ -1,0 +1,177 @@
+"""One VM's operations end to end against the scripted QEMU (no socket, no guest): attach,
+detach, queues, and the races several clients meet (an unasked eject, a slot emptied while its
+detach is recorded, a monitor that stops answering mid-attach). The journal is real, in tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpfd.errors import Conflict, GuestEjected, QmpfdError
+from qmpfd.hotplug.executor import AttachFailed
+from qmpfd.hotplug.plan import FunctionSpec
+from qmpfd.hotplug.slots import SlotState, SlotTable
+from qmpfd.qemu.introspect import VmIdentity
+from qmpfd.state.journal import Journal
+from qmpfd.vm import managed as managed_mod
+from qmpfd.vm import operations as operations_mod
+from qmpfd.vm.managed import ManagedVm
+from tests.unit.scripted_qemu import LOST, ScriptedQemu
+from tests.unit.topologies import pc_raw, q35_raw, topo
+
+SPECS = [FunctionSpec(f"d{i}", "virtio-rng-pci", i) for i in range(4)]
+IDS = [s.id for s in SPECS]
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.released: list[list[str]] = []
+        self.journal = Journal.open(tmp_path)
+
+        async def on_removed(_vm: str, ids: list[str]) -> list[str]:
+            self.released.append(sorted(ids))
+            return []
+        self.vm = ManagedVm("v", tmp_path / "qmp.sock", lambda n, d: self.events.append((n, d)),
+                            self.journal, command_timeout=1, connect_timeout=1, pending_ttl=60,
+                            on_removed=on_removed)
+        self.vm.table = SlotTable(topo(pc_raw()))
+        self.vm.identity = VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0))
+        self.qemu = ScriptedQemu(self.vm.tracker, slot_wide_eject=True)
+        self.vm.link = self.qemu  # type: ignore[assignment]
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [d for n, d in self.events if n == name]
+
+    def eject(self, *ids: str) -> None:
+        """The guest ejects these (a stale eject request): DEVICE_DELETED nobody asked for."""
+        for dev in ids:
+            self.qemu.devices.pop(dev, None)
+            self.vm.tracker.handle_event({"event": "DEVICE_DELETED",
+                                          "data": {"device": dev, "path": "/x"}})
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+async def test_attach_then_detach_ends_clean(h: Harness) -> None:
+    result = await h.vm.attach(SPECS)
+    key = (result.plan.bus, result.plan.slot)
+    assert h.vm.table.state(key) is SlotState.PRESENT and set(h.qemu.devices) == set(IDS)
+    assert [e["ids"] for e in h.named("SLOT_ATTACHED")] == [IDS]
+    gone = await h.vm.detach(ids=IDS, bus=None, slot=None, whole_slot=False, timeout=5)
+    assert sorted(gone.ids) == sorted(IDS) and h.qemu.devices == {}
+    await asyncio.sleep(0.05)
+    assert h.vm.table.state(key) is SlotState.EMPTY and not h.journal.for_vm("v")
+    assert h.named("SLOT_DETACHED") and not h.named("SLOT_EJECTED")
+    assert [c for c in h.qemu.sent if c[0] == "device_del"] == [("device_del", "d0")]
+
+
+async def test_an_unasked_eject_is_announced_released_and_the_slot_held_back(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(managed_mod, "EJECT_GATHER", 0.01)
+    result = await h.vm.attach(SPECS)
+    key = (result.plan.bus, result.plan.slot)
+    h.eject(*IDS)
+    await asyncio.sleep(0.1)
+    assert h.vm.table.state(key) is SlotState.EMPTY
+    assert [sorted(e["ids"]) for e in h.named("SLOT_EJECTED")] == [sorted(IDS)]  # one event
+    assert h.released == [sorted(IDS)]
+    assert h.vm.table.held_back(key, asyncio.get_running_loop().time()) > 0
+    again = await h.vm.attach([FunctionSpec("n0", "virtio-rng-pci", 0)])
+    assert (again.plan.bus, again.plan.slot) != key        # another slot while held back
+
+
+async def test_an_eject_during_the_attach_undoes_it_and_says_so(h: Harness) -> None:
+    real = h.qemu.device_add
+
+    def add_then_eject(args: dict[str, Any], action: str) -> dict[str, Any]:
+        out = real(args, action)
+        if args["id"] == "d0":      # a stale eject of the slot, read before this reply
+            h.eject(*IDS)
+        return out
+    h.qemu.device_add = add_then_eject  # type: ignore[method-assign]
+    with pytest.raises(AttachFailed) as err:
+        await h.vm.attach(SPECS)
+    assert isinstance(err.value.cause, GuestEjected) and err.value.error_class == "Conflict"
+    assert h.qemu.devices == {} and not h.journal.for_vm("v")
+    assert not [c for c in h.qemu.sent if c[0] == "device_del"]   # nothing left to take back
+    assert not h.vm.table.in_flight() and not h.vm.table.topology.device_ids() & set(IDS)
+
+
+async def test_a_slot_emptied_while_its_detach_is_recorded(h: Harness) -> None:
+    await h.vm.attach(SPECS)
+    real_begin = h.journal.begin
+
+    async def begin_while_ejected(op: Any) -> Any:
+        h.eject(*IDS)                # the guest lets go while the record is written
+        return await real_begin(op)
+    h.journal.begin = begin_while_ejected  # type: ignore[method-assign]
+    gone = await h.vm.detach(ids=IDS, bus=None, slot=None, whole_slot=False, timeout=5)
+    assert sorted(gone.ids) == sorted(IDS)
+    await asyncio.sleep(0.05)
+    assert not h.journal.for_vm("v") and not h.vm.table.in_flight()
+    assert not [c for c in h.qemu.sent if c[0] == "device_del"]     # nothing left to ask
+    assert not h.named("SLOT_EJECTED")                                 # it was asked for
+
+
+async def test_a_monitor_that_stops_answering_mid_attach(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(operations_mod, "UNKNOWN_RETRY", 0.01)
+    h.qemu.script[("device_add", "d0")] = "late"          # carried out, answered too late
+    h.qemu.script[("qom-get", "d0")] = LOST               # and the probe gets no answer
+    with pytest.raises(AttachFailed) as err:
+        await h.vm.attach(SPECS, timeout=0.05)
+    assert err.value.error_class == "Timeout" and "not known yet" in err.value.desc
+    assert [op.kind for op in h.journal.for_vm("v")] == ["attach"]     # still in flight
+    assert not h.named("SLOT_ATTACH_FAILED")
+    del h.qemu.script[("qom-get", "d0")]                  # QEMU answers again
+    for _ in range(100):
+        if h.named("SLOT_ATTACH_FAILED"):
+            break
+        await asyncio.sleep(0.02)
+    assert h.named("SLOT_ATTACH_FAILED") and h.qemu.devices == {}
+    assert not h.journal.for_vm("v") and not h.vm.table.in_flight()
+    assert not h.vm.table.topology.device_ids() & set(IDS)
+
+
+async def test_a_queue_completed_by_function_zero_and_one_cancelled(h: Harness) -> None:
+    bus, slot = "pci.0", 5
+    await h.vm.function_add(FunctionSpec("q1", "virtio-rng-pci", 1), bus, slot)
+    assert h.vm.table.state((bus, slot)) is SlotState.QUEUED and "q1" not in h.qemu.devices
+    await h.vm.function_add(FunctionSpec("q0", "virtio-rng-pci", 0), bus, slot)
+    assert set(h.qemu.devices) == {"q0", "q1"}
+    assert h.vm.table.state((bus, slot)) is SlotState.PRESENT
+    await h.vm.function_add(FunctionSpec("r1", "virtio-rng-pci", 1), bus, 6)
+    await h.vm.pending_cancel(bus, 6)
+    assert h.vm.table.state((bus, 6)) is SlotState.EMPTY and h.named("PENDING_CANCELLED")
+    with pytest.raises(Conflict):
+        await h.vm.function_add(FunctionSpec("q2", "virtio-rng-pci", 2), bus, slot)
+
+
+async def test_a_refused_detach_request_leaves_the_slot_present(h: Harness) -> None:
+    result = await h.vm.attach(SPECS)
+    key = (result.plan.bus, result.plan.slot)
+    h.qemu.script[("device_del", "d0")] = "refuse"
+    with pytest.raises(QmpfdError):
+        await h.vm.detach(ids=IDS, bus=None, slot=None, whole_slot=False, timeout=5)
+    assert h.vm.table.state(key) is SlotState.PRESENT and not h.journal.for_vm("v")
+
+
+async def test_hotplug_commands_are_gated_only_on_acpi_buses(h: Harness) -> None:
+    assert h.vm._gated("device_add", {"bus": "pci.0", "id": "x"})
+    await h.vm.attach(SPECS)
+    assert h.vm._gated("device_del", {"id": "d0"})
+    assert not h.vm._gated("device_del", {"id": "nosuch"})
+    directory = h.journal._log.path.parent / "native"
+    directory.mkdir()
+    native = Harness(directory)
+    native.vm.table = SlotTable(topo(q35_raw(native=True)))
+    native.vm.identity = VmIdentity("x86_64", "pc-q35-7.2", "7.2.0", (7, 2, 0))
+    assert not native.vm._gated("device_add", {"bus": "rp1", "id": "x"})
