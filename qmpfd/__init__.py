@@ -1,4 +1,4 @@
 """qmpfd: atomic hotplug and unplug of multifunction PCI devices in QEMU VMs, over QMP."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 VERSION_TUPLE = (0, 1, 0)
