@@ -99,8 +99,11 @@ class Client:
         return [model.model_validate(x) for x in await self.execute(command, args)]
 
     # -- VMs -------------------------------------------------------------------------------
-    async def vm_add(self, name: str, qmp: str) -> models.Vm:
-        return await self._typed(models.Vm, "vm-add", {"name": name, "qmp": qmp})
+    async def vm_add(self, name: str, qmp: str | None = None, *,
+                     libvirt: str | None = None) -> models.Vm:
+        """Adopt a VM by its QMP socket, or one libvirt runs by its domain (name or UUID)."""
+        return await self._typed(models.Vm, "vm-add", _args(name=name, qmp=qmp,
+                                                            libvirt=libvirt))
 
     async def vm_remove(self, name: str, force: bool = False) -> models.Removed:
         return await self._typed(models.Removed, "vm-remove",

@@ -16,6 +16,7 @@ from qemu.qmp import ExecuteError
 
 from lab.libvirt import LibvirtGuest
 from lab.vm import slot_groups
+from qmpfd.client import Client as TypedClient
 from tests.integration.conftest import connect
 from tests.integration.faults_support import DaemonProcess
 
@@ -54,8 +55,10 @@ async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,
     d.start()
     try:
         c = await connect(d.socket)
-        info = await c.execute("vm-add", {"name": "lv", "libvirt": g.name})
-        assert info["policy"] == "acpi-pcihp" and info["machine"].startswith("pc")
+        # Adopted through the typed client library, which reaches libvirt-run VMs too.
+        async with await TypedClient.open(str(d.socket)) as typed:
+            info = await typed.vm_add("lv", libvirt=g.name)
+        assert info.policy == "acpi-pcihp" and (info.machine or "").startswith("pc")
         vms = await c.execute("query-vms")
         assert vms[0]["qmp"] == f"libvirt:{g.name}" and vms[0]["connected"]
         reply = await c.execute("device-attach", {"vm": "lv", "functions": FUNCS})
