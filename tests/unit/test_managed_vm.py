@@ -14,6 +14,7 @@ import pytest
 from qmpfd.errors import Conflict, GuestEjected, QmpfdError
 from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.hotplug.plan import FunctionSpec
+from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
 from qmpfd.hotplug.slots import SlotState, SlotTable
 from qmpfd.qemu.introspect import VmIdentity
 from qmpfd.state.journal import Journal
@@ -76,6 +77,7 @@ async def test_attach_then_detach_ends_clean(h: Harness) -> None:
 async def test_an_unasked_eject_is_announced_released_and_the_slot_held_back(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(managed_mod, "EJECT_GATHER", 0.01)
+    h.vm._policy_table = {"acpi-pcihp": ACPI_PCIHP.with_timeouts(None, None, reuse_delay=2)}
     result = await h.vm.attach(SPECS)
     key = (result.plan.bus, result.plan.slot)
     h.eject(*IDS)
