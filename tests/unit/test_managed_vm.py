@@ -42,6 +42,7 @@ class Harness:
                             on_removed=on_removed)
         self.vm.table = SlotTable(topo(pc_raw()))
         self.vm.identity = VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0))
+        self.vm._policy_name = "acpi-pcihp"
         self.qemu = ScriptedQemu(self.vm.tracker, slot_wide_eject=True)
         self.vm.link = self.qemu  # type: ignore[assignment]
 

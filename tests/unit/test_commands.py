@@ -1,0 +1,119 @@
+"""The command layer (qmpfd.api.commands) over one VM of the scripted QEMU: what each command
+answers, that bad arguments are refused naming the field and change nothing, and the audit."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from qmpfd.access.audit import AuditLog
+from qmpfd.access.peer import Peer
+from qmpfd.access.policy import AccessPolicy
+from qmpfd.api.commands import Commands
+from qmpfd.config import load_config
+from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound
+from qmpfd.host.manager import HostDevices
+from qmpfd.vm.registry import VmRegistry
+from tests.unit.test_managed_vm import Harness
+
+FUNCS = [{"id": f"c{i}", "driver": "virtio-rng-pci"} for i in range(3)]
+
+
+class Api:
+    def __init__(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "qmpfd.toml"
+        cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/s"\nstate-dir = "{tmp_path}/state"\n'
+                       f'[access]\nusers = ["root"]\nqmp-dirs = ["{tmp_path}"]\n')
+        config = load_config(cfg)
+        self.h = Harness(tmp_path)
+        self.registry = VmRegistry(config, lambda n, d: None, self.h.journal)
+        self.registry._vms["v"] = self.h.vm
+        self.audit_path = tmp_path / "audit.log"
+        self.commands = Commands(self.registry, AccessPolicy.from_config(config.access),
+                                 AuditLog(self.audit_path), HostDevices(config.host,
+                                                                        self.h.journal))
+        self.session: Any = SimpleNamespace(peer=Peer(pid=1, uid=0, gid=0))
+
+    async def __call__(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.commands.dispatch(name, args or {}, self.session)
+
+    def in_qemu(self) -> set[str]:
+        return set(self.h.qemu.devices)
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> Api:
+    return Api(tmp_path)
+
+
+async def test_attach_query_detach(api: Api) -> None:
+    placed = await api("device-attach", {"vm": "v", "functions": FUNCS})
+    assert [f["id"] for f in placed["functions"]] == ["c0", "c1", "c2"]
+    assert api.in_qemu() == {"c0", "c1", "c2"}
+    slots = await api("query-slots", {"vm": "v"})
+    mine = [s for s in slots if s["slot"] == placed["slot"] and s["bus"] == placed["bus"]]
+    assert sorted(f["id"] for f in mine[0]["functions"]) == ["c0", "c1", "c2"]
+    assert await api("query-operations", {"vm": "v"}) == []
+    gone = await api("device-detach", {"vm": "v", "ids": ["c0", "c1", "c2"]})
+    assert sorted(gone["ids"]) == ["c0", "c1", "c2"] and api.in_qemu() == set()
+    for _ in range(50):     # the audit writer is a task of its own, never waited for
+        audit = api.audit_path.read_text()
+        if "device-detach" in audit:
+            break
+        await asyncio.sleep(0.02)
+    assert "device-attach" in audit and "device-detach" in audit
+
+
+async def test_dry_run_changes_nothing(api: Api) -> None:
+    plan = await api("device-attach", {"vm": "v", "functions": FUNCS, "dry-run": True})
+    assert plan["dry-run"] is True and plan["steps"] and api.in_qemu() == set()
+    assert not api.h.qemu.sent
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ({"vm": "v", "functions": [{"id": "bad id!", "driver": "e1000"}]}, "functions[0].id"),
+    ({"vm": "v", "functions": []}, "functions"),
+    ({"vm": "v", "functions": FUNCS, "slot": 99, "bus": "pci.0"}, "slot"),
+    ({"vm": "v", "functions": FUNCS, "bogus": 1}, "bogus"),
+])
+async def test_bad_arguments_name_the_field_and_change_nothing(
+        api: Api, args: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest, match=field.replace("[", r"\[").replace("]", r"\]")):
+        await api("device-attach", args)
+    assert api.in_qemu() == set() and not api.h.journal.ops
+
+
+async def test_unknown_command_and_unknown_vm(api: Api) -> None:
+    with pytest.raises(CommandNotFound):
+        await api("device-explode", {})
+    with pytest.raises(NotFound, match="nope"):
+        await api("query-slots", {"vm": "nope"})
+
+
+async def test_queue_through_the_api(api: Api) -> None:
+    where = {"vm": "v", "bus": "pci.0", "slot": 7}
+    queued = await api("function-add", {**where, "id": "q1", "driver": "virtio-rng-pci",
+                                         "function": 1})
+    assert queued and api.in_qemu() == set()
+    pending = await api("query-pending", {"vm": "v"})
+    assert [f["id"] for p in pending for f in p["functions"]] == ["q1"]
+    await api("pending-cancel", where)
+    assert await api("query-pending", {"vm": "v"}) == []
+    with pytest.raises(NotFound):
+        await api("pending-cancel", where)
+
+
+async def test_introspection(api: Api) -> None:
+    names = {c["name"] for c in await api("query-commands")}
+    assert {"device-attach", "device-detach", "query-slots", "qmp_capabilities"} <= names
+    vms = await api("query-vms")
+    assert [v["name"] for v in vms] == ["v"]
+    policy = await api("query-policy", {"vm": "v"})
+    assert policy["serial-unplug"] is True and policy["buses"]
+    schema = await api("query-qmp-schema")
+    assert any(e.get("name") == "SLOT_EJECTED" for e in schema)
+    assert (await api("query-version"))["qmpfd"]
