@@ -22,26 +22,27 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qmpfd.errors import InvalidRequest, QemuError, QmpfdError
+from qmpfd.errors import QmpfdError
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.pending import PendingQueues
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
-from qmpfd.hotplug.slots import SlotKey, SlotTable, SlotView
+from qmpfd.hotplug.slots import SlotTable, SlotView
 from qmpfd.qemu.gate import GatedLink, UnplugGate
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
 from qmpfd.qemu.link import Link, QmpLink
-from qmpfd.qemu.properties import coerce_properties
 from qmpfd.qemu.topology import Topology
 from qmpfd.qemu.versions import check_supported
 from qmpfd.state.journal import Journal, Operation
+from qmpfd.vm import detach as detach_mod
 from qmpfd.vm import operations, queues, reconcile
 from qmpfd.vm.events import Emit, VmEvents
+from qmpfd.vm.follow import DeletionFollower
+from qmpfd.vm.proptypes import PropertyTypes
 from qmpfd.vm.results import EndedOperation, VmInfo
 
 log = logging.getLogger("qmpfd.vm")
@@ -52,7 +53,6 @@ OnRemoved = Callable[[str, list[str]], Coroutine[Any, Any, list[str]]]
 OnConnected = Callable[[str, AbstractSet[str]], Coroutine[Any, Any, Any]]
 
 FAILED_KEPT = 64         # failed operations query-operations {ended} can still show
-EJECT_GATHER = 0.1      # seconds the deletions of one unasked eject are gathered into one event
 RECONNECT_FIRST = 0.5   # seconds before the first reconnect attempt, doubled up to
 RECONNECT_MAX = 10.0    # this bound, so a restarted QEMU is found within seconds
 QEMU_PROBE_TIMEOUT = 2.0  # seconds a liveness probe of the QMP socket may take
@@ -80,16 +80,14 @@ class ManagedVm:
         self._on_removed = on_removed
         self._on_connected = on_connected
         self.tracker = DeletionTracker()
-        self.tracker.on_deleted.append(self._device_deleted)
+        self.tracker.on_deleted.append(DeletionFollower(self, self._bus_policy).deleted)
         self.link = self._new_link()
         self.identity: VmIdentity | None = None
         #: Empty until the first read of QEMU; claims of restored queues go in at once.
         self.table = SlotTable(Topology())
         self._policy_name: str | None = None
         self._roots: list[tuple[str, str, str, str]] | None = None
-        #: property name -> QEMU type, per driver, from device-list-properties (per connection:
-        #: a restarted QEMU may be another version)
-        self._property_types: dict[str, dict[str, str]] = {}
+        self._property_types = PropertyTypes()
         self.alloc = asyncio.Lock()
         self.pending = PendingQueues.restore(list(journal.pending.get(name, {}).values()),
                                              time.monotonic(), time.time())
@@ -97,8 +95,6 @@ class ManagedVm:
             for f in entry.functions.values():
                 self.table.queue((entry.bus, entry.slot), f.id)
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: functions QEMU removed without a request, per slot, until announced
-        self._ejected: dict[SlotKey, list[str]] = {}
         self._stopping = False
         self._reconnecting = False
         #: the last operations that failed after their request was answered (bounded)
@@ -154,7 +150,7 @@ class ManagedVm:
 
     async def _connect_and_learn(self) -> None:
         await self.link.connect(self._connect_timeout)
-        self._property_types = {}
+        self._property_types.forget()
         try:
             self.identity = await read_identity(self.link)
             check_supported(self.identity)
@@ -186,32 +182,6 @@ class ManagedVm:
             log.warning("orphaned slot: QEMU holds functions without function 0",
                         extra={"vm": self.name, "bus": bus, "slot": slot, "ids": ids})
             self.events.orphaned(bus, slot, ids)
-
-    def _device_deleted(self, dev_id: str, asked: bool) -> None:
-        """DEVICE_DELETED, asked for or not: the table follows QEMU at once; a slot emptied on
-        a mechanism with a reuse delay is held back; an unasked removal is announced (gathered
-        per slot: one eject removes every function) and its host functions given back."""
-        key = self.table.find(dev_id)
-        self.table.deleted(dev_id)
-        if key is None:
-            return
-        policy = self._bus_policy(key[0])
-        if policy is not None and policy.reuse_delay and not self.table.functions(key):
-            now = time.monotonic()
-            self.table.hold_back(key, now + policy.reuse_delay, now)
-        if asked:
-            return
-        gathered = self._ejected.setdefault(key, [])
-        gathered.append(dev_id)
-        if len(gathered) == 1:
-            asyncio.get_running_loop().call_later(EJECT_GATHER, self._announce_ejected, key)
-
-    def _announce_ejected(self, key: SlotKey) -> None:
-        ids = self._ejected.pop(key, [])
-        log.warning("QEMU removed functions without a request (the guest ejected the slot)",
-                    extra={"vm": self.name, "bus": key[0], "slot": key[1], "ids": ids})
-        self.events.ejected(key[0], key[1], ids)
-        self.spawn(self.removed(ids), "release")
 
     def _gated(self, cmd: str, args: dict[str, Any]) -> bool:
         """Whether a device_add/device_del goes through the unplug gate: its bus's policy
@@ -312,27 +282,8 @@ class ManagedVm:
     async def typed(self, specs: Sequence[FunctionSpec],
                     fields: Mapping[str, str]) -> list[FunctionSpec]:
         """``specs`` with every property in the JSON type QEMU wants (see
-        :mod:`qmpfd.qemu.properties`); errors name ``fields[id]`` + ``properties.NAME``."""
-        out = []
-        for spec in specs:
-            if not spec.properties:
-                out.append(spec)
-                continue
-            where = fields.get(spec.id, "")
-            types = await self._types_of(spec.driver, where)
-            out.append(replace(spec, properties=coerce_properties(spec.properties, types,
-                                                                  spec.driver, where)))
-        return out
-
-    async def _types_of(self, driver: str, where: str) -> dict[str, str]:
-        if driver not in self._property_types:
-            try:
-                listed = await self.link.execute("device-list-properties", {"typename": driver})
-            except QemuError as exc:
-                raise InvalidRequest(f"{where}driver: QEMU cannot list the properties of "
-                                     f"'{driver}' ({exc.desc})") from None
-            self._property_types[driver] = {str(p["name"]): str(p["type"]) for p in listed}
-        return self._property_types[driver]
+        :mod:`qmpfd.vm.proptypes`); errors name ``fields[id]`` + ``properties.NAME``."""
+        return await self._property_types.typed(self.link, specs, fields)
 
     def policy_name(self) -> str | None:
         return self._policy_name
@@ -353,6 +304,6 @@ class ManagedVm:
                     await self.refresh()
 
     attach = operations.attach
-    detach = operations.detach
+    detach = detach_mod.detach
     function_add = queues.function_add
     pending_cancel = queues.pending_cancel

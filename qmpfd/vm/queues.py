@@ -10,22 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from qmpfd.errors import Conflict, NotFound, QmpfdError, Unsupported
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.slots import SlotState
+from qmpfd.vm.context import VmContext
 from qmpfd.vm.operations import plan_and_reserve, run_attach
 from qmpfd.vm.results import AttachResult, QueuedResult
-
-if TYPE_CHECKING:
-    from qmpfd.vm.managed import ManagedVm
 
 log = logging.getLogger("qmpfd.vm")
 
 
-async def function_add(vm: ManagedVm, spec: FunctionSpec, bus: str,
+async def function_add(vm: VmContext, spec: FunctionSpec, bus: str,
                        slot: int) -> QueuedResult | AttachResult:
     key = (bus, slot)
     table = vm.table
@@ -71,7 +68,7 @@ async def function_add(vm: ManagedVm, spec: FunctionSpec, bus: str,
     return AttachResult(vm.name, plan)
 
 
-async def pending_cancel(vm: ManagedVm, bus: str, slot: int) -> PendingSlot:
+async def pending_cancel(vm: VmContext, bus: str, slot: int) -> PendingSlot:
     async with vm.alloc:
         entry = vm.pending.get((bus, slot))
         if entry is None:
@@ -82,20 +79,20 @@ async def pending_cancel(vm: ManagedVm, bus: str, slot: int) -> PendingSlot:
         return entry
 
 
-def _drop(vm: ManagedVm, entry: PendingSlot) -> None:
+def _drop(vm: VmContext, entry: PendingSlot) -> None:
     vm.pending.pop((entry.bus, entry.slot))
     if vm.table.state((entry.bus, entry.slot)) is SlotState.QUEUED:
         vm.table.unqueue((entry.bus, entry.slot))
 
 
-def expire(vm: ManagedVm, entry: PendingSlot) -> None:
+def expire(vm: VmContext, entry: PendingSlot) -> None:
     _drop(vm, entry)
     vm.journal.queue_consumed(vm.name, entry.bus, entry.slot)
     vm.events.queue_expired(entry.bus, entry.slot,
                             [f.id for f in entry.functions.values()])
 
 
-async def prune(vm: ManagedVm) -> None:
+async def prune(vm: VmContext) -> None:
     """After (re)connecting: drop restored queues that QEMU has overtaken (their slot is
     occupied, or one of their ids exists), which a crash in the middle of a flush or a change
     made behind qmpfd's back can leave."""
@@ -111,7 +108,7 @@ async def prune(vm: ManagedVm) -> None:
             expire(vm, entry)
 
 
-async def expire_loop(vm: ManagedVm) -> None:
+async def expire_loop(vm: VmContext) -> None:
     while True:
         await asyncio.sleep(1.0)
         for entry in vm.pending.expired(time.monotonic()):

@@ -6,22 +6,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from qmpfd.errors import QemuError, Timeout
 from qmpfd.hotplug.executor import send_when_ready
 from qmpfd.hotplug.policies import POLICIES
 from qmpfd.hotplug.policies.base import SlotMember
 from qmpfd.hotplug.recovery import Action, decide
-from qmpfd.vm.operations import Unplug
-
-if TYPE_CHECKING:
-    from qmpfd.vm.managed import ManagedVm
+from qmpfd.vm.context import VmContext
+from qmpfd.vm.unplug import Unplug
 
 log = logging.getLogger("qmpfd.vm")
 
 
-async def reconcile(vm: ManagedVm) -> None:
+async def reconcile(vm: VmContext) -> None:
     """Finish or undo what the journal says was in flight, against what QEMU holds now."""
     ops = vm.journal.for_vm(vm.name)
     if not ops:
@@ -72,7 +69,7 @@ async def reconcile(vm: ManagedVm) -> None:
             Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach").watch()
 
 
-async def _cold_plugged(vm: ManagedVm, ids: tuple[str, ...]) -> bool:
+async def _cold_plugged(vm: VmContext, ids: tuple[str, ...]) -> bool:
     """Whether every one of ``ids`` was created at QEMU's start, not hot-plugged (QOM property
     ``hotplugged``): then this is a new QEMU and nothing is being unplugged."""
     for dev_id in ids:

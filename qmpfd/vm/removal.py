@@ -13,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from qmpfd.errors import Conflict
 from qmpfd.hotplug.slots import SlotState
-
-if TYPE_CHECKING:
-    from qmpfd.vm.managed import ManagedVm
+from qmpfd.vm.context import VmContext
 
 POLL = 0.05   # seconds between looks while settling
 
@@ -44,7 +41,7 @@ class Settled:
     left: tuple[str, ...] = ()   # ids QEMU still holds when the outcome is not final
 
 
-def in_flight(vm: ManagedVm) -> list[InFlight]:
+def in_flight(vm: VmContext) -> list[InFlight]:
     out = [InFlight(op.id, op.kind, op.bus, op.slot, tuple(op.ids))
            for op in vm.journal.for_vm(vm.name)]
     known = {(f.bus, f.slot) for f in out}
@@ -60,13 +57,13 @@ def refusal(name: str, flights: list[InFlight]) -> Conflict:
                     "flight; wait for it, or remove with force: true to settle it first")
 
 
-def settle_limit(vm: ManagedVm) -> float:
+def settle_limit(vm: VmContext) -> float:
     """Long enough for any attach to finish or roll back and any unplug to complete."""
     policies = vm.policies().values()
     return max((p.timeouts.plug * 2 + p.timeouts.unplug for p in policies), default=30.0)
 
 
-async def settle(vm: ManagedVm, flights: list[InFlight], limit: float) -> list[Settled]:
+async def settle(vm: VmContext, flights: list[InFlight], limit: float) -> list[Settled]:
     deadline = time.monotonic() + limit
     # Operations end in several places (executor, DEVICE_DELETED, reconnect); polling this
     # in-memory view is cheap and needs no hook in each of them.

@@ -18,7 +18,7 @@ from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
 from qmpfd.hotplug.slots import SlotState, SlotTable
 from qmpfd.qemu.introspect import VmIdentity
 from qmpfd.state.journal import Journal
-from qmpfd.vm import managed as managed_mod
+from qmpfd.vm import follow as follow_mod
 from qmpfd.vm import operations as operations_mod
 from qmpfd.vm.managed import ManagedVm
 from tests.unit.scripted_qemu import LOST, ScriptedQemu
@@ -77,7 +77,7 @@ async def test_attach_then_detach_ends_clean(h: Harness) -> None:
 
 async def test_an_unasked_eject_is_announced_released_and_the_slot_held_back(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(managed_mod, "EJECT_GATHER", 0.01)
+    monkeypatch.setattr(follow_mod, "EJECT_GATHER", 0.01)
     h.vm._policy_table = {"acpi-pcihp": ACPI_PCIHP.with_timeouts(None, None, reuse_delay=2)}
     result = await h.vm.attach(SPECS)
     key = (result.plan.bus, result.plan.slot)
