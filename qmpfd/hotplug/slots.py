@@ -72,6 +72,8 @@ class SlotTable:
         self._claims: dict[SlotKey, Claim] = {}
         #: slot -> the time (monotonic, given by the caller) before which it is not reused
         self._held_back: dict[SlotKey, float] = {}
+        #: called after any claim ends (whoever waits for operations to settle listens)
+        self.on_release: Callable[[], None] | None = None
         #: reads of QEMU's topology in progress, and what changed since the first began
         #: (replayed onto each read's result, so a refresh never loses a change it raced)
         self._reads = 0
@@ -214,6 +216,11 @@ class SlotTable:
         raise Conflict(f"slot: no free slot on {where}")
 
     # -- transitions -----------------------------------------------------------------------
+    def _release(self, key: SlotKey) -> None:
+        del self._claims[key]
+        if self.on_release is not None:
+            self.on_release()
+
     def _expect(self, key: SlotKey, *allowed: SlotState) -> SlotState:
         state = self.state(key)
         if state not in allowed:
@@ -229,7 +236,7 @@ class SlotTable:
     def unqueue(self, key: SlotKey) -> None:
         """QUEUED -> EMPTY: the queue was flushed, cancelled or expired."""
         self._expect(key, SlotState.QUEUED)
-        del self._claims[key]
+        self._release(key)
 
     def reserve(self, key: SlotKey, ids: Iterable[str]) -> None:
         """EMPTY -> ATTACHING: the slot is the attach's before the allocation lock is let go,
@@ -247,7 +254,7 @@ class SlotTable:
     def attach_done(self, key: SlotKey) -> None:
         """ATTACHING -> PRESENT."""
         self._expect(key, SlotState.ATTACHING)
-        del self._claims[key]
+        self._release(key)
 
     def attach_undone(self, key: SlotKey, left: Sequence[str]) -> None:
         """ATTACHING -> EMPTY once rolled back; UNPLUGGING while ``left`` are still in QEMU."""
@@ -255,7 +262,7 @@ class SlotTable:
         if left:
             self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(left))
         else:
-            del self._claims[key]
+            self._release(key)
 
     def begin_unplug(self, key: SlotKey, ids: Sequence[str]) -> None:
         """PRESENT|ORPHANED -> UNPLUGGING."""
@@ -270,7 +277,7 @@ class SlotTable:
         """UNPLUGGING -> whatever QEMU holds: EMPTY after every DEVICE_DELETED, PRESENT again
         if the guest refused or the wait was given up."""
         if self.state(key) is SlotState.UNPLUGGING:
-            del self._claims[key]
+            self._release(key)
 
     # -- what QEMU tells ---------------------------------------------------------------------
     def deleted(self, dev_id: str) -> None:

@@ -49,6 +49,10 @@ class VmContext(Protocol):
         """Read QEMU's topology again."""
         ...
 
+    def next_release(self) -> asyncio.Event:
+        """An event set when the next slot claim ends (an operation or a queue)."""
+        ...
+
     def operation_failed(self, op: Operation, reason: str) -> None:
         """An operation ended without doing what it was asked, after its request was answered."""
         ...

@@ -85,6 +85,8 @@ class ManagedVm:
         self.identity: VmIdentity | None = None
         #: Empty until the first read of QEMU; claims of restored queues go in at once.
         self.table = SlotTable(Topology())
+        self.table.on_release = self._claim_released
+        self._released = asyncio.Event()
         self._policy_name: str | None = None
         self._roots: list[tuple[str, str, str, str]] | None = None
         self._property_types = PropertyTypes()
@@ -99,6 +101,13 @@ class ManagedVm:
         self._reconnecting = False
         #: the last operations that failed after their request was answered (bounded)
         self.failed: collections.deque[EndedOperation] = collections.deque(maxlen=FAILED_KEPT)
+
+    def next_release(self) -> asyncio.Event:
+        return self._released
+
+    def _claim_released(self) -> None:
+        self._released.set()
+        self._released = asyncio.Event()
 
     def operation_failed(self, op: Operation, reason: str) -> None:
         """An operation ended without doing what it was asked, after its request was answered:

@@ -11,6 +11,7 @@ each one came to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from qmpfd.errors import Conflict
 from qmpfd.hotplug.slots import SlotState
 from qmpfd.vm.context import VmContext
 
-POLL = 0.05   # seconds between looks while settling
+RECHECK = 1.0   # seconds between looks if no claim ends meanwhile
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,16 @@ def settle_limit(vm: VmContext) -> float:
 
 
 async def settle(vm: VmContext, flights: list[InFlight], limit: float) -> list[Settled]:
+    """Wait (at most ``limit``) until nothing is in flight, woken by each claim that ends."""
     deadline = time.monotonic() + limit
-    # Operations end in several places (executor, DEVICE_DELETED, reconnect); polling this
-    # in-memory view is cheap and needs no hook in each of them.
-    while in_flight(vm) and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(POLL)
+    while True:
+        released = vm.next_release()    # before the look: a release right after still wakes
+        remaining = deadline - time.monotonic()
+        if not in_flight(vm) or remaining <= 0:
+            break
+        # RECHECK: a record ended without a claim (recovery at reconnect) wakes no one.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(released.wait(), min(remaining, RECHECK))
     running = {(f.bus, f.slot) for f in in_flight(vm)}
     present = vm.table.topology.device_ids()
     out = []

@@ -20,8 +20,9 @@ from qmpfd.qemu.introspect import VmIdentity
 from qmpfd.state.journal import Journal
 from qmpfd.vm import follow as follow_mod
 from qmpfd.vm import operations as operations_mod
+from qmpfd.vm import removal
 from qmpfd.vm.managed import ManagedVm
-from tests.unit.scripted_qemu import LOST, ScriptedQemu
+from tests.unit.scripted_qemu import LOST, NO_EVENT, ScriptedQemu
 from tests.unit.topologies import pc_raw, q35_raw, topo
 
 SPECS = [FunctionSpec(f"d{i}", "virtio-rng-pci", i) for i in range(4)]
@@ -41,6 +42,7 @@ class Harness:
                             self.journal, command_timeout=1, connect_timeout=1, pending_ttl=60,
                             on_removed=on_removed)
         self.vm.table = SlotTable(topo(pc_raw()))
+        self.vm.table.on_release = self.vm._claim_released    # as ManagedVm wires its own
         self.vm.identity = VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0))
         self.vm._policy_name = "acpi-pcihp"
         self.qemu = ScriptedQemu(self.vm.tracker, slot_wide_eject=True)
@@ -178,3 +180,20 @@ async def test_hotplug_commands_are_gated_only_on_acpi_buses(h: Harness) -> None
     native.vm.table = SlotTable(topo(q35_raw(native=True)))
     native.vm.identity = VmIdentity("x86_64", "pc-q35-7.2", "7.2.0", (7, 2, 0))
     assert not native.vm._gated("device_add", {"bus": "rp1", "id": "x"})
+
+
+async def test_settle_wakes_when_the_operation_ends(h: Harness) -> None:
+    """vm-remove --force waits for the operation's end, not for a poll."""
+    await h.vm.attach(SPECS)
+    h.qemu.script[("device_del", "d0")] = NO_EVENT          # the guest has not let go yet
+    reply = await h.vm.detach(ids=IDS, bus=None, slot=None, whole_slot=False, timeout=5,
+                              force=True)
+    assert reply.unplugging
+    flights = removal.in_flight(h.vm)
+    assert [f.kind for f in flights] == ["detach"]
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, h.eject, *IDS)                      # now it does
+    t0 = loop.time()
+    settled = await removal.settle(h.vm, flights, limit=10)
+    assert [s.outcome for s in settled] == ["detached"]
+    assert loop.time() - t0 < removal.RECHECK                 # woken, not polled
