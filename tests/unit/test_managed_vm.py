@@ -17,11 +17,13 @@ from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
 from qmpfd.hotplug.slots import SlotState, SlotTable
 from qmpfd.qemu.introspect import VmIdentity
-from qmpfd.state.journal import Journal
+from qmpfd.qemu.topology import peripheral
+from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm import follow as follow_mod
 from qmpfd.vm import operations as operations_mod
 from qmpfd.vm import removal
 from qmpfd.vm.managed import ManagedVm
+from qmpfd.vm.reconcile import reconcile
 from tests.unit.scripted_qemu import LOST, NO_EVENT, ScriptedQemu
 from tests.unit.topologies import pc_raw, q35_raw, topo
 
@@ -197,3 +199,40 @@ async def test_settle_wakes_when_the_operation_ends(h: Harness) -> None:
     settled = await removal.settle(h.vm, flights, limit=10)
     assert [s.outcome for s in settled] == ["detached"]
     assert loop.time() - t0 < removal.RECHECK                 # woken, not polled
+
+
+def plugged(h: Harness, slot: int, *functions: int) -> None:
+    """QEMU holds these functions of ``slot`` (what a crash mid-attach left)."""
+    for fn in functions:
+        h.qemu.devices[f"d{fn}"] = (f"0x{slot:x}", fn)
+    h.vm.table.refresh(topo(pc_raw()).with_devices(
+        "pci.0", [peripheral(f"d{fn}", "virtio-rng-pci", slot, fn) for fn in functions]))
+
+
+@pytest.mark.parametrize(("kind", "present", "sent", "outcome"), [
+    ("attach", (1, 2), False, "SLOT_ATTACH_FAILED"),     # half plugged: rolled back
+    ("attach", (0, 1, 2, 3), False, "SLOT_ATTACHED"),    # it had finished: kept
+    ("attach", (), False, "SLOT_ATTACH_FAILED"),         # nothing reached QEMU: forgotten
+    ("detach", (0, 1, 2, 3), False, "SLOT_DETACHED"),    # never sent: sent now
+    ("detach", (0, 1, 2, 3), True, "SLOT_DETACHED"),     # sent: waited for
+    ("detach", (), True, "SLOT_DETACHED"),               # done while qmpfd was away
+])
+async def test_reconcile_finishes_or_undoes_what_the_journal_says(
+        h: Harness, kind: str, present: tuple[int, ...], sent: bool, outcome: str) -> None:
+    slot = 9
+    plugged(h, slot, *present)
+    op = Operation(kind, "v", "pci.0", slot, {f"d{i}": i for i in range(4)}, "acpi-pcihp")
+    await h.journal.begin(op)
+    if sent:
+        h.journal.mark_sent(op)
+        if present:     # the guest lets go a moment after qmpfd is back
+            asyncio.get_running_loop().call_later(0.05, h.eject, *[f"d{i}" for i in present])
+    await reconcile(h.vm)
+    for _ in range(100):
+        if not h.journal.for_vm("v") and h.named(outcome):
+            break
+        await asyncio.sleep(0.02)
+    assert not h.journal.for_vm("v") and h.named(outcome), h.events
+    if outcome != "SLOT_ATTACHED":
+        assert h.qemu.devices == {} and not h.vm.table.topology.device_ids() & set(IDS)
+    assert [e for e in h.events if e[0] != outcome and e[0] != "SLOT_EJECTED"] == []
