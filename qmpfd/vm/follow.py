@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from qmpfd import metrics
 from qmpfd.hotplug.policies import Policy
 from qmpfd.hotplug.slots import SlotKey
 from qmpfd.vm.context import VmContext
@@ -51,4 +52,6 @@ class DeletionFollower:
         log.warning("QEMU removed functions without a request (the guest ejected the slot)",
                     extra={"vm": vm.name, "bus": key[0], "slot": key[1], "ids": ids})
         vm.events.ejected(key[0], key[1], ids)
+        policy = self._policy_of(key[0])
+        metrics.operation("eject", policy.name if policy else "unknown", "unasked")
         vm.spawn(vm.removed(ids), "release")
