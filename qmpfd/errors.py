@@ -18,6 +18,10 @@ class QmpfdError(Exception):
         self.desc = desc
 
 
+class GenericError(QmpfdError):
+    """An error the contract gives no narrower class (the base class carries the same name)."""
+
+
 class CommandNotFound(QmpfdError):
     error_class = "CommandNotFound"
 

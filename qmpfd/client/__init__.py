@@ -205,5 +205,6 @@ class EventsLost(QmpfdClientError):
     """query-events could not replay every event after the plane's last one."""
 
     def __init__(self, reason: str, replay: models.Replay) -> None:
-        super().__init__(reason, "EventsLost")
+        super().__init__(reason)
+        self.error_class = "EventsLost"
         self.replay = replay

@@ -1,67 +1,49 @@
-"""The contract's error classes as exceptions: ``except NotFound`` instead of string matching."""
+"""The contract's error classes as exceptions: ``except NotFound`` instead of string matching.
+
+They are the daemon's own classes (:mod:`qmpfd.errors`): one hierarchy for both sides, so code
+that runs in the daemon and code that calls it catch the same thing.
+"""
 
 from __future__ import annotations
 
+from qmpfd.errors import (
+    CommandNotFound,
+    Conflict,
+    GenericError,
+    HostDeviceUnavailable,
+    InvalidRequest,
+    NotFound,
+    QemuError,
+    QmpfdError,
+    Timeout,
+    Unsupported,
+)
 
-class QmpfdClientError(Exception):
-    """An error reply from qmpfd (``error_class`` and ``desc`` as on the wire)."""
+#: The base of every error reply (``error_class`` and ``desc`` as on the wire); the name it had
+#: before the client and the daemon shared their classes.
+QmpfdClientError = QmpfdError
 
-    error_class = "GenericError"
-
-    def __init__(self, desc: str, error_class: str | None = None) -> None:
-        super().__init__(desc)
-        self.desc = desc
-        if error_class is not None:
-            self.error_class = error_class
-
-
-class GenericError(QmpfdClientError):
-    error_class = "GenericError"
-
-
-class CommandNotFound(QmpfdClientError):
-    error_class = "CommandNotFound"
-
-
-class InvalidRequest(QmpfdClientError):
-    error_class = "InvalidRequest"
+__all__ = ["BY_CLASS", "CommandNotFound", "Conflict", "GenericError", "HostDeviceUnavailable",
+           "InvalidRequest", "NotFound", "QemuError", "QmpfdClientError", "QmpfdError",
+           "Timeout", "Unreachable", "Unsupported", "from_reply"]
 
 
-class NotFound(QmpfdClientError):
-    error_class = "NotFound"
-
-
-class Conflict(QmpfdClientError):
-    error_class = "Conflict"
-
-
-class Unsupported(QmpfdClientError):
-    error_class = "Unsupported"
-
-
-class Timeout(QmpfdClientError):
-    error_class = "Timeout"
-
-
-class HostDeviceUnavailable(QmpfdClientError):
-    error_class = "HostDeviceUnavailable"
-
-
-class QemuError(QmpfdClientError):
-    error_class = "QemuError"
-
-
-class Unreachable(QmpfdClientError):
+class Unreachable(QmpfdError):
     """qmpfd could not be reached, or it turned the connection away (``desc`` says why: its
     own reason when it gave one)."""
 
 
-BY_CLASS: dict[str, type[QmpfdClientError]] = {
+BY_CLASS: dict[str, type[QmpfdError]] = {
     c.error_class: c for c in (GenericError, CommandNotFound, InvalidRequest, NotFound,
                                Conflict, Unsupported, Timeout, HostDeviceUnavailable,
                                QemuError)}
 
 
-def from_reply(error_class: str, desc: str) -> QmpfdClientError:
-    cls = BY_CLASS.get(error_class, QmpfdClientError)
-    return cls(desc, error_class)
+def from_reply(error_class: str, desc: str) -> QmpfdError:
+    """The exception for an error reply; a class this client does not know keeps its name."""
+    cls = BY_CLASS.get(error_class)
+    if cls is not None:
+        return cls(desc)
+    err = QmpfdError(desc)
+    err.error_class = error_class
+    return err
