@@ -21,6 +21,7 @@ from qmpfd.api import replies, schema, tenancy, wire
 from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Session
 from qmpfd.api.xml import parse_devices_xml
+from qmpfd.client import models as r
 from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError, Unsupported
 from qmpfd.host.assign import HostFunctionRequest
 from qmpfd.host.manager import HostDevices
@@ -40,6 +41,8 @@ class Command:
     model: type[BaseModel]
     handler: Handler
     changes_state: bool
+    #: the reply model (qmpfd.client.models), a list of one, or None for free-form JSON
+    returns: Any = None
 
 
 class Commands:
@@ -54,29 +57,31 @@ class Commands:
         self.health: Callable[[], dict[str, Any]] = lambda: {"status": "ok"}
         self.table: dict[str, Command] = {}
         reg = self._register
-        reg("query-version", m.NoArgs, self.query_version, False)
+        reg("query-version", m.NoArgs, self.query_version, False, r.Version)
         reg("query-commands", m.NoArgs, self.query_commands, False)
         reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False)
-        reg("query-events", m.QueryEventsArgs, self.query_events, False)
-        reg("query-health", m.NoArgs, self.query_health, False)
-        reg("vm-add", m.VmAddArgs, self.vm_add, True)
-        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
-        reg("query-vms", m.NoArgs, self.query_vms, False)
-        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False)
+        reg("query-events", m.QueryEventsArgs, self.query_events, False, r.Replay)
+        reg("query-health", m.NoArgs, self.query_health, False, r.Health)
+        reg("vm-add", m.VmAddArgs, self.vm_add, True, r.Vm)
+        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True, r.Removed)
+        reg("query-vms", m.NoArgs, self.query_vms, False, list[r.Vm])
+        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False, list[r.Slot])
         reg("query-policy", m.VmRef, self.query_policy, False)
-        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True)
-        reg("function-add", m.FunctionAddArgs, self.function_add, True)
-        reg("query-pending", m.QueryPendingArgs, self.query_pending, False)
-        reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
-        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
-        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False)
+        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True, r.Attached)
+        reg("function-add", m.FunctionAddArgs, self.function_add, True, r.Attached)
+        reg("query-pending", m.QueryPendingArgs, self.query_pending, False, list[r.Pending])
+        reg("pending-cancel", m.SlotRef, self.pending_cancel, True, r.Pending)
+        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True, r.Detached)
+        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False,
+            list[r.Operation])
         reg("vm-qmp", m.VmQmpArgs, self.vm_qmp, True)
-        reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True)
+        reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True,
+            r.Attached)
         reg("query-host-devices", m.QueryHostDevicesArgs, self.query_host_devices, False)
 
     def _register(self, name: str, model: type[BaseModel], handler: Handler,
-                  changes_state: bool) -> None:
-        self.table[name] = Command(name, model, handler, changes_state)
+                  changes_state: bool, returns: Any = None) -> None:
+        self.table[name] = Command(name, model, handler, changes_state, returns)
 
     async def dispatch(self, name: str, args: dict[str, Any], session: Session) -> Any:
         cmd = self.table.get(name)
@@ -118,7 +123,7 @@ class Commands:
         return replies.replay(self.events.replay(a.since, a.boot))
 
     async def query_qmp_schema(self, _: m.NoArgs) -> list[dict[str, Any]]:
-        return schema.schema((c.name, c.model) for c in self.table.values())
+        return schema.schema((c.name, c.model, c.returns) for c in self.table.values())
 
     async def query_commands(self, _: m.NoArgs) -> list[dict[str, str]]:
         return [{"name": n} for n in sorted([*self.table, "qmp_capabilities"])]

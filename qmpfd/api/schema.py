@@ -64,12 +64,15 @@ class _Builder:
         return name
 
 
-def schema(commands: Iterable[tuple[str, type[BaseModel]]]) -> list[dict[str, Any]]:
+def schema(commands: Iterable[tuple[str, type[BaseModel], Any]]) -> list[dict[str, Any]]:
+    """QEMU's SchemaInfo list: every command with its arguments and, where it has a reply model
+    (qmpfd.client.models), its return type; the events; the types they use."""
     b = _Builder()
     out: list[dict[str, Any]] = []
-    for name, model in sorted(commands):
+    for name, model, returns in sorted(commands, key=lambda c: c[0]):
         out.append({"name": name, "meta-type": "command", "arg-type": b.object(model),
-                    "ret-type": "any", "allow-oob": False})
+                    "ret-type": b.type_of(returns) if returns is not None else "any",
+                    "allow-oob": False})
     out.append({"name": "qmp_capabilities", "meta-type": "command",
                 "arg-type": "qmp_capabilities-arg", "ret-type": "any", "allow-oob": False})
     b.types["qmp_capabilities-arg"] = {

@@ -1,5 +1,7 @@
-"""Typed replies (pydantic). Unknown members are kept (``extra='allow'``), so a newer qmpfd
-never breaks an older client; wire names with hyphens are read through aliases."""
+"""The reply models (pydantic): what each command returns, read by the client, described by
+``query-qmp-schema`` (its ``ret-type``), and checked against what the daemon's command layer
+answers (tests/unit/test_commands.py). Unknown members are kept (``extra='allow'``), so a newer
+qmpfd never breaks an older client; wire names with hyphens are read through aliases."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ class Reply(BaseModel):
 class Version(Reply):
     package: str
     qemu: dict[str, int]
+    qmpfd: dict[str, int] | None = None     # contract v1's member, kept for older clients
 
 
 class Vm(Reply):
@@ -47,6 +50,7 @@ class Slot(Reply):
 class PlacedFunction(Reply):
     id: str
     function: int
+    driver: str | None = None               # a queued function (function-add) says its driver
 
 
 class Attached(Reply):
@@ -55,8 +59,11 @@ class Attached(Reply):
     slot: int
     functions: list[PlacedFunction]
     policy: str | None = None
+    steps: list[dict[str, Any]] = Field(default_factory=list)      # the QMP commands, in order
+    rollback: list[dict[str, Any]] = Field(default_factory=list)   # what undoing them sends
     dry_run: bool = Field(False, alias="dry-run")
-    queued: bool = False
+    queued: bool = False                    # function-add: queued for function 0, not plugged
+    expires_in: float | None = Field(None, alias="expires-in")     # ... until this many seconds
     host: dict[str, Any] | None = None
 
 
@@ -86,9 +93,14 @@ class Operation(Reply):
     bus: str
     slot: int
     ids: list[str]
-    outcome: str | None = None
+    policy: str | None = None
+    started: float | None = None            # time.time() it began
+    sent: bool | None = None                # its device_del commands went out
+    age: float | None = None
+    waiting: str | None = None              # why it waits before it can send
+    outcome: str | None = None              # {ended}: "failed"
     reason: str | None = None
-    waiting: str | None = None
+    ended: float | None = None
 
 
 class Removed(Reply):
@@ -124,4 +136,9 @@ class Replay(Reply):
 class Health(Reply):
     status: str
     problems: list[str] = Field(default_factory=list)
+    version: str | None = None
+    boot: str | None = None
+    loop_lag: float | None = Field(None, alias="loop-lag")
+    loop_lag_max: float | None = Field(None, alias="loop-lag-max")
+    journal: dict[str, Any] | None = None
     vms: list[dict[str, Any]] = Field(default_factory=list)

@@ -339,6 +339,9 @@ async def test_qmp_capabilities_oob_refused_and_schema_introspected(daemon: Path
     for cmd in await c.execute("query-commands"):
         entry = names[cmd["name"]]
         assert entry["meta-type"] == "command" and entry["arg-type"] in names, entry
+        assert entry["ret-type"] in names, entry          # every return type is described
+    detached = names[names["device-detach"]["ret-type"]]
+    assert {"vm", "bus", "slot", "ids", "seconds"} <= {m["name"] for m in detached["members"]}
     attach = names[names["device-attach"]["arg-type"]]
     members = {m["name"]: m for m in attach["members"]}
     assert "default" not in members["functions"] and "default" in members["dry-run"]

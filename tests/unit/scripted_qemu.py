@@ -49,6 +49,9 @@ class ScriptedQemu:
             raise Timeout(f"QEMU did not answer {cmd} within {timeout} s")
         return result
 
+    async def close(self) -> None:
+        self.connected = False
+
     def device_add(self, args: dict[str, Any], _: str) -> dict[str, Any]:
         addr = str(args["addr"])
         slot, _, fn = addr.partition(".")

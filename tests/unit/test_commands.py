@@ -4,6 +4,7 @@ answers, that bad arguments are refused naming the field and change nothing, and
 from __future__ import annotations
 
 import asyncio
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ from qmpfd.access.audit import AuditLog
 from qmpfd.access.peer import Peer
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api.commands import Commands
+from qmpfd.client.models import Reply
 from qmpfd.config import load_config
 from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound
 from qmpfd.host.manager import HostDevices
@@ -39,10 +41,35 @@ class Api:
         self.session: Any = SimpleNamespace(peer=Peer(pid=1, uid=0, gid=0))
 
     async def __call__(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        return await self.commands.dispatch(name, args or {}, self.session)
+        reply = await self.commands.dispatch(name, args or {}, self.session)
+        conforms(reply, self.commands.table[name].returns if name in self.commands.table
+                 else None, name)
+        return reply
+
 
     def in_qemu(self) -> set[str]:
         return set(self.h.qemu.devices)
+
+
+def conforms(reply: Any, returns: Any, where: str) -> None:
+    """The reply is what its model (qmpfd.client.models) says, member for member: the one
+    description the client, the schema and the server share."""
+    if returns is None:
+        return
+    if typing.get_origin(returns) is list:
+        (model,) = typing.get_args(returns)
+        for i, item in enumerate(reply):
+            conforms(item, model, f"{where}[{i}]")
+        return
+    obj = returns.model_validate(reply)
+    unknown = [k for k in (obj.model_extra or {})]
+    assert not unknown, f"{where}: {returns.__name__} does not describe {unknown}"
+    for name, field in returns.model_fields.items():
+        value = reply.get(field.alias or name) if isinstance(reply, dict) else None
+        inner = typing.get_args(field.annotation)
+        if isinstance(value, list) and inner and isinstance(inner[0], type) and \
+                issubclass(inner[0], Reply):
+            conforms(value, list[inner[0]], f"{where}.{field.alias or name}")
 
 
 @pytest.fixture
@@ -117,3 +144,22 @@ async def test_introspection(api: Api) -> None:
     schema = await api("query-qmp-schema")
     assert any(e.get("name") == "SLOT_EJECTED" for e in schema)
     assert (await api("query-version"))["qmpfd"]
+
+
+async def test_every_reply_matches_its_model(api: Api) -> None:
+    """Each command with a reply model answers exactly what the model describes (checked on
+    every call above; this one covers the rest), and the schema says so."""
+    await api("query-health")
+    await api("query-events", {})
+    await api("function-add", {"vm": "v", "bus": "pci.0", "slot": 8, "id": "z1",
+                               "driver": "virtio-rng-pci", "function": 1})
+    await api("function-add", {"vm": "v", "bus": "pci.0", "slot": 8, "id": "z0",
+                               "driver": "virtio-rng-pci", "function": 0})
+    await api("device-attach", {"vm": "v", "functions": FUNCS})
+    await api("query-operations", {"vm": "v", "ended": True})
+    await api("vm-remove", {"name": "v", "force": True})
+    schema = {e["name"]: e for e in await api("query-qmp-schema")}
+    assert schema["device-attach"]["ret-type"] == "Attached"
+    assert schema["query-slots"]["ret-type"] == "[Slot]"
+    members = {m["name"] for m in schema["Detached"]["members"]}
+    assert {"ids", "seconds", "waited-for-guest", "host-released"} <= members
