@@ -29,8 +29,9 @@ class VmEvents:
                  recovered: bool = False) -> None:
         self._slot("SLOT_ATTACHED", bus, slot, ids, recovered)
 
-    def attach_failed(self, bus: str, slot: int, ids: Sequence[str], reason: str) -> None:
-        self._slot("SLOT_ATTACH_FAILED", bus, slot, ids, False, reason=reason)
+    def attach_failed(self, bus: str, slot: int, ids: Sequence[str], reason: str, *,
+                      recovered: bool = False) -> None:
+        self._slot("SLOT_ATTACH_FAILED", bus, slot, ids, recovered, reason=reason)
 
     def detached(self, bus: str, slot: int, ids: Sequence[str], *, seconds: float | None = None,
                  recovered: bool = False) -> None:

@@ -149,13 +149,21 @@ def _failed(vm: VmContext, plan: Plan, op: Operation, exc: AttachFailed, *,
             f"{exc.desc}; QEMU stopped answering, so which functions of the slot it holds "
             "is not known yet: the operation stays in flight (query-operations), is "
             "rolled back once QEMU answers, and SLOT_ATTACH_FAILED says so"), exc.rollback)
+    if isinstance(exc.cause, VmGone):
+        # The record stays: on reconnect QEMU is read again and reconcile finishes or undoes
+        # the attach and announces which (recovered: true). Nothing is announced now: the
+        # outcome is not known yet, and QEMU may have carried the attach out.
+        metrics.operation("attach", plan.policy.name, "unknown")
+        vm.table.attach_undone(key, [])
+        return AttachFailed(exc.cause, (
+            f"{exc.desc}; what QEMU holds of the slot is not known yet: the operation stays in "
+            "flight and is finished or rolled back when qmpfd reconnects (SLOT_ATTACHED or "
+            "SLOT_ATTACH_FAILED, recovered: true)"), exc.rollback)
     metrics.operation("attach", plan.policy.name,
                       "rolled-back" if not exc.rollback.left else "rollback-pending")
     if announce:
         vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
-    if isinstance(exc.cause, VmGone):
-        vm.table.attach_undone(key, [])  # reconnect re-reads QEMU; reconcile settles it
-    elif exc.rollback.left:
+    if exc.rollback.left:
         vm.table.attach_undone(key, exc.rollback.left)
         vm.journal.mark_sent(op)
         Unplug(vm, key, exc.rollback.left, op, attach=True).watch()

@@ -47,7 +47,7 @@ async def reconcile(vm: VmContext) -> None:
             vm.journal.end(op)
             await vm.removed(op.ids)
             vm.events.attach_failed(op.bus, op.slot, op.ids,
-                                    "interrupted before any function reached QEMU")
+                                    "interrupted; nothing of it is in QEMU", recovered=True)
         elif decision.action is Action.DETACHED:
             vm.journal.end(op)
             await vm.removed(op.ids)
@@ -63,10 +63,11 @@ async def reconcile(vm: VmContext) -> None:
                     await send_when_ready(vm.link, "device_del", {"id": target}, deadline)
             vm.journal.mark_sent(op)
             Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach",
-                   done=done).watch()
+                   done=done, recovered=True).watch()
         else:  # KEEP_WAITING (or no policy known for the bus any more)
             vm.table.wait_unplug(key, list(decision.ids))
-            Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach").watch()
+            Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach",
+                   recovered=True).watch()
 
 
 async def _cold_plugged(vm: VmContext, ids: tuple[str, ...]) -> bool:

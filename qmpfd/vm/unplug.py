@@ -30,6 +30,7 @@ class Unplug:
     started: float = 0.0
     done: asyncio.Future[None] | None = None
     answered: bool = False               # the detach request reports the give-back itself
+    recovered: bool = False              # found in flight after a restart or a reconnect
 
     def watch(self) -> asyncio.Future[None]:
         self.started = self.started or time.monotonic()
@@ -59,7 +60,8 @@ class Unplug:
             vm.spawn(vm.removed(self.ids), "release")
         if self.attach:
             vm.events.attach_failed(self.key[0], self.key[1], self.ids,
-                                    "interrupted; rolled back")
+                                    "interrupted; rolled back", recovered=self.recovered)
         else:
             vm.events.detached(self.key[0], self.key[1], self.ids,
-                               seconds=round(time.monotonic() - self.started, 3))
+                               seconds=round(time.monotonic() - self.started, 3),
+                               recovered=self.recovered)

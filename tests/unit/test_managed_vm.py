@@ -24,7 +24,7 @@ from qmpfd.vm import operations as operations_mod
 from qmpfd.vm import removal
 from qmpfd.vm.managed import ManagedVm
 from qmpfd.vm.reconcile import reconcile
-from tests.unit.scripted_qemu import LOST, NO_EVENT, ScriptedQemu
+from tests.unit.scripted_qemu import GONE, LOST, NO_EVENT, ScriptedQemu
 from tests.unit.topologies import pc_raw, q35_raw, topo
 
 SPECS = [FunctionSpec(f"d{i}", "virtio-rng-pci", i) for i in range(4)]
@@ -236,3 +236,14 @@ async def test_reconcile_finishes_or_undoes_what_the_journal_says(
     if outcome != "SLOT_ATTACHED":
         assert h.qemu.devices == {} and not h.vm.table.topology.device_ids() & set(IDS)
     assert [e for e in h.events if e[0] != outcome and e[0] != "SLOT_EJECTED"] == []
+
+
+async def test_a_link_lost_mid_attach_is_not_announced_as_failed(h: Harness) -> None:
+    """QEMU may have carried the attach out: the outcome waits for the reconnect's reconcile
+    (which says it with recovered: true), never a SLOT_ATTACH_FAILED now."""
+    h.qemu.script[("device_add", "d0")] = GONE
+    with pytest.raises(AttachFailed) as err:
+        await h.vm.attach(SPECS)
+    assert "not known yet" in err.value.desc and "connection lost" in err.value.desc
+    assert not h.named("SLOT_ATTACH_FAILED")
+    assert [op.kind for op in h.journal.for_vm("v")] == ["attach"]
