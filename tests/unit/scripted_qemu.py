@@ -49,6 +49,13 @@ class ScriptedQemu:
             raise Timeout(f"QEMU did not answer {cmd} within {timeout} s")
         return result
 
+    def device_list_properties(self, args: dict[str, Any], _: str) -> list[dict[str, Any]]:
+        if args["typename"] != "virtio-rng-pci":
+            raise QemuError(f"Parameter 'typename' expects a device type: {args['typename']}")
+        return [{"name": "max-bytes", "type": "uint64"}, {"name": "period", "type": "uint64"},
+                {"name": "rombar", "type": "uint32"}, {"name": "x-pcie-lnksta-dllla",
+                                                        "type": "bool"}]
+
     async def close(self) -> None:
         self.connected = False
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qmpfd.errors import Conflict, GuestEjected, QmpfdError
+from qmpfd.errors import Conflict, GuestEjected, InvalidRequest, QmpfdError
 from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
@@ -247,3 +247,18 @@ async def test_a_link_lost_mid_attach_is_not_announced_as_failed(h: Harness) -> 
     assert "not known yet" in err.value.desc and "connection lost" in err.value.desc
     assert not h.named("SLOT_ATTACH_FAILED")
     assert [op.kind for op in h.journal.for_vm("v")] == ["attach"]
+
+
+async def test_properties_typed_once_per_driver_and_refused_by_name(h: Harness) -> None:
+    spec = FunctionSpec("p0", "virtio-rng-pci", 0, {"max-bytes": "1024", "period": 0x10})
+    (typed,) = await h.vm.typed([spec], {"p0": "functions[0]."})
+    assert typed.properties == {"max-bytes": 1024, "period": 16}
+    await h.vm.typed([spec], {"p0": "functions[0]."})
+    asked = [c for c in h.qemu.sent if c[0] == "device-list-properties"]
+    assert len(asked) == 1                                      # read once per driver
+    with pytest.raises(InvalidRequest, match=r"functions\[0\]\.properties\.nosuch"):
+        await h.vm.typed([FunctionSpec("p0", "virtio-rng-pci", 0, {"nosuch": 1})],
+                         {"p0": "functions[0]."})
+    with pytest.raises(InvalidRequest, match=r"functions\[1\]\.driver"):
+        await h.vm.typed([FunctionSpec("p1", "no-such-device", 1, {"x": 1})],
+                         {"p1": "functions[1]."})
