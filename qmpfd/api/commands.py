@@ -25,7 +25,6 @@ from qmpfd.client import models as r
 from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError, Unsupported
 from qmpfd.host.assign import HostFunctionRequest
 from qmpfd.host.manager import HostDevices
-from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.vm import removal
 from qmpfd.vm.registry import VmRegistry
 from qmpfd.vm.results import RemoveResult
@@ -208,16 +207,8 @@ class Commands:
             result = await vm.attach(specs, bus=a.bus, slot=a.slot, dry_run=True)
             return {**replies.attached(result), "host": host_info}
         ids = [f.id for f in a.functions]
-        await self.host.acquire(assignment, vm.name, ids)
-        try:
-            result = await vm.attach(specs, bus=a.bus, slot=a.slot, timeout=a.timeout)
-        except AttachFailed as exc:
-            if not exc.rollback.left:  # still in QEMU: given back once QEMU deletes them
-                await self.host.release(vm.name, ids)
-            raise
-        except BaseException:
-            await self.host.release(vm.name, ids)
-            raise
+        result = await vm.attach(specs, bus=a.bus, slot=a.slot, timeout=a.timeout,
+                                 acquire=lambda: self.host.acquire(assignment, vm.name, ids))
         return {**replies.attached(result), "host": host_info}
 
     async def device_attach_xml(self, a: m.DeviceAttachXmlArgs) -> dict[str, Any]:

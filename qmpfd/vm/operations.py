@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from qmpfd import metrics
 from qmpfd.errors import (
@@ -46,13 +46,36 @@ def plan_and_reserve(vm: VmContext, functions: Sequence[FunctionSpec], bus: str 
 
 async def attach(vm: VmContext, functions: Sequence[FunctionSpec], *, bus: str | None = None,
                  slot: int | None = None, dry_run: bool = False,
-                 timeout: float | None = None) -> AttachResult:
-    """Attach ``functions`` as one slot."""
-    async with vm.alloc:
-        if dry_run:
+                 timeout: float | None = None,
+                 acquire: Callable[[], Awaitable[None]] | None = None) -> AttachResult:
+    """Attach ``functions`` as one slot. ``acquire``: bind the host functions the attach passes
+    through (and journal them as held) first; this operation then gives them back, through the
+    VM's one release path, whenever the attach leaves nothing of them in QEMU."""
+    if dry_run:
+        async with vm.alloc:
             plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
                                from_top=vm.slots_from_top)
-            return AttachResult(vm.name, plan, dry_run=True)
+        return AttachResult(vm.name, plan, dry_run=True)
+    if acquire is None:
+        return await _attach(vm, functions, bus, slot, timeout)
+    await acquire()
+    ids = [f.id for f in functions]
+    try:
+        return await _attach(vm, functions, bus, slot, timeout)
+    except AttachFailed as exc:
+        # Still in QEMU (given back once QEMU deletes them), or not known yet (given back by
+        # the reconnect's reconcile if nothing of them is there): not now.
+        if not exc.rollback.left and not isinstance(exc.cause, VmGone):
+            await vm.removed(ids)
+        raise
+    except BaseException:
+        await vm.removed(ids)
+        raise
+
+
+async def _attach(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | None,
+                  slot: int | None, timeout: float | None) -> AttachResult:
+    async with vm.alloc:
         plan = plan_and_reserve(vm, functions, bus, slot, timeout)
     try:
         await run_attach(vm, plan, retry_if_stale=True)

@@ -44,7 +44,10 @@ class ScriptedQemu:
             raise QemuError(f"GenericError: {cmd} {dev_id} refused (scripted)")
         if action == LOST:
             raise Timeout(f"QEMU did not answer {cmd} within {timeout} s")
-        result = getattr(self, cmd.replace("-", "_"))(args, action)
+        handler = getattr(self, cmd.replace("-", "_"), None)
+        if handler is None:
+            raise QemuError(f"CommandNotFound: The command {cmd} has not been found (scripted)")
+        result = handler(args, action)
         if action == LATE:
             raise Timeout(f"QEMU did not answer {cmd} within {timeout} s")
         return result

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.slots import SlotState
 from qmpfd.state.journal import Journal
@@ -46,5 +47,45 @@ async def test_adopt_then_attach_and_detach(tmp_path: Path, monkeypatch: pytest.
         await asyncio.sleep(0.05)
         assert vm.table.state(key) is SlotState.EMPTY and not links[-1].qemu.devices
         assert [n for n, _ in events] == ["SLOT_ATTACHED", "SLOT_DETACHED"]
+    finally:
+        await vm.stop()
+
+
+async def test_host_functions_are_given_back_by_the_operation_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attach binds through ``acquire`` and gives back through the VM's one release path,
+    only when nothing of the request is left in QEMU and that is known."""
+    links: list[ReplayLink] = []
+
+    def replay(name: str, _path: Path, _timeout: float) -> ReplayLink:
+        links.append(ReplayLink("pc", name))
+        return links[-1]
+    monkeypatch.setattr(managed_mod, "QmpLink", replay)
+    released: list[list[str]] = []
+
+    async def on_removed(_vm: str, ids: list[str]) -> list[str]:
+        released.append(sorted(ids))
+        return []
+    vm = ManagedVm("v", tmp_path / "qmp", lambda n, d: None, Journal.open(tmp_path),
+                   command_timeout=1, connect_timeout=1, pending_ttl=60,
+                   on_removed=on_removed)
+    await vm.start()
+    acquired: list[str] = []
+
+    async def acquire() -> None:
+        acquired.append("bound")
+    try:
+        await vm.attach([FunctionSpec("k0", "virtio-rng-pci", 0)], acquire=acquire)
+        assert acquired == ["bound"] and released == []           # kept while in QEMU
+        links[-1].qemu.script[("device_add", "e0")] = "refuse"
+        with pytest.raises(AttachFailed):
+            await vm.attach([FunctionSpec(f"e{i}", "virtio-rng-pci", i) for i in range(2)],
+                            acquire=acquire)
+        assert released == [["e0", "e1"]]                          # rolled back: given back
+        links[-1].qemu.script[("device_add", "g0")] = "gone"
+        with pytest.raises(AttachFailed):
+            await vm.attach([FunctionSpec(f"g{i}", "virtio-rng-pci", i) for i in range(2)],
+                            acquire=acquire)
+        assert released == [["e0", "e1"]]                          # not known yet: kept
     finally:
         await vm.stop()

@@ -262,3 +262,4 @@ async def test_properties_typed_once_per_driver_and_refused_by_name(h: Harness) 
     with pytest.raises(InvalidRequest, match=r"functions\[1\]\.driver"):
         await h.vm.typed([FunctionSpec("p1", "no-such-device", 1, {"x": 1})],
                          {"p1": "functions[1]."})
+
