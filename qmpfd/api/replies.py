@@ -8,7 +8,7 @@ from typing import Any
 from qmpfd.api.eventlog import Replay
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import Plan
-from qmpfd.hotplug.slots import SlotView
+from qmpfd.hotplug.slotview import SlotView
 from qmpfd.state.journal import Operation
 from qmpfd.vm.results import (
     AttachResult,

@@ -49,23 +49,6 @@ class Claim:
     ids: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class FunctionView:
-    function: int
-    id: str | None
-    driver: str
-    state: SlotState
-
-
-@dataclass(frozen=True)
-class SlotView:
-    bus: str
-    slot: int
-    hotpluggable: bool
-    state: SlotState
-    functions: tuple[FunctionView, ...]
-
-
 class SlotTable:
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
@@ -310,21 +293,3 @@ class SlotTable:
                 topology = change(topology)
             self.read_abandoned()
         self._topology = topology
-
-    # -- the view for query-slots ----------------------------------------------------------
-    def view(self, queued: dict[SlotKey, list[tuple[int, str, str]]]) -> list[SlotView]:
-        """Every slot of every hotpluggable bus and the occupied slots of the others;
-        ``queued`` adds the queued functions (function, id, driver) of each slot."""
-        out = []
-        for b in self._topology.buses:
-            for s in b.slots():
-                key = (b.name, s.slot)
-                state = self.state(key)
-                funcs = [FunctionView(f.function, f.id, f.driver,
-                                      SlotState.PRESENT if state is SlotState.QUEUED else state)
-                         for f in s.functions]
-                funcs += [FunctionView(fn, i, d, SlotState.QUEUED)
-                          for fn, i, d in queued.get(key, [])]
-                out.append(SlotView(b.name, s.slot, s.hotpluggable, state,
-                                    tuple(sorted(funcs, key=lambda f: f.function))))
-        return out

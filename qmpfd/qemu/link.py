@@ -187,3 +187,18 @@ class QmpLink:
                 if self.on_disconnect is not None:
                     self.on_disconnect()
                 return
+
+
+async def nobody_listens(path: Path, timeout: float) -> bool:
+    """True only when nothing listens on the QMP socket ``path``: the file is gone or refuses
+    connections, which a living QEMU never does; any doubt (slow, busy) is False."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False

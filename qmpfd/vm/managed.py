@@ -30,11 +30,12 @@ from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.pending import PendingQueues
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
-from qmpfd.hotplug.slots import SlotTable, SlotView
+from qmpfd.hotplug.slots import SlotTable
+from qmpfd.hotplug.slotview import SlotView, view
 from qmpfd.qemu.gate import GatedLink, UnplugGate
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
-from qmpfd.qemu.link import Link, QmpLink
+from qmpfd.qemu.link import Link, QmpLink, nobody_listens
 from qmpfd.qemu.topology import Topology
 from qmpfd.qemu.versions import check_supported
 from qmpfd.state.journal import Journal, Operation
@@ -245,17 +246,7 @@ class ManagedVm:
             return False
         if self.libvirt_domain is not None:
             return await asyncio.to_thread(domain_gone, self.libvirt_domain)
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.qmp)),
-                                               QEMU_PROBE_TIMEOUT)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return True
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return False
+        return await nobody_listens(self.qmp, QEMU_PROBE_TIMEOUT)
 
     def busy(self) -> list[str]:
         """Operations in flight on this VM (for vm-remove), as 'kind bus slot'."""
@@ -301,7 +292,7 @@ class ManagedVm:
         queued = {(p.bus, p.slot): [(f.function, f.id, f.driver)
                                     for f in p.functions.values()]
                   for p in self.pending.all()}
-        return self.table.view(queued)
+        return view(self.table, queued)
 
     async def passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
         """Raw QMP (vm-qmp): whatever it did, qmpfd's view is read again afterwards."""

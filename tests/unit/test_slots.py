@@ -4,6 +4,7 @@ import pytest
 
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from qmpfd.hotplug.slots import SlotState, SlotStateError, SlotTable
+from qmpfd.hotplug.slotview import view
 from qmpfd.qemu.topology import RawDevice, peripheral
 from tests.unit.topologies import pc_raw, q35_raw, topo
 
@@ -146,7 +147,7 @@ def test_view_shows_claims_and_queued_functions() -> None:
     t.queue(("pci.0", 6), "q1")
     t.reserve(KEY, ["a"])
     t.added(KEY, [dev("a", 0)])
-    views = {(v.bus, v.slot): v for v in t.view({("pci.0", 6): [(1, "q1", "e1000")]})}
+    views = {(v.bus, v.slot): v for v in view(t, {("pci.0", 6): [(1, "q1", "e1000")]})}
     assert views[KEY].state is S.ATTACHING
     assert [(f.function, f.id) for f in views[KEY].functions] == [(0, "a")]
     assert views[("pci.0", 6)].state is S.QUEUED
