@@ -56,31 +56,29 @@ class Commands:
         self.health: Callable[[], dict[str, Any]] = lambda: {"status": "ok"}
         self.table: dict[str, Command] = {}
         reg = self._register
-        reg("query-version", m.NoArgs, self.query_version, False, r.Version)
+        reg("query-version", m.NoArgs, self.query_version, False)
         reg("query-commands", m.NoArgs, self.query_commands, False)
         reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False)
-        reg("query-events", m.QueryEventsArgs, self.query_events, False, r.Replay)
-        reg("query-health", m.NoArgs, self.query_health, False, r.Health)
-        reg("vm-add", m.VmAddArgs, self.vm_add, True, r.Vm)
-        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True, r.Removed)
-        reg("query-vms", m.NoArgs, self.query_vms, False, list[r.Vm])
-        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False, list[r.Slot])
+        reg("query-events", m.QueryEventsArgs, self.query_events, False)
+        reg("query-health", m.NoArgs, self.query_health, False)
+        reg("vm-add", m.VmAddArgs, self.vm_add, True)
+        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
+        reg("query-vms", m.NoArgs, self.query_vms, False)
+        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False)
         reg("query-policy", m.VmRef, self.query_policy, False)
-        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True, r.Attached)
-        reg("function-add", m.FunctionAddArgs, self.function_add, True, r.Attached)
-        reg("query-pending", m.QueryPendingArgs, self.query_pending, False, list[r.Pending])
-        reg("pending-cancel", m.SlotRef, self.pending_cancel, True, r.Pending)
-        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True, r.Detached)
-        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False,
-            list[r.Operation])
+        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True)
+        reg("function-add", m.FunctionAddArgs, self.function_add, True)
+        reg("query-pending", m.QueryPendingArgs, self.query_pending, False)
+        reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
+        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
+        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False)
         reg("vm-qmp", m.VmQmpArgs, self.vm_qmp, True)
-        reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True,
-            r.Attached)
+        reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True)
         reg("query-host-devices", m.QueryHostDevicesArgs, self.query_host_devices, False)
 
     def _register(self, name: str, model: type[BaseModel], handler: Handler,
-                  changes_state: bool, returns: Any = None) -> None:
-        self.table[name] = Command(name, model, handler, changes_state, returns)
+                  changes_state: bool) -> None:
+        self.table[name] = Command(name, model, handler, changes_state, r.RETURNS.get(name))
 
     async def dispatch(self, name: str, args: dict[str, Any], session: Session) -> Any:
         cmd = self.table.get(name)

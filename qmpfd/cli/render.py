@@ -4,8 +4,11 @@ are). One slot notation everywhere: ``0x05``."""
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Sequence
 from typing import Any
+
+from qmpfd.client import models
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -81,84 +84,105 @@ def render_policy(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Replies shown as sentences or tables; the others are printed as the JSON they are.
+READABLE = {"query-vms", "query-slots", "query-pending", "pending-cancel", "device-attach",
+            "device-attach-xml", "function-add", "device-detach", "vm-add", "vm-remove",
+            "query-version"}
+
+
 def render(command: str, result: Any) -> str:
-    if command == "query-vms":
-        return table([(v["name"], "yes" if v["connected"] else "NO", v["arch"], v["machine"],
-                       v["policy"], v["qmp"]) for v in result],
-                     ("NAME", "CONNECTED", "ARCH", "MACHINE", "POLICY", "QMP"))
-    if command == "query-slots":
-        rows = [(s["bus"], slot(s["slot"]), "yes" if s["hotpluggable"] else "no",
-                 f["function"], f["id"], f["driver"], f["state"])
-                for s in result for f in s["functions"]]
-        free: dict[str, list[int]] = {}
-        for s in result:
-            if not s["functions"]:
-                free.setdefault(s["bus"], []).append(s["slot"])
-        summary = [f"free hotpluggable slots on {bus}: {ranges(slots)}"
-                   for bus, slots in free.items()]
-        return "\n".join([table(rows, ("BUS", "SLOT", "HOTPLUG", "FN", "ID", "DRIVER", "STATE")),
-                          *summary])
-    if command == "query-pending":
-        if not result:
-            return "no queued functions"
-        return table([(p["vm"], p["bus"], slot(p["slot"]), f["function"], f["id"], f["driver"],
-                       f"{p['expires-in']:.0f} s") for p in result for f in p["functions"]],
-                     ("VM", "BUS", "SLOT", "FN", "ID", "DRIVER", "EXPIRES-IN"))
-    if command == "pending-cancel":
-        return (f"cancelled the queue of {result['vm']} {result['bus']} slot "
-                f"{slot(result['slot'])}: " + ", ".join(f["id"] for f in result["functions"]))
+    """The reply of ``command`` for people. Replies with a model (qmpfd.client.models.RETURNS)
+    are read through it, the same description the client and the schema use."""
+    model = models.RETURNS.get(command)
+    if model is not None and result != {} and command in READABLE:
+        if typing.get_origin(model) is list:
+            (item,) = typing.get_args(model)
+            return _render_list(command, [item.model_validate(r) for r in result])
+        return _render_one(command, model.model_validate(result))
     if command == "query-policy":
         return render_policy(result)
-    if command == "query-version":
-        return str(result.get("package") or f"qmpfd {result}")
-    if command in ("device-attach", "device-attach-xml", "function-add") \
-            and isinstance(result, dict):
-        if result.get("queued"):
-            return (f"queued on {result['bus']} slot {slot(result['slot'])}: "
-                    + ", ".join(f"{f['function']}={f['id']}" for f in result["functions"]))
-        head = "plan (dry run)" if result.get("dry-run") else "attached"
-        lines = [f"{head}: {result['vm']} {result['bus']} slot {slot(result['slot'])} "
-                 f"({result['policy']})"]
-        lines += [f"  function {f['function']}: {f['id']}" for f in result["functions"]]
-        host = result.get("host") or {}
-        if host.get("bind"):
-            lines.append("  host functions to vfio-pci: " + ", ".join(host["bind"]))
-        if host.get("unassigned"):
-            lines.append("  held back (unassigned): " + ", ".join(host["unassigned"]))
-        if result.get("dry-run"):
-            lines += ["steps:"] + [f"  {n}. {step_text(s)}"
-                                   for n, s in enumerate(result["steps"], 1)]
-            lines += ["rollback if a step fails:"] + [f"  {step_text(s)}"
-                                                      for s in result["rollback"]]
-        return "\n".join(lines)
     if command == "query-host-devices":
         return host_tree(result)
-    if command == "device-detach":
-        waited = (f", {result['waited-for-guest']} s of it waiting for a busy guest"
-                  if result.get("waited-for-guest") else "")
-        if result.get("unplugging"):
-            return (f"unplug requested: {result['vm']} {result['bus']} slot "
-                    f"{slot(result['slot'])} ({', '.join(result['ids'])}); the slot stays "
-                    "'unplugging' until the guest releases it")
-        return (f"detached: {result['vm']} {result['bus']} slot {slot(result['slot'])} "
-                f"({', '.join(result['ids'])}) in {result['seconds']} s{waited}")
-    if command == "vm-add":
-        return (f"adopted {result['name']}: {result['arch']} {result['machine']} "
-                f"QEMU {result['qemu']}, policy {result['policy']}")
-    if command == "vm-remove" and result:
-        lines = [f"settled: {s['kind']} {s['operation'] or ''} {s['bus']} slot {slot(s['slot'])} "
-                 f"({', '.join(s['ids'])}): {s['outcome']}" for s in result.get("settled", [])]
-        if result.get("host-released"):
-            lines.append("removed; its QEMU is gone, host functions given back: "
-                         + ", ".join(result["host-released"]))
-        elif result.get("host-held"):
-            lines.append("removed; its QEMU still runs, host functions stay held: "
-                         + ", ".join(result["host-held"]))
-        else:
-            lines.append("removed")
-        return "\n".join(lines)
     if result == {}:
         return "ok"
     return json.dumps(result, indent=2)
 
 
+def _render_list(command: str, items: list[Any]) -> str:
+    if command == "query-vms":
+        return table([(v.name, "yes" if v.connected else "NO", v.arch, v.machine, v.policy,
+                       v.qmp) for v in items],
+                     ("NAME", "CONNECTED", "ARCH", "MACHINE", "POLICY", "QMP"))
+    if command == "query-slots":
+        rows = [(s.bus, slot(s.slot), "yes" if s.hotpluggable else "no",
+                 f.function, f.id, f.driver, f.state) for s in items for f in s.functions]
+        free: dict[str, list[int]] = {}
+        for s in items:
+            if not s.functions:
+                free.setdefault(s.bus, []).append(s.slot)
+        summary = [f"free hotpluggable slots on {bus}: {ranges(slots)}"
+                   for bus, slots in free.items()]
+        return "\n".join([table(rows, ("BUS", "SLOT", "HOTPLUG", "FN", "ID", "DRIVER", "STATE")),
+                          *summary])
+    if command == "query-pending":
+        if not items:
+            return "no queued functions"
+        return table([(p.vm, p.bus, slot(p.slot), f["function"], f["id"], f["driver"],
+                       f"{p.expires_in or 0:.0f} s") for p in items for f in p.functions],
+                     ("VM", "BUS", "SLOT", "FN", "ID", "DRIVER", "EXPIRES-IN"))
+    raise AssertionError(f"no list rendering for {command}")
+
+
+def _render_one(command: str, r: Any) -> str:
+    if isinstance(r, models.Attached):
+        return _attached(r)
+    if isinstance(r, models.Detached):
+        waited = (f", {r.waited_for_guest} s of it waiting for a busy guest"
+                  if r.waited_for_guest else "")
+        if r.unplugging:
+            return (f"unplug requested: {r.vm} {r.bus} slot {slot(r.slot)} "
+                    f"({', '.join(r.ids)}); the slot stays 'unplugging' until the guest "
+                    "releases it")
+        return (f"detached: {r.vm} {r.bus} slot {slot(r.slot)} ({', '.join(r.ids)}) "
+                f"in {r.seconds} s{waited}")
+    if isinstance(r, models.Pending):       # pending-cancel
+        return (f"cancelled the queue of {r.vm} {r.bus} slot {slot(r.slot)}: "
+                + ", ".join(f["id"] for f in r.functions))
+    if isinstance(r, models.Vm):            # vm-add
+        return f"adopted {r.name}: {r.arch} {r.machine} QEMU {r.qemu}, policy {r.policy}"
+    if isinstance(r, models.Removed):
+        return _removed(r)
+    assert isinstance(r, models.Version), command
+    return r.package
+
+
+def _attached(r: models.Attached) -> str:
+    if r.queued:
+        return (f"queued on {r.bus} slot {slot(r.slot)}: "
+                + ", ".join(f"{f.function}={f.id}" for f in r.functions))
+    head = "plan (dry run)" if r.dry_run else "attached"
+    lines = [f"{head}: {r.vm} {r.bus} slot {slot(r.slot)} ({r.policy})"]
+    lines += [f"  function {f.function}: {f.id}" for f in r.functions]
+    host = r.host or {}
+    if host.get("bind"):
+        lines.append("  host functions to vfio-pci: " + ", ".join(host["bind"]))
+    if host.get("unassigned"):
+        lines.append("  held back (unassigned): " + ", ".join(host["unassigned"]))
+    if r.dry_run:
+        lines += ["steps:"] + [f"  {n}. {step_text(s)}" for n, s in enumerate(r.steps, 1)]
+        lines += ["rollback if a step fails:"] + [f"  {step_text(s)}" for s in r.rollback]
+    return "\n".join(lines)
+
+
+def _removed(r: models.Removed) -> str:
+    lines = [f"settled: {s['kind']} {s['operation'] or ''} {s['bus']} slot {slot(s['slot'])} "
+             f"({', '.join(s['ids'])}): {s['outcome']}" for s in r.settled]
+    if r.host_released:
+        lines.append("removed; its QEMU is gone, host functions given back: "
+                     + ", ".join(r.host_released))
+    elif r.host_held:
+        lines.append("removed; its QEMU still runs, host functions stay held: "
+                     + ", ".join(r.host_held))
+    else:
+        lines.append("removed")
+    return "\n".join(lines)

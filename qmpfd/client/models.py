@@ -142,3 +142,14 @@ class Health(Reply):
     loop_lag_max: float | None = Field(None, alias="loop-lag-max")
     journal: dict[str, Any] | None = None
     vms: list[dict[str, Any]] = Field(default_factory=list)
+
+
+#: Each command's reply model (a list of one for a list): the one place the daemon's command
+#: table, query-qmp-schema, this client and qmpfctl's renderer take reply shapes from.
+RETURNS: dict[str, Any] = {
+    "query-version": Version, "query-events": Replay, "query-health": Health, "vm-add": Vm,
+    "vm-remove": Removed, "query-vms": list[Vm], "query-slots": list[Slot],
+    "device-attach": Attached, "device-attach-xml": Attached, "function-add": Attached,
+    "query-pending": list[Pending], "pending-cancel": Pending, "device-detach": Detached,
+    "query-operations": list[Operation],
+}
