@@ -16,11 +16,11 @@ from qmpfd.vm import managed as managed_mod
 from tests.unit.replay import ReplayLink
 
 
-def config_file(tmp_path: Path) -> Path:
+def config_file(tmp_path: Path, extra: str = "") -> Path:
     cfg = tmp_path / "qmpfd.toml"
     cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/qmpfd.sock"\n'
                    f'state-dir = "{tmp_path}/state"\n'
-                   f'[access]\nusers = ["root"]\nqmp-dirs = ["{tmp_path}"]\n')
+                   f'[access]\nusers = ["root"]\nqmp-dirs = ["{tmp_path}"]\n{extra}')
     return cfg
 
 
@@ -28,7 +28,7 @@ async def test_serve_adopt_health_reload_stop(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(managed_mod, "QmpLink",
                         lambda name, _p, _t: ReplayLink("pc", name))
-    cfg = config_file(tmp_path)
+    cfg = config_file(tmp_path, f'[metrics]\nlisten = "unix:{tmp_path}/metrics.sock"\n')
     daemon = Daemon(load_config(cfg), config_path=cfg)
     running = asyncio.create_task(daemon.run())
     sock = tmp_path / "qmpfd.sock"
@@ -45,6 +45,12 @@ async def test_serve_adopt_health_reload_stop(tmp_path: Path,
         assert health.status == "ok" and health.vms[0]["link"] == "up"
         placed = await c.device_attach("a", [{"id": "x0", "driver": "virtio-rng-pci"}])
         assert placed.functions[0].id == "x0"
+    r, w = await asyncio.open_unix_connection(str(tmp_path / "metrics.sock"))
+    w.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    await w.drain()
+    scraped = (await asyncio.wait_for(r.read(), 5)).decode()
+    w.close()
+    assert " 200 " in scraped.splitlines()[0] and "qmpfd_operations_total" in scraped
     with pytest.raises(QmpfdError, match="state"):
         Daemon(load_config(cfg))                  # a second daemon on the same state dir
     daemon.reload()                               # same file: applied, nothing to restart
