@@ -1,4 +1,4 @@
-"""qmpfd benchmarks (issues 6 and 10): one command, one machine, everything side by side.
+"""qmpfd benchmarks: one command, one machine, everything side by side.
 
     bench/run            # writes bench/results.md and bench/chart.png
 

@@ -20,7 +20,7 @@ def _names(cmds: list[str]) -> str:
 
 
 def _targets(r: dict[str, Any]) -> list[str]:
-    """Issue 10's targets, each with this run's figure and whether it is met."""
+    """The performance targets, each with this run's figure and whether it is met."""
     ovh = r["overhead"]
 
     def ratio(n: str) -> float:
@@ -35,7 +35,7 @@ def _targets(r: dict[str, Any]) -> list[str]:
     if "100" in r["scale"]:
         s100 = r["scale"]["100"]["ratio"]
         rows.append(("100 VMs: attach rate >= 0.8x raw QMP's", f"{s100:.2f}x", s100 >= 0.8))
-    out = ["", "### Issue 10's targets in this run", "", "| target | this run | met |",
+    out = ["", "### The performance targets in this run", "", "| target | this run | met |",
            "|---|---|---|"]
     out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
     return [*out, ""]

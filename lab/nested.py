@@ -1,4 +1,4 @@
-"""The issue-5 lab: a first-level (L1) guest with an emulated Intel IOMMU and a real 4-function
+"""The nested VFIO lab: a first-level (L1) guest with an emulated Intel IOMMU and a real 4-function
 device (e1000e functions behind a root port, so they share one IOMMU group as on real hardware).
 
 L1 runs the host's Debian kernel with the modules it needs (virtio, 9p, vfio, e1000e), mounts

@@ -1,5 +1,5 @@
 # ruff: noqa: ASYNC110, ASYNC220, ASYNC221 - a lab script: blocking calls and polling are fine
-"""Runs inside the issue-5 L1 guest (see :mod:`lab.nested`): qmpfd and a second-level QEMU
+"""Runs inside the nested lab's L1 guest (see :mod:`lab.nested`): qmpfd and a second-level QEMU
 on a real kernel with an emulated IOMMU. Prints one ``LAB5 {json}`` line per step.
 
 First against an L2 QEMU held at start (-S): QEMU's own view and the L1 kernel's drivers. Then,

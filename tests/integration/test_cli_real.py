@@ -1,5 +1,5 @@
 """qmpfctl against a real daemon: the cases that used to end in a traceback or a client-library
-message (issue 12) end in one readable line."""
+message end in one readable line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""qmpfd.client as a management plane uses it (issue 13), on a real guest: attach a display
+"""qmpfd.client as a management plane uses it, on a real guest: attach a display
 function and its audio function as one slot, wait, detach; typed replies, errors as the
 contract's exceptions, and the event iterator resuming after a reconnect without a gap."""
 

@@ -97,7 +97,7 @@ def test_bad_config_is_refused_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_service_is_hardened() -> None:
-    """The hardening issue 3 asks for stays in the unit (systemd-analyze verify checks syntax)."""
+    """The hardening the unit promises stays in the unit (systemd-analyze verify checks syntax)."""
     text = (ROOT / "systemd" / "qmpfd.service").read_text()
     settings = dict(line.split("=", 1) for line in text.splitlines()
                     if "=" in line and not line.startswith("#"))

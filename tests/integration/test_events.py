@@ -1,4 +1,4 @@
-"""Events a management plane can trust (issue 13): every event has seq and boot; a client that
+"""Events a management plane can trust: every event has seq and boot; a client that
 reconnects mid-stream replays what it missed with query-events {since} and ends up with exactly
 the stream an always-connected client saw; a restart or a gap too old is said, not hidden."""
 

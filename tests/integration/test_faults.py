@@ -1,4 +1,4 @@
-"""Fault-injection matrix (issue 3): crashes, QEMU dying, cut QMP sockets, refused functions and
+"""Fault-injection matrix: crashes, QEMU dying, cut QMP sockets, refused functions and
 guests that do not answer, each against a real guest. After every fault, QEMU's own view, the
 guest's PCI list and qmpfd's state must agree, and no slot may be half-plugged.
 

@@ -1,4 +1,4 @@
-"""Fault rows for work in flight (issue 11), each against a real `pc` guest with QEMU's own view
+"""Fault rows for work in flight, each against a real `pc` guest with QEMU's own view
 (second monitor) as referee:
 
 - a ``device_add`` whose reply comes after the plug timeout (``timeout: 0.001``): the reply never

@@ -1,4 +1,4 @@
-"""VM identity and per-VM access (issue 13): query-vms shows each VM's UUID and commands take
+"""VM identity and per-VM access: query-vms shows each VM's UUID and commands take
 it in place of the name; an [[access.tenants]] rule lets a group act on its own VMs only, with a
 refusal naming the rule, listings and the event stream filtered. Real uids: the tenant's client
 runs as a throwaway user whose supplementary group the rule names."""

@@ -1,4 +1,4 @@
-"""scripts/install and scripts/uninstall into a scratch root (issue 12): the venv under /opt,
+"""scripts/install and scripts/uninstall into a scratch root: the venv under /opt,
 the config kept when edited, units systemd accepts, completions, man pages, the socket enabled;
 then everything but the config and state removed again."""
 

@@ -1,4 +1,4 @@
-"""A VM libvirt runs (issue 13): qmpfd adopts it through libvirt's own QEMU monitor passthrough
+"""A VM libvirt runs: qmpfd adopts it through libvirt's own QEMU monitor passthrough
 and monitor events (no XML edited), attaches a 4-function device that the guest sees in one
 slot, libvirt's own `virsh attach-interface` still works and lands elsewhere, and qmpfd detaches
 the whole slot. Real libvirtd (started by the test: the machine's, 9.0 on Debian 12, and Debian

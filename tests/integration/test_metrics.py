@@ -1,4 +1,4 @@
-"""Metrics and health (issue 13): the optional listener serves Prometheus text and OpenMetrics,
+"""Metrics and health: the optional listener serves Prometheus text and OpenMetrics,
 scraped here with an HTTP client and parsed with prometheus_client's own parser; counts follow
 what happened on a real QEMU; query-health reports the loop, the journal and every VM's link."""
 

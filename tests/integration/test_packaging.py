@@ -1,4 +1,4 @@
-"""The wheel as a user gets it (issue 12): the daemon and the CLI only, typed, licensed, with
+"""The wheel as a user gets it: the daemon and the CLI only, typed, licensed, with
 bounded dependencies and both commands."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fault rows for the journal and the state directory (issue 10), each against a real `pc`
+"""Fault rows for the journal and the state directory, each against a real `pc`
 guest with QEMU's own view (second monitor) as referee: a full disk before and in the middle of
 an operation, a read-only state directory, an unwritable audit log, torn, garbage, non-UTF-8 and
 wrong-shaped journals, and two daemons on one state directory or socket.

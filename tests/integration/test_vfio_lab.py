@@ -1,4 +1,4 @@
-"""Partial assignment through VFIO on a real kernel with an emulated IOMMU (issue 5's lab).
+"""Partial assignment through VFIO on a real kernel with an emulated IOMMU (the nested VFIO lab).
 
 A first-level guest (q35, intel-iommu with interrupt remapping and caching mode, the Debian kernel
 with vfio and e1000e) holds a 4-function e1000e device behind a root port: one IOMMU group, four
@@ -31,7 +31,7 @@ def lab() -> dict[str, dict[str, Any]]:
         if line.startswith("LAB5 {"):
             data = json.loads(line[5:])
             steps[data["step"]] = data
-    print(f"\nissue-5 lab: {seconds:.0f} s (L1 boot, qmpfd and L2 QEMU inside)")
+    print(f"\nnested VFIO lab: {seconds:.0f} s (L1 boot, qmpfd and L2 QEMU inside)")
     assert "error" not in steps, steps.get("error")
     assert "done" in steps, "\n".join(lines[-40:])
     return steps

@@ -18,7 +18,7 @@ from lab.vm import LabVm, LabVmSpec
 
 DATA = Path(__file__).parent / "data"
 
-#: The first-level lab of issue 5: q35 with an emulated IOMMU and a 4-function device (e1000e
+#: The nested VFIO lab's first level: q35 with an emulated IOMMU and a 4-function device (e1000e
 #: functions) behind a root port, plus a single-function device on another port.
 LABS = {
     "q35-iommu-4fn": LabVmSpec(machine="q35", iommu=True, root_ports=2, cmdline="qmpfd.dump-sysfs",

@@ -1,5 +1,5 @@
-"""Host PCI model and assignment rules, on sysfs captured from the issue-5 lab guest (q35 with an
-emulated Intel IOMMU, a 4-function e1000e device behind root port rp1 at 0000:01:00)."""
+"""Host PCI model and assignment rules, on sysfs captured from the nested VFIO lab's guest (q35
+with an emulated Intel IOMMU, a 4-function e1000e device behind root port rp1 at 0000:01:00)."""
 
 from __future__ import annotations
 

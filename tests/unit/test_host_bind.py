@@ -1,4 +1,4 @@
-"""Binding host functions to vfio-pci when the bind fails half-way (issue 11), on a fake sysfs
+"""Binding host functions to vfio-pci when the bind fails half-way, on a fake sysfs
 tree in a temporary directory: the writes land in plain files, and no driver ever takes the
 function, exactly what a host without the vfio-pci module shows.
 
