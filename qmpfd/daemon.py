@@ -72,7 +72,7 @@ class Daemon:
     def _state_counts(self) -> dict[str, Any]:
         vms = self.vms.all()
         return {"vms": len(vms), "connected": sum(vm.link.connected for vm in vms),
-                "queued": sum(len(e.functions) for vm in vms for e in vm.pending.all()),
+                "queued": sum(len(e.functions) for vm in vms for e in vm.queued()),
                 "orphaned": sum(len(vm.table.orphans()) for vm in vms),
                 "held": len(self.journal.host), "in_flight": len(self.journal.ops)}
 

@@ -245,7 +245,7 @@ class Commands:
 
     async def query_pending(self, a: m.QueryPendingArgs) -> list[dict[str, Any]]:
         vms = [self.vms.get(a.vm)] if a.vm else self.vms.all()
-        return [replies.pending(vm.name, p) for vm in vms for p in vm.pending.all()]
+        return [replies.pending(vm.name, p) for vm in vms for p in vm.queued()]
 
     async def pending_cancel(self, a: m.SlotRef) -> dict[str, Any]:
         return replies.pending(a.vm, await self.vms.get(a.vm).pending_cancel(a.bus, a.slot))

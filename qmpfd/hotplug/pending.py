@@ -4,9 +4,10 @@ A non-zero function waits here, not in QEMU, until function 0 of its slot arrive
 then flushed as one attach. Keeping queued functions out of QEMU means a queue that is cancelled
 or expires needs no guest cooperation to clean up.
 
-Queues are also kept in the journal (:meth:`PendingSlot.to_record`), so a restarted qmpfd still
-flushes them when function 0 arrives: a management plane that queued function 1 before an
-upgrade must not see function 0 attached alone afterwards.
+A queue belongs to its slot (:class:`~qmpfd.hotplug.slot.Slot`, state QUEUED). Queues are also
+kept in the journal (:meth:`PendingSlot.to_record`), so a restarted qmpfd still flushes them when
+function 0 arrives: a management plane that queued function 1 before an upgrade must not see
+function 0 attached alone afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmpfd.errors import Conflict
-from qmpfd.hotplug.plan import FunctionSpec
+from qmpfd.hotplug.spec import FunctionSpec
 
 SlotKey = tuple[str, int]
 
@@ -58,57 +59,26 @@ class PendingSlot:
         return entry
 
 
-class PendingQueues:
-    """The queues of one VM, keyed by (bus, slot)."""
+def restore(records: list[dict[str, Any]], now_mono: float,
+            now_wall: float) -> list[PendingSlot]:
+    """Queues from journal records; a record this version cannot read is skipped."""
+    out = []
+    for rec in records:
+        try:
+            out.append(PendingSlot.from_record(rec, now_mono, now_wall))
+        except (KeyError, TypeError, ValueError, Conflict):
+            continue
+    return out
 
-    def __init__(self) -> None:
-        self._slots: dict[SlotKey, PendingSlot] = {}
 
-    @classmethod
-    def restore(cls, records: list[dict[str, Any]], now_mono: float,
-                now_wall: float) -> PendingQueues:
-        """Queues from journal records; a record this version cannot read is skipped."""
-        queues = cls()
-        for rec in records:
-            try:
-                entry = PendingSlot.from_record(rec, now_mono, now_wall)
-            except (KeyError, TypeError, ValueError, Conflict):
-                continue
-            queues._slots[(entry.bus, entry.slot)] = entry
-        return queues
-
-    def __contains__(self, key: SlotKey) -> bool:
-        return key in self._slots
-
-    def keys(self) -> set[SlotKey]:
-        return set(self._slots)
-
-    def ids(self) -> set[str]:
-        return {f.id for p in self._slots.values() for f in p.functions.values()}
-
-    def get(self, key: SlotKey) -> PendingSlot | None:
-        return self._slots.get(key)
-
-    def preview(self, spec: FunctionSpec, bus: str, slot: int, ttl: float) -> PendingSlot:
-        """The slot's queue as it would be with ``spec`` added; raises on a clash and stores
-        nothing (the journal writes it first, then :meth:`put`)."""
-        current = self._slots.get((bus, slot))
-        if current is None:
-            entry = PendingSlot(bus, slot, time.monotonic() + ttl)
-        else:
-            entry = PendingSlot(bus, slot, current.expires_at, dict(current.functions),
-                                current.created_at)
-        entry.add(spec)
-        return entry
-
-    def put(self, entry: PendingSlot) -> None:
-        self._slots[(entry.bus, entry.slot)] = entry
-
-    def pop(self, key: SlotKey) -> PendingSlot | None:
-        return self._slots.pop(key, None)
-
-    def expired(self, now: float) -> list[PendingSlot]:
-        return [p for p in self._slots.values() if p.expires_at <= now]
-
-    def all(self) -> list[PendingSlot]:
-        return list(self._slots.values())
+def preview(current: PendingSlot | None, spec: FunctionSpec, bus: str, slot: int,
+            ttl: float) -> PendingSlot:
+    """The slot's queue as it would be with ``spec`` added; raises on a clash and changes
+    nothing (the journal writes it first; then the slot takes it)."""
+    if current is None:
+        entry = PendingSlot(bus, slot, time.monotonic() + ttl)
+    else:
+        entry = PendingSlot(bus, slot, current.expires_at, dict(current.functions),
+                            current.created_at)
+    entry.add(spec)
+    return entry

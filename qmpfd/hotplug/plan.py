@@ -5,26 +5,17 @@ how to roll back. Pure code: no QEMU, so ``dry-run`` costs nothing and every rul
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qmpfd.errors import InvalidRequest, Unsupported
 from qmpfd.hotplug.policies.base import Policy, SlotMember
 from qmpfd.hotplug.slots import SlotTable
+from qmpfd.hotplug.spec import FunctionSpec as FunctionSpec  # re-exported: callers' name
 
 MAX_FUNCTIONS = 8
 #: device_add arguments qmpfd sets itself; a request may not pass them as properties.
 RESERVED_PROPERTIES = frozenset({"id", "driver", "bus", "addr", "multifunction"})
-
-
-@dataclass(frozen=True)
-class FunctionSpec:
-    """One function as requested: a QEMU device model and its properties."""
-
-    id: str
-    driver: str
-    function: int
-    properties: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,48 +15,31 @@ States and the transitions between them (each a method below, with its rule)::
 
 EMPTY, PRESENT and ORPHANED are read from the topology: a slot whose functions include function 0
 is PRESENT; one holding only non-zero functions (invisible to the guest, left by something outside
-qmpfd or an old crash) is ORPHANED. The others are claims. Pure code: no I/O, no clock.
+qmpfd or an old crash) is ORPHANED. The others belong to the one :class:`~qmpfd.hotplug.slot.Slot`
+that owns the work on the slot (its queue, its operation, the future that completes when it
+ends); the table makes it, checks where each transition starts, and drops it when the work ends.
+Pure code: no I/O, no clock.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.hotplug.pending import PendingSlot
+from qmpfd.hotplug.slot import Slot, SlotKey, SlotState, SlotStateError
 from qmpfd.qemu.topology import Bus, Function, RawDevice, Topology
 
-SlotKey = tuple[str, int]
-
-
-class SlotState(enum.Enum):
-    EMPTY = "empty"
-    QUEUED = "queued"            # non-zero functions wait in qmpfd for function 0
-    ATTACHING = "attaching"      # an attach runs (some functions may be in QEMU already)
-    PRESENT = "present"          # function 0 and the rest are in QEMU: the guest sees the slot
-    UNPLUGGING = "unplugging"    # device_del sent, waiting for DEVICE_DELETED
-    ORPHANED = "orphaned"        # QEMU holds non-zero functions without function 0
-
-
-class SlotStateError(Conflict):
-    """A transition asked of a slot that is not in a state allowing it (a race lost)."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    state: SlotState
-    ids: tuple[str, ...]
+__all__ = ["Slot", "SlotKey", "SlotState", "SlotStateError", "SlotTable"]
 
 
 class SlotTable:
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
-        self._claims: dict[SlotKey, Claim] = {}
+        #: the slots a queue or an operation holds, each owned by its one Slot
+        self._claims: dict[SlotKey, Slot] = {}
         #: slot -> the time (monotonic, given by the caller) before which it is not reused
         self._held_back: dict[SlotKey, float] = {}
-        #: called after any claim ends (whoever waits for operations to settle listens)
-        self.on_release: Callable[[], None] | None = None
         #: reads of QEMU's topology in progress, and what changed since the first began
         #: (replayed onto each read's result, so a refresh never loses a change it raced)
         self._reads = 0
@@ -86,13 +69,25 @@ class SlotTable:
             return SlotState.ORPHANED
         return SlotState.PRESENT
 
-    def claim(self, key: SlotKey) -> Claim | None:
+    def claim(self, key: SlotKey) -> Slot | None:
+        """The work on the slot, if any."""
         return self._claims.get(key)
 
-    def in_flight(self) -> list[tuple[SlotKey, Claim]]:
+    def in_flight(self) -> list[Slot]:
         """Slots an operation is changing now (ATTACHING, UNPLUGGING)."""
-        return [(k, c) for k, c in self._claims.items()
+        return [c for c in self._claims.values()
                 if c.state in (SlotState.ATTACHING, SlotState.UNPLUGGING)]
+
+    def queued(self, key: SlotKey) -> PendingSlot | None:
+        """The functions queued on the slot for its function 0."""
+        c = self._claims.get(key)
+        return c.queue if c is not None else None
+
+    def queues(self) -> list[PendingSlot]:
+        return [c.queue for c in self._claims.values() if c.queue is not None]
+
+    def queued_ids(self) -> set[str]:
+        return {f.id for q in self.queues() for f in q.functions.values()}
 
     def ids_in_use(self) -> set[str]:
         """Ids QEMU has, and ids claimed by queues and attaches not yet in QEMU."""
@@ -134,7 +129,8 @@ class SlotTable:
         if state is SlotState.EMPTY:
             return
         claim = self._claims.get(key)
-        owners = list(claim.ids) if claim else [f.id or f.driver for f in self.functions(key)]
+        owners = (list(claim.ids) if claim is not None
+                  else [f.id or f.driver for f in self.functions(key)])
         raise Conflict(f"slot: {key[0]} slot {key[1]} is taken ({state.value}: "
                        f"{', '.join(owners) or 'an operation'})")
 
@@ -198,11 +194,9 @@ class SlotTable:
         where = f"bus '{bus}'" if bus else "any hotpluggable bus"
         raise Conflict(f"slot: no free slot on {where}")
 
-    # -- transitions -----------------------------------------------------------------------
-    def _release(self, key: SlotKey) -> None:
-        del self._claims[key]
-        if self.on_release is not None:
-            self.on_release()
+    # -- transitions (each checked by the Slot that owns the work) -------------------------
+    def _end(self, key: SlotKey) -> None:
+        self._claims.pop(key).end()
 
     def _expect(self, key: SlotKey, *allowed: SlotState) -> SlotState:
         state = self.state(key)
@@ -210,22 +204,41 @@ class SlotTable:
             raise SlotStateError(f"slot: {key[0]} slot {key[1]} is {state.value}")
         return state
 
-    def queue(self, key: SlotKey, dev_id: str) -> None:
-        """EMPTY|QUEUED -> QUEUED: a non-zero function waits in qmpfd for function 0."""
-        self._expect(key, SlotState.EMPTY, SlotState.QUEUED)
-        before = self._claims.get(key)
-        self._claims[key] = Claim(SlotState.QUEUED, (*(before.ids if before else ()), dev_id))
+    def _owner(self, key: SlotKey) -> Slot:
+        c = self._claims.get(key)
+        if c is None:
+            raise SlotStateError(f"slot: {key[0]} slot {key[1]} is "
+                                 f"{self._state_in_qemu(key).value}; no operation holds it")
+        return c
 
-    def unqueue(self, key: SlotKey) -> None:
-        """QUEUED -> EMPTY: the queue was flushed, cancelled or expired."""
-        self._expect(key, SlotState.QUEUED)
-        self._release(key)
+    def queue(self, key: SlotKey, entry: PendingSlot) -> None:
+        """EMPTY|QUEUED -> QUEUED: the slot's queue is now ``entry`` (one more function, or
+        a queue restored from the journal)."""
+        if self._expect(key, SlotState.EMPTY, SlotState.QUEUED) is SlotState.EMPTY:
+            self._claims[key] = Slot(key, SlotState.QUEUED, ())
+        self._claims[key].add_to_queue(entry)
 
-    def reserve(self, key: SlotKey, ids: Iterable[str]) -> None:
+    def unqueue(self, key: SlotKey) -> PendingSlot:
+        """QUEUED -> EMPTY: the queue is flushed, cancelled or expired; returns it."""
+        slot = self._owner(key)
+        entry = slot.queue
+        slot.end()
+        del self._claims[key]
+        assert entry is not None, "a QUEUED slot holds its queue"
+        return entry
+
+    def reserve(self, key: SlotKey, ids: Iterable[str]) -> Slot:
         """EMPTY -> ATTACHING: the slot is the attach's before the allocation lock is let go,
         so two attaches never get the same slot."""
         self._expect(key, SlotState.EMPTY)
-        self._claims[key] = Claim(SlotState.ATTACHING, tuple(ids))
+        slot = self._claims[key] = Slot(key, SlotState.ATTACHING, tuple(ids))
+        return slot
+
+    def recorded(self, key: SlotKey, operation: str) -> None:
+        """ATTACHING|UNPLUGGING: the operation's journal record is written (nothing if the
+        work already ended meanwhile: the guest emptied the slot while it was written)."""
+        if key in self._claims:
+            self._claims[key].recorded(operation)
 
     def added(self, key: SlotKey, devices: Iterable[RawDevice]) -> None:
         """While ATTACHING: QEMU accepted these device_adds (or may have: a late reply)."""
@@ -237,30 +250,39 @@ class SlotTable:
     def attach_done(self, key: SlotKey) -> None:
         """ATTACHING -> PRESENT."""
         self._expect(key, SlotState.ATTACHING)
-        self._release(key)
+        self._end(key)
 
     def attach_undone(self, key: SlotKey, left: Sequence[str]) -> None:
         """ATTACHING -> EMPTY once rolled back; UNPLUGGING while ``left`` are still in QEMU."""
         self._expect(key, SlotState.ATTACHING)
         if left:
-            self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(left))
+            self._claims[key].rollback_waits(left)
         else:
-            self._release(key)
+            self._end(key)
 
-    def begin_unplug(self, key: SlotKey, ids: Sequence[str]) -> None:
+    def begin_unplug(self, key: SlotKey, ids: Sequence[str]) -> Slot:
         """PRESENT|ORPHANED -> UNPLUGGING."""
         self._expect(key, SlotState.PRESENT, SlotState.ORPHANED)
-        self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(ids))
+        slot = self._claims[key] = Slot(key, SlotState.UNPLUGGING, tuple(ids))
+        return slot
 
-    def wait_unplug(self, key: SlotKey, ids: Sequence[str]) -> None:
-        """Recovery: an unplug journaled before a restart is still in flight -> UNPLUGGING."""
-        self._claims[key] = Claim(SlotState.UNPLUGGING, tuple(ids))
+    def wait_unplug(self, key: SlotKey, ids: Sequence[str], operation: str) -> None:
+        """Recovery: an unplug journaled before a restart is still in flight -> UNPLUGGING
+        (whatever the table thought: the journal and QEMU's topology decided)."""
+        old = self._claims.pop(key, None)
+        if old is not None:
+            old.end()
+        slot = self._claims[key] = Slot(key, SlotState.UNPLUGGING, tuple(ids))
+        slot.recorded(operation)
 
-    def unplug_ended(self, key: SlotKey) -> None:
+    def unplug_ended(self, key: SlotKey, owner: Slot | None = None) -> None:
         """UNPLUGGING -> whatever QEMU holds: EMPTY after every DEVICE_DELETED, PRESENT again
-        if the guest refused or the wait was given up."""
-        if self.state(key) is SlotState.UNPLUGGING:
-            self._release(key)
+        if the guest refused or the wait was given up. ``owner``: the work that ends; a later
+        one on the same slot (recovery took it over) is left alone."""
+        current = self._claims.get(key)
+        if (current is not None and current.state is SlotState.UNPLUGGING
+                and (owner is None or current is owner)):
+            self._end(key)
 
     # -- what QEMU tells ---------------------------------------------------------------------
     def deleted(self, dev_id: str) -> None:

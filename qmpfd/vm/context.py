@@ -13,7 +13,6 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from qmpfd.hotplug.deletion import DeletionTracker
-from qmpfd.hotplug.pending import PendingQueues
 from qmpfd.hotplug.policies import Policy
 from qmpfd.hotplug.slots import SlotTable
 from qmpfd.qemu.link import Link
@@ -29,7 +28,6 @@ class VmContext(Protocol):
     alloc: asyncio.Lock         # slot choice and claims are decided under it
     tracker: DeletionTracker    # DEVICE_DELETED waits
     link: Link                  # QEMU (replaced on reconnect)
-    pending: PendingQueues      # functions queued for function 0
     pending_ttl: float
     slots_from_top: bool        # libvirt-run VMs: qmpfd takes slots from the top
 
@@ -47,10 +45,6 @@ class VmContext(Protocol):
 
     async def refresh(self) -> None:
         """Read QEMU's topology again."""
-        ...
-
-    def next_release(self) -> asyncio.Event:
-        """An event set when the next slot claim ends (an operation or a queue)."""
         ...
 
     def operation_failed(self, op: Operation, reason: str) -> None:

@@ -95,6 +95,7 @@ async def _claim(vm: VmContext, ids: Sequence[str] | None, bus: str | None, slot
         op = await vm.journal.begin(Operation(
             "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
             policy.name))
+        vm.table.recorded(key, op.id)
     except BaseException:
         done.cancel()
         vm.table.unplug_ended(key)
@@ -153,7 +154,7 @@ def resolve_slot(vm: VmContext, ids: Sequence[str] | None, bus: str | None, slot
             found = table.find(dev_id)
             if found is None:
                 hint = " (it is queued: use pending-cancel)" \
-                    if dev_id in vm.pending.ids() else ""
+                    if dev_id in vm.table.queued_ids() else ""
                 raise NotFound(f"ids[{i}]: no device '{dev_id}' in this VM{hint}")
             keys.add(found)
         if len(keys) > 1:

@@ -27,7 +27,8 @@ from typing import Any
 
 from qmpfd.errors import QmpfdError
 from qmpfd.hotplug.deletion import DeletionTracker
-from qmpfd.hotplug.pending import PendingQueues
+from qmpfd.hotplug.pending import PendingSlot
+from qmpfd.hotplug.pending import restore as restore_queues
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
 from qmpfd.hotplug.slots import SlotTable
@@ -86,29 +87,18 @@ class ManagedVm:
         self.identity: VmIdentity | None = None
         #: Empty until the first read of QEMU; claims of restored queues go in at once.
         self.table = SlotTable(Topology())
-        self.table.on_release = self._claim_released
-        self._released = asyncio.Event()
         self._policy_name: str | None = None
         self._roots: list[tuple[str, str, str, str]] | None = None
         self._property_types = PropertyTypes()
         self.alloc = asyncio.Lock()
-        self.pending = PendingQueues.restore(list(journal.pending.get(name, {}).values()),
-                                             time.monotonic(), time.time())
-        for entry in self.pending.all():
-            for f in entry.functions.values():
-                self.table.queue((entry.bus, entry.slot), f.id)
+        for entry in restore_queues(list(journal.pending.get(name, {}).values()),
+                                    time.monotonic(), time.time()):
+            self.table.queue((entry.bus, entry.slot), entry)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._reconnecting = False
         #: the last operations that failed after their request was answered (bounded)
         self.failed: collections.deque[EndedOperation] = collections.deque(maxlen=FAILED_KEPT)
-
-    def next_release(self) -> asyncio.Event:
-        return self._released
-
-    def _claim_released(self) -> None:
-        self._released.set()
-        self._released = asyncio.Event()
 
     def operation_failed(self, op: Operation, reason: str) -> None:
         """An operation ended without doing what it was asked, after its request was answered:
@@ -291,8 +281,12 @@ class ManagedVm:
     def slots(self) -> list[SlotView]:
         queued = {(p.bus, p.slot): [(f.function, f.id, f.driver)
                                     for f in p.functions.values()]
-                  for p in self.pending.all()}
+                  for p in self.table.queues()}
         return view(self.table, queued)
+
+    def queued(self) -> list[PendingSlot]:
+        """The functions queued for their function 0, per slot."""
+        return self.table.queues()
 
     async def passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
         """Raw QMP (vm-qmp): whatever it did, qmpfd's view is read again afterwards."""

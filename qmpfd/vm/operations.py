@@ -129,6 +129,7 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
         # The slot is ours (ATTACHING); a slot just emptied waits out its reuse delay.
         await asyncio.sleep(vm.table.held_back(key, started))
         await vm.journal.begin(op)   # synced before QEMU is touched: a crash leaves a record
+        vm.table.recorded(key, op.id)
     except BaseException:
         vm.table.attach_undone(key, [])
         metrics.operation("attach", plan.policy.name, "refused")

@@ -12,9 +12,9 @@ import logging
 import time
 
 from qmpfd.errors import Conflict, NotFound, QmpfdError, Unsupported
-from qmpfd.hotplug.pending import PendingSlot
+from qmpfd.hotplug.pending import PendingSlot, preview
 from qmpfd.hotplug.plan import FunctionSpec
-from qmpfd.hotplug.slots import SlotState
+from qmpfd.hotplug.slots import SlotKey, SlotState
 from qmpfd.vm.context import VmContext
 from qmpfd.vm.operations import plan_and_reserve, run_attach
 from qmpfd.vm.results import AttachResult, QueuedResult
@@ -32,7 +32,7 @@ async def function_add(vm: VmContext, spec: FunctionSpec, bus: str,
         state = table.state(key)
         if state not in (SlotState.EMPTY, SlotState.QUEUED):
             table.check_free(key)
-        queued = vm.pending.get(key)
+        queued = table.queued(key)
         if queued is not None and any(f.id == spec.id for f in queued.functions.values()):
             raise Conflict(f"id: '{spec.id}' is already queued for {bus} slot {slot}")
         table.check_new_ids([("id", spec.id)])
@@ -40,26 +40,22 @@ async def function_add(vm: VmContext, spec: FunctionSpec, bus: str,
             policy = vm.policies()[bus]
             if not policy.multifunction:
                 raise Unsupported(policy.unsupported_reason)
-            entry = vm.pending.preview(spec, bus, slot, vm.pending_ttl)   # raises on a clash
+            entry = preview(queued, spec, bus, slot, vm.pending_ttl)   # raises on a clash
             await vm.journal.queue_saved(vm.name, entry.to_record(time.monotonic(), time.time()))
-            vm.pending.put(entry)
-            table.queue(key, spec.id)
+            table.queue(key, entry)
             vm.events.queued(bus, slot, spec.function, spec.id)
             return QueuedResult(vm.name, entry)
-        # Function 0: the queue becomes one attach. It leaves the queue and the slot is
+        # Function 0: the queue becomes one attach. It leaves the slot and the slot is
         # claimed (attaching) under the same lock, so nobody can take it in between.
-        functions = [*(queued.functions.values() if queued else []), spec]
         if queued is not None:
             table.unqueue(key)
+        functions = [*(queued.functions.values() if queued else []), spec]
         try:
             plan = plan_and_reserve(vm, functions, bus, slot, None)
         except QmpfdError:
             if queued is not None:
-                for f in queued.functions.values():
-                    table.queue(key, f.id)
+                table.queue(key, queued)
             raise
-        if queued is not None:
-            vm.pending.pop(key)
     try:
         await run_attach(vm, plan)
     finally:
@@ -70,23 +66,16 @@ async def function_add(vm: VmContext, spec: FunctionSpec, bus: str,
 
 async def pending_cancel(vm: VmContext, bus: str, slot: int) -> PendingSlot:
     async with vm.alloc:
-        entry = vm.pending.get((bus, slot))
-        if entry is None:
+        if vm.table.queued((bus, slot)) is None:
             raise NotFound(f"bus/slot: nothing is queued for {bus} slot {slot}")
         await vm.journal.queue_cancelled(vm.name, bus, slot)   # durable: failure changes nothing
-        _drop(vm, entry)
+        entry = vm.table.unqueue((bus, slot))
         vm.events.queue_cancelled(bus, slot, [f.id for f in entry.functions.values()])
         return entry
 
 
-def _drop(vm: VmContext, entry: PendingSlot) -> None:
-    vm.pending.pop((entry.bus, entry.slot))
-    if vm.table.state((entry.bus, entry.slot)) is SlotState.QUEUED:
-        vm.table.unqueue((entry.bus, entry.slot))
-
-
-def expire(vm: VmContext, entry: PendingSlot) -> None:
-    _drop(vm, entry)
+def expire(vm: VmContext, key: SlotKey) -> None:
+    entry = vm.table.unqueue(key)
     vm.journal.queue_consumed(vm.name, entry.bus, entry.slot)
     vm.events.queue_expired(entry.bus, entry.slot,
                             [f.id for f in entry.functions.values()])
@@ -98,18 +87,20 @@ async def prune(vm: VmContext) -> None:
     made behind qmpfd's back can leave."""
     topo = vm.table.topology
     present = topo.device_ids()
-    for entry in vm.pending.all():
+    for entry in vm.table.queues():
         b = topo.bus(entry.bus)
         ids = {f.id for f in entry.functions.values()}
         if b is None or not b.slot(entry.slot).empty or ids & present:
             log.warning("queued functions dropped: QEMU has their slot or ids",
                         extra={"vm": vm.name, "bus": entry.bus, "slot": entry.slot,
                                "ids": sorted(ids)})
-            expire(vm, entry)
+            expire(vm, (entry.bus, entry.slot))
 
 
 async def expire_loop(vm: VmContext) -> None:
     while True:
         await asyncio.sleep(1.0)
-        for entry in vm.pending.expired(time.monotonic()):
-            expire(vm, entry)
+        now = time.monotonic()
+        for entry in vm.table.queues():
+            if entry.expires_at <= now:
+                expire(vm, (entry.bus, entry.slot))

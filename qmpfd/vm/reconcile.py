@@ -55,7 +55,7 @@ async def reconcile(vm: VmContext) -> None:
         elif decision.action in (Action.ROLL_BACK, Action.SEND_UNPLUG) and policy:
             targets = (policy.rollback_targets(members) if op.kind == "attach"
                        else policy.unplug_targets(members))
-            vm.table.wait_unplug(key, list(decision.ids))
+            vm.table.wait_unplug(key, list(decision.ids), op.id)
             done = vm.tracker.expect(decision.ids)  # before device_del: events are fast
             deadline = time.monotonic() + (policy.timeouts.unplug if policy else 30.0)
             for target in targets:
@@ -65,7 +65,7 @@ async def reconcile(vm: VmContext) -> None:
             Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach",
                    done=done, recovered=True).watch()
         else:  # KEEP_WAITING (or no policy known for the bus any more)
-            vm.table.wait_unplug(key, list(decision.ids))
+            vm.table.wait_unplug(key, list(decision.ids), op.id)
             Unplug(vm, key, list(decision.ids), op, attach=op.kind == "attach",
                    recovered=True).watch()
 

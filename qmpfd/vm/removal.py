@@ -11,7 +11,6 @@ each one came to.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from qmpfd.errors import Conflict
 from qmpfd.hotplug.slots import SlotState
 from qmpfd.vm.context import VmContext
 
-RECHECK = 1.0   # seconds between looks if no claim ends meanwhile
+RECHECK = 1.0   # seconds between looks if no slot's work ends meanwhile
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,10 @@ def in_flight(vm: VmContext) -> list[InFlight]:
     out = [InFlight(op.id, op.kind, op.bus, op.slot, tuple(op.ids))
            for op in vm.journal.for_vm(vm.name)]
     known = {(f.bus, f.slot) for f in out}
-    for key, claim in vm.table.in_flight():
-        if key not in known:
-            kind = "attach" if claim.state is SlotState.ATTACHING else "detach"
-            out.append(InFlight(None, kind, key[0], key[1], claim.ids))
+    for work in vm.table.in_flight():
+        if work.key not in known:
+            kind = "attach" if work.state is SlotState.ATTACHING else "detach"
+            out.append(InFlight(work.operation, kind, work.key[0], work.key[1], work.ids))
     return out
 
 
@@ -65,16 +64,18 @@ def settle_limit(vm: VmContext) -> float:
 
 
 async def settle(vm: VmContext, flights: list[InFlight], limit: float) -> list[Settled]:
-    """Wait (at most ``limit``) until nothing is in flight, woken by each claim that ends."""
+    """Wait (at most ``limit``) until nothing is in flight: each slot's work is awaited
+    through its own future (:meth:`~qmpfd.hotplug.slot.Slot.when_ended`)."""
     deadline = time.monotonic() + limit
-    while True:
-        released = vm.next_release()    # before the look: a release right after still wakes
-        remaining = deadline - time.monotonic()
-        if not in_flight(vm) or remaining <= 0:
-            break
-        # RECHECK: a record ended without a claim (recovery at reconnect) wakes no one.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(released.wait(), min(remaining, RECHECK))
+    while in_flight(vm) and (remaining := deadline - time.monotonic()) > 0:
+        ends = [work.when_ended() for work in vm.table.in_flight()]
+        # RECHECK: a journal record with no slot claim (recovery at a reconnect ends it)
+        # has no future to wait on; it is looked at again this often.
+        if ends:
+            await asyncio.wait(ends, timeout=min(remaining, RECHECK),
+                               return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(min(remaining, RECHECK))
     running = {(f.bus, f.slot) for f in in_flight(vm)}
     present = vm.table.topology.device_ids()
     out = []

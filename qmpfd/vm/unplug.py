@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from qmpfd.errors import VmGone
-from qmpfd.hotplug.slots import SlotKey
+from qmpfd.hotplug.slots import Slot, SlotKey
 from qmpfd.state.journal import Operation
 from qmpfd.vm.context import VmContext
 
@@ -31,9 +31,11 @@ class Unplug:
     done: asyncio.Future[None] | None = None
     answered: bool = False               # the detach request reports the give-back itself
     recovered: bool = False              # found in flight after a restart or a reconnect
+    owner: Slot | None = None            # the slot's work this unplug ends (set by watch)
 
     def watch(self) -> asyncio.Future[None]:
         self.started = self.started or time.monotonic()
+        self.owner = self.owner or self.vm.table.claim(self.key)
         fut = self.done if self.done is not None else self.vm.tracker.expect(self.ids)
         self.done = fut
         fut.add_done_callback(self._finished)
@@ -41,7 +43,7 @@ class Unplug:
 
     def _finished(self, f: asyncio.Future[None]) -> None:
         vm = self.vm
-        vm.table.unplug_ended(self.key)
+        vm.table.unplug_ended(self.key, self.owner)
         if f.cancelled():
             return
         exc = f.exception()

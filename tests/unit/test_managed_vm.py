@@ -44,7 +44,6 @@ class Harness:
                             self.journal, command_timeout=1, connect_timeout=1, pending_ttl=60,
                             on_removed=on_removed)
         self.vm.table = SlotTable(topo(pc_raw()))
-        self.vm.table.on_release = self.vm._claim_released    # as ManagedVm wires its own
         self.vm.identity = VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0))
         self.vm._policy_name = "acpi-pcihp"
         self.qemu = ScriptedQemu(self.vm.tracker, slot_wide_eject=True)

@@ -5,18 +5,20 @@ import pytest
 
 from qmpfd.errors import Conflict, QemuError, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
-from qmpfd.hotplug.pending import PendingQueues, PendingSlot
+from qmpfd.hotplug.pending import PendingSlot, preview, restore
 from qmpfd.hotplug.plan import FunctionSpec
 
+Queues = dict[tuple[str, int], PendingSlot]
 
-def queue(q: PendingQueues, spec: FunctionSpec, bus: str, slot: int, ttl: float) -> PendingSlot:
-    entry = q.preview(spec, bus, slot, ttl)
-    q.put(entry)
+
+def queue(q: Queues, spec: FunctionSpec, bus: str, slot: int, ttl: float) -> PendingSlot:
+    entry = preview(q.get((bus, slot)), spec, bus, slot, ttl)
+    q[(bus, slot)] = entry
     return entry
 
 
 def test_queue_refuses_duplicate_function_and_id_without_changing() -> None:
-    q = PendingQueues()
+    q: Queues = {}
     queue(q, FunctionSpec("a", "e1000", 2), "pci.0", 5, ttl=60)
     with pytest.raises(Conflict, match="function 2"):
         queue(q, FunctionSpec("b", "e1000", 2), "pci.0", 5, ttl=60)
@@ -24,14 +26,13 @@ def test_queue_refuses_duplicate_function_and_id_without_changing() -> None:
         queue(q, FunctionSpec("a", "e1000", 3), "pci.0", 5, ttl=60)
     entry = q.get(("pci.0", 5))
     assert entry is not None and list(entry.functions) == [2]
-    assert q.ids() == {"a"} and q.keys() == {("pci.0", 5)}
 
 
 def test_queue_expiry_is_from_first_function() -> None:
-    q = PendingQueues()
-    queue(q, FunctionSpec("a", "e1000", 1), "pci.0", 5, ttl=10)
-    assert q.expired(time.monotonic()) == []
-    assert [e.slot for e in q.expired(time.monotonic() + 11)] == [5]
+    q: Queues = {}
+    first = queue(q, FunctionSpec("a", "e1000", 1), "pci.0", 5, ttl=10)
+    second = queue(q, FunctionSpec("b", "e1000", 2), "pci.0", 5, ttl=500)
+    assert second.expires_at == first.expires_at <= time.monotonic() + 10
 
 
 async def test_waits_for_every_function_and_ignores_child_paths() -> None:
@@ -61,16 +62,15 @@ async def test_expect_nothing_is_done_at_once() -> None:
 
 
 def test_queue_record_round_trip_keeps_functions_and_remaining_time() -> None:
-    q = PendingQueues()
+    q: Queues = {}
     entry = queue(q, FunctionSpec("n1", "e1000", 1, {"mac": "52:54:00:00:00:01"}), "pci.0", 5,
                     ttl=300)
     queue(q, FunctionSpec("n2", "virtio-rng-pci", 2), "pci.0", 5, ttl=300)
     # Saved at monotonic 1000 / wall 50_000; restored in a new process at monotonic 20 and
     # wall 50_100: 100 s of the 300 have passed.
     rec = entry.to_record(now_mono=entry.expires_at - 300, now_wall=50_000)
-    restored = PendingQueues.restore([rec], now_mono=20.0, now_wall=50_100)
-    again = restored.get(("pci.0", 5))
-    assert again is not None
+    (again,) = restore([rec], now_mono=20.0, now_wall=50_100)
+    assert (again.bus, again.slot) == ("pci.0", 5)
     assert again.functions == entry.functions
     assert again.expires_at == pytest.approx(20.0 + 200)
 
@@ -82,8 +82,8 @@ def test_unreadable_queue_records_are_skipped() -> None:
            {"bus": "pci.0", "slot": 4, "expires": 1, "functions": [
                {"id": "d", "driver": "e1000", "function": 1},
                {"id": "d", "driver": "e1000", "function": 2}]}]
-    restored = PendingQueues.restore([*bad, good], now_mono=0.0, now_wall=0.0)
-    assert restored.keys() == {("pci.0", 3)}
+    restored = restore([*bad, good], now_mono=0.0, now_wall=0.0)
+    assert [(e.bus, e.slot) for e in restored] == [("pci.0", 3)]
 
 
 async def test_deletions_are_numbered_and_told_whether_asked() -> None:

@@ -2,6 +2,7 @@ import pytest
 
 from qmpfd.api.replies import plan as describe
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach
 from qmpfd.hotplug.policies import POLICIES, Policy, policy_for
 from qmpfd.hotplug.slots import SlotTable
@@ -89,7 +90,9 @@ def test_id_clash_with_existing_device_or_queue() -> None:
     t = topo(q35_raw(native=True, occupied_rp1=True))
     with pytest.raises(Conflict, match="nic0"):
         plan_attach(t, [FunctionSpec("nic0", "e1000", 0)], policies(t))
-    t.queue(("rp2", 0), "d0")
+    queued = PendingSlot("rp2", 0, expires_at=100.0)
+    queued.add(FunctionSpec("d0", "e1000", 1))
+    t.queue(("rp2", 0), queued)
     with pytest.raises(Conflict, match=r"functions\[0\]\.id: id 'd0' is in use by rp2 slot 0"):
         plan_attach(t, specs(1), policies(t))
 

@@ -3,8 +3,10 @@
 import pytest
 
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.slots import SlotState, SlotStateError, SlotTable
 from qmpfd.hotplug.slotview import view
+from qmpfd.hotplug.spec import FunctionSpec
 from qmpfd.qemu.topology import RawDevice, peripheral
 from tests.unit.topologies import pc_raw, q35_raw, topo
 
@@ -14,6 +16,14 @@ KEY = ("pci.0", 5)
 
 def table() -> SlotTable:
     return SlotTable(topo(pc_raw()))
+
+
+def entry(key: tuple[str, int], *ids: str) -> PendingSlot:
+    """A queue holding ``ids`` as functions 1, 2, ..."""
+    q = PendingSlot(key[0], key[1], expires_at=100.0)
+    for n, dev_id in enumerate(ids, 1):
+        q.add(FunctionSpec(dev_id, "e1000", n))
+    return q
 
 
 def dev(dev_id: str, fn: int, slot: int = 5) -> RawDevice:
@@ -75,12 +85,14 @@ def test_detach_path_and_a_guest_refusal_returns_to_present() -> None:
 
 def test_queue_and_unqueue() -> None:
     t = table()
-    t.queue(KEY, "q1")
-    t.queue(KEY, "q2")
+    t.queue(KEY, entry(KEY, "q1"))
+    t.queue(KEY, entry(KEY, "q1", "q2"))
     assert t.state(KEY) is S.QUEUED and t.claim(KEY).ids == ("q1", "q2")  # type: ignore[union-attr]
-    assert {"q1", "q2"} <= t.ids_in_use()
-    t.unqueue(KEY)
-    assert t.state(KEY) is S.EMPTY
+    assert {"q1", "q2"} <= t.ids_in_use() and t.queued_ids() == {"q1", "q2"}
+    assert t.queued(KEY) is not None and [q.slot for q in t.queues()] == [5]
+    flushed = t.unqueue(KEY)
+    assert list(flushed.functions) == [1, 2]
+    assert t.state(KEY) is S.EMPTY and t.queued(KEY) is None and t.queues() == []
 
 
 @pytest.mark.parametrize("setup,transition", [
@@ -100,7 +112,8 @@ def test_transitions_refused_from_the_wrong_state(setup: str, transition: str) -
     before = t.state(KEY)
     calls = {"reserve": lambda: t.reserve(KEY, ["z"]), "attach_done": lambda: t.attach_done(KEY),
              "begin_unplug": lambda: t.begin_unplug(KEY, ["a"]), "unqueue": lambda: t.unqueue(KEY),
-             "queue": lambda: t.queue(KEY, "z"), "added": lambda: t.added(KEY, [dev("z", 0)])}
+             "queue": lambda: t.queue(KEY, entry(KEY, "z")),
+             "added": lambda: t.added(KEY, [dev("z", 0)])}
     with pytest.raises(SlotStateError, match=f"slot: pci.0 slot 5 is {before.value}"):
         calls[transition]()
     assert t.state(KEY) is before       # a refused transition changes nothing
@@ -144,7 +157,7 @@ def test_refresh_keeps_claims() -> None:
 
 def test_view_shows_claims_and_queued_functions() -> None:
     t = table()
-    t.queue(("pci.0", 6), "q1")
+    t.queue(("pci.0", 6), entry(("pci.0", 6), "q1"))
     t.reserve(KEY, ["a"])
     t.added(KEY, [dev("a", 0)])
     views = {(v.bus, v.slot): v for v in view(t, {("pci.0", 6): [(1, "q1", "e1000")]})}
@@ -197,3 +210,55 @@ def test_an_abandoned_read_changes_nothing() -> None:
     t.added(KEY, [dev("a", 0)])
     t.refresh(topo(pc_raw()))                                 # a plain refresh replaces
     assert t.find("a") is None
+
+
+async def test_the_work_on_a_slot_is_one_object_with_a_future_that_ends_once() -> None:
+    t = table()
+    work = t.reserve(KEY, ["a", "b"])
+    ended = work.when_ended()
+    t.recorded(KEY, "op-1")
+    assert t.claim(KEY) is work and work.operation == "op-1"
+    t.added(KEY, [dev("b", 1)])
+    t.attach_undone(KEY, ["b"])                        # the rollback waits for the guest
+    assert t.claim(KEY) is work and work.state is S.UNPLUGGING and work.ids == ("b",)
+    assert not ended.done() and t.in_flight() == [work]
+    t.deleted("b")
+    t.unplug_ended(KEY)
+    assert ended.done() and work.ended and t.claim(KEY) is None
+    assert work.when_ended().done()                    # asked after the end: done at once
+    with pytest.raises(SlotStateError, match=r"is unplugging \(ended\); end needs"):
+        work.end()                                     # ended once, never twice
+
+
+def test_a_transition_says_where_it_may_start() -> None:
+    t = table()
+    work = t.reserve(KEY, ["a"])
+    with pytest.raises(SlotStateError,
+                       match=r"pci\.0 slot 5 is attaching; add_to_queue needs queued"):
+        work.add_to_queue(entry(KEY, "q"))
+    assert work.queue is None and work.state is S.ATTACHING
+
+
+def test_an_old_unplug_does_not_end_the_work_that_took_its_slot_over() -> None:
+    """Recovery took an unplugging slot over (a reconnect's reconcile): the unplug that was
+    watching before must not end the new work when its own wait ends."""
+    t = table()
+    t.reserve(KEY, ["a"])
+    t.added(KEY, [dev("a", 0)])
+    t.attach_done(KEY)
+    old = t.begin_unplug(KEY, ["a"])
+    t.wait_unplug(KEY, ["a"], "op-7")
+    new = t.claim(KEY)
+    assert old.ended and new is not None and new is not old and new.operation == "op-7"
+    t.unplug_ended(KEY, old)
+    assert t.claim(KEY) is new and t.state(KEY) is S.UNPLUGGING
+    t.unplug_ended(KEY, new)
+    assert t.state(KEY) is S.PRESENT                  # QEMU still holds it: present again
+
+
+def test_recorded_after_the_work_ended_changes_nothing() -> None:
+    t = table()
+    t.reserve(KEY, ["a"])
+    t.attach_undone(KEY, [])
+    t.recorded(KEY, "op-2")                           # the guest emptied it meanwhile
+    assert t.claim(KEY) is None and t.state(KEY) is S.EMPTY
