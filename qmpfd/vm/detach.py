@@ -62,11 +62,11 @@ async def detach(vm: VmContext, *, ids: Sequence[str] | None, bus: str | None,
     unplug.watch()
     if not await _released(c, limit, force, result):
         return result            # forced: the slot stays 'unplugging' and completes later
-    unplug.answered = True
     result.seconds = round(time.monotonic() - c.started, 3)
     metrics.phase("detach", "guest", time.monotonic() - sent)
     metrics.operation("detach", c.policy.name, "ok")
-    result.host_released = await vm.removed(c.ids)
+    assert unplug.host_released is not None
+    result.host_released = await unplug.host_released
     return result
 
 

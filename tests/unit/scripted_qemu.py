@@ -21,6 +21,7 @@ class ScriptedQemu:
     script: dict[tuple[str, str], str] = field(default_factory=dict)
     devices: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (addr, function)
     sent: list[tuple[str, str]] = field(default_factory=list)
+    added: dict[str, dict[str, Any]] = field(default_factory=dict)   # id -> device_add args
     connected: bool = True
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
@@ -53,6 +54,8 @@ class ScriptedQemu:
         return result
 
     def device_list_properties(self, args: dict[str, Any], _: str) -> list[dict[str, Any]]:
+        if args["typename"] == "vfio-pci":
+            return [{"name": "host", "type": "str"}, {"name": "rombar", "type": "uint32"}]
         if args["typename"] != "virtio-rng-pci":
             raise QemuError(f"Parameter 'typename' expects a device type: {args['typename']}")
         return [{"name": "max-bytes", "type": "uint64"}, {"name": "period", "type": "uint64"},
@@ -66,6 +69,7 @@ class ScriptedQemu:
         addr = str(args["addr"])
         slot, _, fn = addr.partition(".")
         self.devices[str(args["id"])] = (slot, int(fn, 16) if fn else 0)
+        self.added[str(args["id"])] = dict(args)
         return {}
 
     def device_del(self, args: dict[str, Any], action: str) -> dict[str, Any]:

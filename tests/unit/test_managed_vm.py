@@ -22,7 +22,7 @@ from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm import follow as follow_mod
 from qmpfd.vm import operations as operations_mod
 from qmpfd.vm import removal
-from qmpfd.vm.managed import ManagedVm
+from qmpfd.vm.managed import ManagedVm, OnRemoved
 from qmpfd.vm.reconcile import reconcile
 from tests.unit.scripted_qemu import GONE, LOST, NO_EVENT, ScriptedQemu
 from tests.unit.topologies import pc_raw, q35_raw, topo
@@ -37,9 +37,12 @@ class Harness:
         self.released: list[list[str]] = []
         self.journal = Journal.open(tmp_path)
 
-        async def on_removed(_vm: str, ids: list[str]) -> list[str]:
+        #: what gives host functions back (the daemon wires HostDevices.release here)
+        self.release: OnRemoved | None = None
+
+        async def on_removed(vm: str, ids: list[str]) -> list[str]:
             self.released.append(sorted(ids))
-            return []
+            return await self.release(vm, ids) if self.release is not None else []
         self.vm = ManagedVm("v", tmp_path / "qmp.sock", lambda n, d: self.events.append((n, d)),
                             self.journal, command_timeout=1, connect_timeout=1, pending_ttl=60,
                             on_removed=on_removed)

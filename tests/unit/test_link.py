@@ -1,0 +1,179 @@
+"""QmpLink over a real Unix socket, with a peer speaking QMP's wire protocol from a script:
+the greeting, replies, QEMU's error replies, a silent QEMU, events, and a socket that closes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpfd.errors import QemuError, Timeout, VmGone
+from qmpfd.qemu.link import EventFanout, LinkState, QmpLink, nobody_listens
+
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
+                    "capabilities": []}}
+
+
+class QmpPeer:
+    """Answers each command from ``replies`` (name -> return value, or an ``error`` dict, or
+    None for no answer at all); ``events`` are sent after qmp_capabilities."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.replies: dict[str, Any] = {}
+        self.received: list[str] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.greet = True
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, str(self.path))
+
+    async def stop(self) -> None:
+        for w in self.writers:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        for w in self.writers:
+            w.write(json.dumps(msg).encode() + b"\r\n")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._answer(reader, writer)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        if not self.greet:
+            await reader.read()
+            return
+        writer.write(json.dumps(GREETING).encode() + b"\r\n")
+        async for msg in _messages(reader):
+            cmd = msg["execute"]
+            self.received.append(cmd)
+            if cmd == "qmp_capabilities":
+                answer: dict[str, Any] | None = {"return": {}}
+            elif cmd not in self.replies:
+                answer = {"error": {"class": "CommandNotFound",
+                                    "desc": f"The command {cmd} has not been found"}}
+            elif self.replies[cmd] is None:
+                answer = None
+            elif isinstance(self.replies[cmd], dict) and "error" in self.replies[cmd]:
+                answer = dict(self.replies[cmd])
+            else:
+                answer = {"return": self.replies[cmd]}
+            if answer is not None:
+                if "id" in msg:
+                    answer["id"] = msg["id"]
+                writer.write(json.dumps(answer).encode() + b"\r\n")
+            await writer.drain()
+
+
+async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """QMP is a stream of JSON objects with no separator required (qemu.qmp sends none)."""
+    decoder = json.JSONDecoder()
+    buffer = ""
+    while chunk := await reader.read(4096):
+        buffer += chunk.decode()
+        while buffer.strip():
+            try:
+                msg, end = decoder.raw_decode(buffer.lstrip())
+            except json.JSONDecodeError:
+                break                                   # the rest is still on its way
+            buffer = buffer.lstrip()[end:]
+            yield msg
+
+
+@pytest.fixture
+async def peer(tmp_path: Path) -> AsyncIterator[QmpPeer]:
+    p = QmpPeer(tmp_path / "qmp.sock")
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def test_commands_replies_errors_and_silence(peer: QmpPeer) -> None:
+    link = QmpLink("v", peer.path, command_timeout=0.5)
+    assert link.state is LinkState.NEW and not link.connected
+    await link.connect(5)
+    assert link.state is LinkState.UP
+    peer.replies = {"query-status": {"status": "running"},
+                    "device_del": {"error": {"class": "DeviceNotFound", "desc": "no 'x'"}},
+                    "query-pci": None}
+    assert await link.execute("query-status") == {"status": "running"}
+    with pytest.raises(QemuError, match="DeviceNotFound") as refused:
+        await link.execute("device_del", {"id": "x"})
+    assert refused.value.qemu_class == "DeviceNotFound"
+    with pytest.raises(Timeout, match=r"did not answer query-pci within 0\.2 s"):
+        await link.execute("query-pci", timeout=0.2)
+    assert link.commands_sent == 3
+    await link.close()
+    assert link.state is LinkState.CLOSED
+    with pytest.raises(VmGone, match="not connected"):
+        await link.execute("query-status")
+
+
+async def test_events_reach_subscribers_and_a_closed_socket_is_noticed(peer: QmpPeer) -> None:
+    link = QmpLink("v", peer.path, command_timeout=1)
+    heard: list[dict[str, Any]] = []
+    gone = asyncio.Event()
+    link.subscribe(heard.append)
+    link.on_disconnect = gone.set
+    await link.connect(5)
+    peer.send({"event": "DEVICE_DELETED", "data": {"device": "a", "path": "/x"},
+               "timestamp": {"seconds": 1, "microseconds": 0}})
+    for _ in range(100):
+        if heard:
+            break
+        await asyncio.sleep(0.01)
+    assert heard[0]["event"] == "DEVICE_DELETED" and heard[0]["data"]["device"] == "a"
+    await peer.stop()                                   # QEMU went away
+    await asyncio.wait_for(gone.wait(), 5)
+    assert heard[-1]["event"] == "QMPFD_DISCONNECTED"
+    assert link.state is LinkState.DOWN
+    with pytest.raises(VmGone):
+        await link.execute("query-status")
+    await link.close()
+
+
+async def test_connect_failures(tmp_path: Path) -> None:
+    with pytest.raises(VmGone, match="cannot connect to QMP socket"):
+        await QmpLink("v", tmp_path / "none.sock", 1).connect(1)
+    silent = QmpPeer(tmp_path / "silent.sock")
+    silent.greet = False
+    await silent.start()
+    try:
+        with pytest.raises(Timeout, match=r"no QMP greeting .* within 0\.3 s"):
+            await QmpLink("v", silent.path, 1).connect(0.3)
+    finally:
+        await silent.stop()
+
+
+async def test_nobody_listens_only_when_nothing_can(tmp_path: Path, peer: QmpPeer) -> None:
+    assert await nobody_listens(tmp_path / "none.sock", 1)
+    assert not await nobody_listens(peer.path, 1)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert await nobody_listens(plain, 1)                # a file nobody can listen on
+
+
+def test_a_failing_subscriber_does_not_starve_the_others() -> None:
+    fan = EventFanout("v")
+    got: list[str] = []
+
+    def broken(_ev: dict[str, Any]) -> None:
+        raise RuntimeError("boom")
+    fan.subscribe(broken)
+    off = fan.subscribe(lambda ev: got.append(ev["event"]))
+    fan.deliver({"event": "A"})
+    off()
+    off()                                                # twice: harmless
+    fan.deliver({"event": "B"})
+    assert got == ["A"]

@@ -1,0 +1,174 @@
+"""The small modules around the core: tenants' checks, the host inventory and its deny rules,
+why a host function is in use, sd_notify, fault points, the ``python -m`` entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import runpy
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpfd import faults, systemd
+from qmpfd.access.peer import Peer
+from qmpfd.access.policy import AccessPolicy, Scope
+from qmpfd.api import tenancy
+from qmpfd.config import AccessConfig, HostConfig
+from qmpfd.errors import NotFound
+from qmpfd.host.inventory import deny_rules, describe
+from qmpfd.host.pciids import PciIds
+from qmpfd.host.sysfs import HostPci, read_host
+from qmpfd.host.usage import in_use_reasons
+from tests.unit.capture_sysfs import rebuild
+
+SCOPE = Scope("access.tenants[0] (group t: a-*)", ("a-*",))
+
+
+class Vms:
+    """What tenancy asks of the registry: a name or UUID to the VM's name."""
+
+    def get(self, key: str) -> Any:
+        if key == "uuid-of-a-1":
+            return type("Vm", (), {"name": "a-1"})()
+        if key.startswith(("a-", "b-")):
+            return type("Vm", (), {"name": key})()
+        raise NotFound(f"vm: no VM '{key}'")
+
+
+@pytest.mark.parametrize(("command", "args", "refused"), [
+    ("vm-qmp", {"vm": "a-1"}, "vm-qmp (raw QMP)"),
+    ("query-host-devices", {}, "host devices"),
+    ("device-attach", {"vm": "a-1", "functions": [{"id": "h", "host": "0000:01:00.0"}]},
+     "assigning host functions"),
+    ("device-attach", {"vm": "b-1", "functions": []}, "VM 'b-1'"),
+    ("vm-add", {"name": "b-2"}, "VM 'b-2'"),
+    ("vm-remove", {"name": "b-1"}, "VM 'b-1'"),
+])
+def test_tenant_refusals_name_the_rule(command: str, args: dict[str, Any], refused: str) -> None:
+    with pytest.raises(tenancy.AccessDenied,
+                       match=re.escape(refused) + r".* is outside access\.tenants\[0\]"):
+        tenancy.check(SCOPE, command, args, Vms())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("command", "args"), [
+    ("device-attach", {"vm": "a-1", "functions": [{"id": "x", "driver": "e1000"}]}),
+    ("vm-add", {"name": "a-new"}),
+    ("query-slots", {"vm": "uuid-of-a-1"}),       # a UUID counts as the VM it names
+    ("query-slots", {"vm": "a-unknown"}),
+    ("query-vms", {}),
+])
+def test_tenant_may_use_its_vms(command: str, args: dict[str, Any]) -> None:
+    tenancy.check(SCOPE, command, args, Vms())  # type: ignore[arg-type]
+
+
+def test_tenant_listings_show_only_theirs() -> None:
+    vms = [{"name": "a-1"}, {"name": "b-1"}]
+    assert tenancy.visible(SCOPE, "query-vms", vms) == [{"name": "a-1"}]
+    ops = [{"vm": "a-1"}, {"vm": "b-1"}]
+    assert tenancy.visible(SCOPE, "query-operations", ops) == [{"vm": "a-1"}]
+    assert tenancy.visible(SCOPE, "query-pending", ops) == [{"vm": "a-1"}]
+    events = {"complete": True, "events": [{"data": {"vm": "a-1"}}, {"data": {"vm": "b-1"}},
+                                           {"data": {}}]}
+    assert tenancy.visible(SCOPE, "query-events", events) == {
+        "complete": True, "events": [{"data": {"vm": "a-1"}}]}
+    assert tenancy.visible(SCOPE, "query-version", {"x": 1}) == {"x": 1}
+
+
+def test_policy_from_config_tenants_and_unknown_names(tmp_path: Path) -> None:
+    gid = os.getgid()
+    cfg = AccessConfig.model_validate({
+        "users": ["no-such-user-qmpfd", 4242], "groups": ["no-such-group-qmpfd"],
+        "qmp-dirs": [str(tmp_path)], "tenants": [{"group": 777, "vms": ["a-*"]},
+                                                 {"group": "no-such-group-qmpfd", "vms": ["x"]}]})
+    p = AccessPolicy.from_config(cfg)
+    assert 4242 in p.uids and os.getuid() in p.uids and not p.gids
+    assert [s.rule for _, s in p.tenants] == ["access.tenants[0] (group 777: a-*)"]
+    tenant = Peer(1, 5555, 777)
+    assert p.admit(tenant) is None
+    scope = p.scope(tenant)
+    assert scope is not None and scope.allows("a-1") and not scope.allows("b-1")
+    assert not scope.allows(None)
+    assert p.scope(Peer(1, os.getuid(), gid)) is None          # full access
+    assert p.admit(Peer(1, 5555, 5555)) is not None
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> HostPci:
+    sysfs, proc = rebuild("q35-iommu-4fn", tmp_path)
+    return read_host(sysfs, proc)
+
+
+def test_inventory_describes_functions_with_names_holders_and_denials(host: HostPci) -> None:
+    cfg = HostConfig.model_validate({"deny": [
+        {"reason": "not these NICs", "vendor-device": "8086:10d3"},
+        {"reason": "no bridges", "class": "0x0604"}]})
+    rules = deny_rules(cfg)
+    assert rules[0].vendor_device == (0x8086, 0x10D3) and rules[1].class_prefix == "0x0604"
+    ids = PciIds.parse("8086  Intel Corporation\n\t10d3  82574L Gigabit Network Connection\n"
+                       "C 02  Network controller\n\t00  Ethernet controller\n")
+    slots = describe(host, ids, {"0000:01:00.1": "vm1"}, True, rules)
+    (nic,) = [s for s in slots if s["slot"] == "0000:01:00"]
+    fn1 = nic["functions"][1]
+    assert fn1["held-by"] == "vm1" and fn1["vendor-name"] == "Intel Corporation"
+    assert fn1["class-name"] == "Ethernet controller" and fn1["in-use"] == []
+    assert len(fn1["group-members"]) == 4
+    assert {f["denied"] for f in nic["functions"]} == {"not these NICs"}
+    assert [s["slot"] for s in slots] == ["0000:00:1f", "0000:01:00"]   # multifunction only
+    everything = {s["slot"]: s for s in describe(host, PciIds(), {}, False, rules)}
+    assert everything["0000:00:10"]["functions"][0]["denied"] == "no bridges"
+    assert everything["0000:02:00"]["functions"][0]["vendor-name"] is None
+
+
+def test_in_use_reasons(host: HostPci) -> None:
+    fn = next(iter(host.functions.values()))
+    busy = dataclasses.replace(fn, net=(("eth0", "up"), ("eth1", "down")), block=("sda",),
+                               boot_vga=True)
+    mounted = dataclasses.replace(host, mounted_devices=frozenset({"sda"}))
+    assert in_use_reasons(busy, mounted) == [
+        "network interface eth0 is up", "block device sda is mounted",
+        "it is the boot VGA device (the host console)"]
+    assert in_use_reasons(fn, host) == []
+
+
+def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not systemd.notify("READY=1")
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert systemd.notify("READY=1")
+        assert sock.recv(64) == b"READY=1"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        name = f"qmpfd-test-{os.getpid()}"
+        sock.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)   # abstract namespace
+        assert systemd.notify("STOPPING=1")
+        assert sock.recv(64) == b"STOPPING=1"
+
+
+async def test_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setenv("QMPFD_CRASH_AT", "attach-begin")
+    monkeypatch.setenv("QMPFD_PAUSE_AT", "detach-sent")
+    monkeypatch.setenv("QMPFD_PAUSE_SECONDS", "0")
+    await faults.fault_point("attach-begin")
+    await faults.fault_point("detach-sent")
+    await faults.fault_point("elsewhere")
+    assert killed == [(os.getpid(), signal.SIGKILL)]
+
+
+@pytest.mark.parametrize("module", ["qmpfd", "qmpfd.cli"])
+def test_python_m_entry_points(module: str, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.argv", [module, "--version"])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module(module, run_name="__main__")
+    assert ended.value.code in (0, None)
+    assert capsys.readouterr().out.startswith("qmpf")   # qmpfd or qmpfctl, and its version
