@@ -147,9 +147,14 @@ class Daemon:
         await self.vms.readopt()
         await self.server.listen(d.socket, d.socket_mode, d.socket_group)
         metrics_server = None
+        collector = metrics.StateCollector(self._state_counts)
         if self.config.metrics.listen:
-            metrics.REGISTRY.register(metrics.StateCollector(self._state_counts))
-            metrics_server = await metrics_http.serve(self.config.metrics.listen)
+            metrics.REGISTRY.register(collector)   # unregistered at shutdown: one per daemon
+            try:
+                metrics_server = await metrics_http.serve(self.config.metrics.listen)
+            except BaseException:
+                metrics.REGISTRY.unregister(collector)
+                raise
         lag = asyncio.create_task(self._measure_lag())
         systemd.notify("READY=1")
         interval = watchdog_interval()
@@ -161,6 +166,7 @@ class Daemon:
         lag.cancel()
         if metrics_server is not None:
             metrics_server.close()
+            metrics.REGISTRY.unregister(collector)
         systemd.notify("STOPPING=1")
         log.info("shutting down")
         await self.server.close()

@@ -1,0 +1,21 @@
+"""Shared by every unit test."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """The daemon's main() and reload() set the root logger up (a handler on this test's
+    stderr): put back what pytest had, so later tests do not log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    qemu_level = logging.getLogger("qemu").level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("qemu").setLevel(qemu_level)

@@ -1,0 +1,125 @@
+"""The daemon's entry point and its runtime duties in this process: ``main`` with its signals
+(SIGHUP reloads, SIGTERM stops), configs refused at start or reload, a damaged journal set aside
+only when asked, health problems, the systemd watchdog, a tenant's event filter, and the
+metrics listener's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from qmpfd.access.peer import Peer
+from qmpfd.api import metrics_http
+from qmpfd.config import load_config
+from qmpfd.daemon import Daemon, main, open_journal
+from qmpfd.errors import QmpfdError
+from tests.unit.test_daemon_inprocess import config_file
+
+
+def _signal_when_listening(sock: Path, *signals: signal.Signals) -> threading.Thread:
+    def send() -> None:
+        for _ in range(500):
+            if sock.exists():
+                break
+            threading.Event().wait(0.01)
+        for sig in signals:
+            os.kill(os.getpid(), sig)
+            threading.Event().wait(0.1)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_main_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
+    cfg = config_file(tmp_path)
+    thread = _signal_when_listening(tmp_path / "qmpfd.sock", signal.SIGHUP, signal.SIGTERM)
+    assert main(["--config", str(cfg), "--log-format", "text"]) == 0
+    thread.join(5)
+    assert not (tmp_path / "qmpfd.sock").exists()
+
+
+def test_main_refuses_a_bad_config_and_a_damaged_journal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nmax-clients = 0\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "max-clients" in capsys.readouterr().err
+    cfg = config_file(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = open_journal(state, False)
+    path = journal.path
+    journal.close()
+    path.write_text("garbage that is no record\n{\"v\": 1}\n")
+    assert main(["--config", str(cfg)]) == 1
+    assert "--set-aside-damaged-journal" in capsys.readouterr().err
+    aside = open_journal(state, True)
+    assert aside.ops == {} and list(state.glob("*.damaged-*"))
+    aside.close()
+
+
+async def test_reload_health_watchdog_and_tenant_events(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config_file(tmp_path, f'[[access.tenants]]\ngroup = 4321\nvms = ["a-*"]\n'
+                                f'[metrics]\nlisten = "unix:{tmp_path}/m.sock"\n')
+    notified: list[str] = []
+    monkeypatch.setattr("qmpfd.systemd.notify", lambda state: notified.append(state) or True)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    daemon = Daemon(load_config(cfg), config_path=cfg)
+    running = asyncio.create_task(daemon.run())
+    for _ in range(200):
+        if "READY=1" in notified:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.15)
+    assert "WATCHDOG=1" in notified
+    cfg.write_text(cfg.read_text().replace("qmpfd.sock", "other.sock"))
+    daemon.reload()                                       # applied; the socket needs a restart
+    assert daemon.config.daemon.socket.name == "other.sock"
+    cfg.write_text("[daemon]\nmax-clients = 0\n")
+    daemon.reload()                                       # refused: the running config stays
+    assert daemon.config.daemon.socket.name == "other.sock"
+    tenant = daemon._event_filter(Peer(1, 9999, 4321))
+    assert tenant is not None and daemon._event_filter(Peer(1, 0, 0)) is None
+    assert tenant({"data": {"vm": "a-1"}}) and not tenant({"data": {"vm": "b-1"}})
+    monkeypatch.setattr(type(daemon.journal), "last_error", property(lambda _j: "scripted"))
+    daemon.loop_lag_max = 2.0
+    health = daemon.health()
+    assert health["status"] == "degraded" and len(health["problems"]) == 2
+    for request, expect in ((b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text"
+                             b"\r\n\r\n", b"# EOF"),
+                            (b"POST /x HTTP/1.0\r\n\r\n", b"404"),
+                            (b"GET", b"")):
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "m.sock"))
+        w.write(request)
+        w.write_eof()
+        answer = await asyncio.wait_for(r.read(), 10)
+        w.close()
+        assert expect in answer
+    daemon.stop()
+    await asyncio.wait_for(running, 10)
+
+
+async def test_metrics_on_loopback_tcp() -> None:
+    server = await metrics_http.serve("127.0.0.1:0")
+    port = server.sockets[0].getsockname()[1]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    answer = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    server.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    cfg = config_file(tmp_path)
+    first = Daemon(load_config(cfg))
+    with pytest.raises(QmpfdError):
+        Daemon(load_config(cfg))
+    first.journal.close()
