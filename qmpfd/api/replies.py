@@ -1,4 +1,7 @@
-"""Domain results -> wire JSON: the only place reply shapes are decided (contract.md)."""
+"""Domain results -> wire JSON, through each command's reply model (:mod:`qmpfd.client.models`):
+the server builds the very models the typed client reads, ``query-qmp-schema`` describes and
+qmpfctl renders, and sends what it set (``exclude_unset``: a member it did not set is absent,
+never ``null``), so the three cannot drift apart."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import time
 from typing import Any
 
 from qmpfd.api.eventlog import Replay
+from qmpfd.client import models as m
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import Plan
 from qmpfd.hotplug.slotview import SlotView
@@ -20,23 +24,28 @@ from qmpfd.vm.results import (
 )
 
 
+def wire(reply: m.Reply) -> dict[str, Any]:
+    """The reply as sent: wire names (hyphens), only the members that were set."""
+    return reply.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
 def vm_added(info: VmInfo) -> dict[str, Any]:
-    return {"name": info.name, "arch": info.arch, "machine": info.machine, "qemu": info.qemu,
-            "policy": info.policy, "uuid": info.uuid}
+    return wire(m.Vm(name=info.name, arch=info.arch, machine=info.machine, qemu=info.qemu,
+                     policy=info.policy, uuid=info.uuid))
 
 
 def vm(info: VmInfo) -> dict[str, Any]:
-    return {"name": info.name, "qmp": info.qmp, "connected": info.connected, "arch": info.arch,
-            "machine": info.machine, "policy": info.policy, "qemu": info.qemu,
-            "uuid": info.uuid}
+    return wire(m.Vm(name=info.name, qmp=info.qmp, connected=info.connected, arch=info.arch,
+                     machine=info.machine, policy=info.policy, qemu=info.qemu,
+                     uuid=info.uuid))
 
 
 def vm_removed(result: RemoveResult) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if result.host_released:
-        out["host-released"] = result.host_released
+        out["host_released"] = result.host_released
     if result.host_held:
-        out["host-held"] = result.host_held
+        out["host_held"] = result.host_held
     if result.settled:
         out["settled"] = [{"operation": st.flight.operation, "kind": st.flight.kind,
                            "bus": st.flight.bus, "slot": st.flight.slot,
@@ -44,75 +53,75 @@ def vm_removed(result: RemoveResult) -> dict[str, Any]:
                            **({"in-qemu": list(st.left)} if st.outcome.startswith("still")
                               else {})}
                           for st in result.settled]
-    return out
+    return wire(m.Removed(**out))
 
 
 def slots(views: list[SlotView]) -> list[dict[str, Any]]:
-    return [{"bus": v.bus, "slot": v.slot, "hotpluggable": v.hotpluggable,
-             "functions": [{"function": f.function, "id": f.id, "driver": f.driver,
-                            "state": f.state.value} for f in v.functions]}
-            for v in views]
-
-
-def plan(vm_name: str, p: Plan) -> dict[str, Any]:
-    return {
-        "vm": vm_name, "bus": p.bus, "slot": p.slot, "policy": p.policy.name,
-        "functions": [{"id": f.id, "function": f.function} for f in p.functions],
-        "steps": [s.as_json() for s in p.steps],
-        "rollback": [s.as_json() for s in p.rollback_steps(p.ids)],
-    }
+    return [wire(m.Slot(bus=v.bus, slot=v.slot, hotpluggable=v.hotpluggable, functions=[
+        m.SlotFunction(function=f.function, id=f.id, driver=f.driver, state=f.state.value)
+        for f in v.functions])) for v in views]
 
 
 def attached(result: AttachResult) -> dict[str, Any]:
-    out = plan(result.vm, result.plan)
-    if result.dry_run:
-        out["dry-run"] = True
-    return out
+    p: Plan = result.plan
+    extra = {"dry_run": True} if result.dry_run else {}
+    return wire(m.Attached(
+        vm=result.vm, bus=p.bus, slot=p.slot, policy=p.policy.name,
+        functions=[m.PlacedFunction(id=f.id, function=f.function) for f in p.functions],
+        steps=[s.as_json() for s in p.steps],
+        rollback=[s.as_json() for s in p.rollback_steps(p.ids)], **extra))
+
+
+def _queued_functions(entry: PendingSlot) -> list[m.PlacedFunction]:
+    return [m.PlacedFunction(function=f.function, id=f.id, driver=f.driver)
+            for f in sorted(entry.functions.values(), key=lambda f: f.function)]
+
+
+def _expires_in(entry: PendingSlot) -> float:
+    return max(0.0, round(entry.expires_at - time.monotonic(), 1))
 
 
 def pending(vm_name: str, entry: PendingSlot) -> dict[str, Any]:
-    return {
-        "vm": vm_name, "bus": entry.bus, "slot": entry.slot,
-        "functions": [{"function": f.function, "id": f.id, "driver": f.driver}
-                      for f in sorted(entry.functions.values(), key=lambda f: f.function)],
-        "expires-in": max(0.0, round(entry.expires_at - time.monotonic(), 1)),
-    }
+    return wire(m.Pending(vm=vm_name, bus=entry.bus, slot=entry.slot,
+                          functions=[wire(f) for f in _queued_functions(entry)],
+                          expires_in=_expires_in(entry)))
 
 
 def function_added(result: QueuedResult | AttachResult) -> dict[str, Any]:
     if isinstance(result, QueuedResult):
-        return {"queued": True, **pending(result.vm, result.entry)}
+        entry = result.entry
+        return wire(m.Attached(queued=True, vm=result.vm, bus=entry.bus, slot=entry.slot,
+                               functions=_queued_functions(entry),
+                               expires_in=_expires_in(entry)))
     return {"queued": False, **attached(result)}
 
 
 def detached(result: DetachResult) -> dict[str, Any]:
-    out: dict[str, Any] = {"vm": result.vm, "bus": result.bus, "slot": result.slot,
-                           "ids": result.ids, "seconds": result.seconds}
+    extra: dict[str, Any] = {}
     if result.unplugging:
-        out["unplugging"] = True
+        extra["unplugging"] = True
     if result.waited:
-        out["waited-for-guest"] = result.waited
+        extra["waited_for_guest"] = result.waited
     if result.host_released:
-        out["host-released"] = result.host_released
-    return out
+        extra["host_released"] = result.host_released
+    return wire(m.Detached(vm=result.vm, bus=result.bus, slot=result.slot, ids=result.ids,
+                           seconds=result.seconds, **extra))
 
 
 def failed_operation(vm_name: str, e: EndedOperation) -> dict[str, Any]:
-    return {"operation": e.operation, "kind": e.kind, "vm": vm_name, "bus": e.bus,
-            "slot": e.slot, "ids": list(e.ids), "outcome": "failed", "reason": e.reason,
-            "ended": e.ended}
+    return wire(m.Operation(operation=e.operation, kind=e.kind, vm=vm_name, bus=e.bus,
+                            slot=e.slot, ids=list(e.ids), outcome="failed", reason=e.reason,
+                            ended=e.ended))
 
 
 def operation(op: Operation) -> dict[str, Any]:
-    return {"operation": op.id, "kind": op.kind, "vm": op.vm, "bus": op.bus, "slot": op.slot,
-            "ids": op.ids, "policy": op.policy, "started": op.started, "sent": op.sent,
-            "age": round(time.time() - op.started, 1),
-            **({"waiting": op.waiting} if op.waiting else {})}
+    extra = {"waiting": op.waiting} if op.waiting else {}
+    return wire(m.Operation(operation=op.id, kind=op.kind, vm=op.vm, bus=op.bus, slot=op.slot,
+                            ids=list(op.ids), policy=op.policy, started=op.started,
+                            sent=op.sent, age=round(time.time() - op.started, 1), **extra))
 
 
 def replay(r: Replay) -> dict[str, Any]:
-    out: dict[str, Any] = {"boot": r.boot, "seq": r.last, "complete": r.complete,
-                           "events": r.events}
-    if r.reason:
-        out["reason"] = r.reason
-    return out
+    extra = {"reason": r.reason} if r.reason else {}
+    return wire(m.Replay(boot=r.boot, seq=r.last, complete=r.complete,
+                         events=[m.Event.model_validate(e) for e in r.events], **extra))

@@ -109,42 +109,10 @@ def _hostdev(el: Element, index: int, req: XmlRequest) -> dict[str, Any]:
     props: dict[str, Any] = {}
     guest: Element | None = None
     for child in el:
-        here = f"{where}/{child.tag}"
-        if child.tag == "source":
-            _attrs(child, set(), here)
-            fn["host"] = _source(child, here)
-        elif child.tag == "driver":
-            _attrs(child, {"name"}, here)
-            if child.get("name", "vfio") != "vfio":
-                raise InvalidRequest(f"xml: {here}@name='{child.get('name')}': only 'vfio' "
-                                     "(vfio-pci) is supported")
-        elif child.tag == "address":
+        if child.tag == "address":
             guest = child
-        elif child.tag == "alias":
-            _attrs(child, {"name"}, here)
-            if child.get("name"):
-                fn["id"] = child.get("name")
-        elif child.tag == "boot":
-            _attrs(child, {"order", "loadparm"}, here)
-            if child.get("loadparm") is not None:
-                raise InvalidRequest(f"xml: {here}@loadparm: s390 only, not supported")
-            props["bootindex"] = libvirt_uint(child.get("order"), f"{here}@order")
-        elif child.tag == "rom":
-            _attrs(child, {"bar", "file", "enabled"}, here)
-            if child.get("bar") is not None:
-                props["rombar"] = int(_on_off(child.get("bar", ""), f"{here}@bar"))
-            if child.get("file") is not None:
-                props["romfile"] = child.get("file")
-            if child.get("enabled") is not None and \
-                    not _on_off(child.get("enabled", ""), f"{here}@enabled", "yes", "no"):
-                props["romfile"] = ""
-        elif child.tag == "acpi":
-            _attrs(child, {"index"}, here)
-            props["acpi-index"] = libvirt_uint(child.get("index"), f"{here}@index")
-        elif child.tag in _REFUSED:
-            raise InvalidRequest(f"xml: {here}: not supported ({_REFUSED[child.tag]})")
         else:
-            raise InvalidRequest(f"xml: {here}: unknown element")
+            _hostdev_child(child, f"{where}/{child.tag}", fn, props)
     if "host" not in fn:
         raise InvalidRequest(f"xml: {where}: <source><address .../></source> is missing")
     fn.setdefault("id", "hostdev-" + fn["host"].replace(":", "-").replace(".", "-"))
@@ -156,6 +124,44 @@ def _hostdev(el: Element, index: int, req: XmlRequest) -> dict[str, Any]:
                                  f"<boot>/<rom>/<acpi> ({', '.join(props)})")
         fn["properties"] = props
     return fn
+
+
+def _hostdev_child(child: Element, here: str, fn: dict[str, Any],
+                   props: dict[str, Any]) -> None:
+    """One element inside <hostdev> (not its guest <address>): into ``fn`` or ``props``."""
+    if child.tag == "source":
+        _attrs(child, set(), here)
+        fn["host"] = _source(child, here)
+    elif child.tag == "driver":
+        _attrs(child, {"name"}, here)
+        if child.get("name", "vfio") != "vfio":
+            raise InvalidRequest(f"xml: {here}@name='{child.get('name')}': only 'vfio' "
+                                 "(vfio-pci) is supported")
+    elif child.tag == "alias":
+        _attrs(child, {"name"}, here)
+        if child.get("name"):
+            fn["id"] = child.get("name")
+    elif child.tag == "boot":
+        _attrs(child, {"order", "loadparm"}, here)
+        if child.get("loadparm") is not None:
+            raise InvalidRequest(f"xml: {here}@loadparm: s390 only, not supported")
+        props["bootindex"] = libvirt_uint(child.get("order"), f"{here}@order")
+    elif child.tag == "rom":
+        _attrs(child, {"bar", "file", "enabled"}, here)
+        if child.get("bar") is not None:
+            props["rombar"] = int(_on_off(child.get("bar", ""), f"{here}@bar"))
+        if child.get("file") is not None:
+            props["romfile"] = child.get("file")
+        if child.get("enabled") is not None and \
+                not _on_off(child.get("enabled", ""), f"{here}@enabled", "yes", "no"):
+            props["romfile"] = ""
+    elif child.tag == "acpi":
+        _attrs(child, {"index"}, here)
+        props["acpi-index"] = libvirt_uint(child.get("index"), f"{here}@index")
+    elif child.tag in _REFUSED:
+        raise InvalidRequest(f"xml: {here}: not supported ({_REFUSED[child.tag]})")
+    else:
+        raise InvalidRequest(f"xml: {here}: unknown element")
 
 
 def _source(src: Element, where: str) -> str:

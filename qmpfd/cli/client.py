@@ -73,13 +73,17 @@ async def call(sock: str, command: str, args: dict[str, Any] | None,
 
 async def follow_events(sock: str, as_json: bool) -> None:
     client = await connect(sock)
-    async for ev in client.events():
-        if as_json:
-            print(ev.model_dump_json(), flush=True)
-        else:
-            ts = ev.timestamp
-            print(f"{ts['seconds']}.{ts['microseconds']:06d} {ev.event} "
-                  f"{json.dumps(ev.data)}", flush=True)
+    try:
+        async for ev in client.events():
+            if as_json:
+                print(ev.model_dump_json(), flush=True)
+            else:
+                ts = ev.timestamp
+                print(f"{ts['seconds']}.{ts['microseconds']:06d} {ev.event} "
+                      f"{json.dumps(ev.data)}", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()       # on Ctrl-C too: the connection ends cleanly
 
 
 def load_attach_request(vm: str, source: str) -> tuple[str, dict[str, Any]]:

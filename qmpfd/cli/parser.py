@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from qmpfd import __version__
 from qmpfd.cli.client import load_attach_request
@@ -34,7 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print replies as JSON, and errors as the QMP error object")
     p.add_argument("--version", action="version", version=f"qmpfctl {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _vm_commands(sub)
+    _hotplug_commands(sub)
+    sub.add_parser("events", help="follow the event stream")
+    h = sub.add_parser("host", help="host PCI devices").add_subparsers(dest="hostcmd",
+                                                                       required=True)
+    hl = h.add_parser("list", help="host PCI functions as a tree: slots, functions, IOMMU "
+                                   "groups, drivers, why the host uses them")
+    hl.add_argument("--multifunction-only", action="store_true")
+    sub.add_parser("version", help="qmpfd's version")
+    co = sub.add_parser("completion", help="print the shell completion script")
+    co.add_argument("shell", choices=["bash", "zsh"])
+    return p
 
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _vm_commands(sub: Subparsers) -> None:
     vm = sub.add_parser("vm", help="adopt, list and drop VMs").add_subparsers(dest="vmcmd",
                                                                               required=True)
     a = vm.add_parser("add", help="adopt a running QEMU by its QMP socket, or a VM libvirt "
@@ -53,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("policy", help="the VM's hotplug policy and timeouts")
     s.add_argument("vm")
 
+
+def _hotplug_commands(sub: Subparsers) -> None:
     at = sub.add_parser("attach", help="attach a whole device (JSON file or - for stdin)")
     at.add_argument("vm")
     at.add_argument("file")
@@ -80,73 +100,78 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("vm", nargs="?")
     pe.add_argument("--cancel", nargs=2, metavar=("BUS", "SLOT"))
 
-    sub.add_parser("events", help="follow the event stream")
-    h = sub.add_parser("host", help="host PCI devices").add_subparsers(dest="hostcmd",
-                                                                       required=True)
-    hl = h.add_parser("list", help="host PCI functions as a tree: slots, functions, IOMMU "
-                                   "groups, drivers, why the host uses them")
-    hl.add_argument("--multifunction-only", action="store_true")
-    sub.add_parser("version", help="qmpfd's version")
-    co = sub.add_parser("completion", help="print the shell completion script")
-    co.add_argument("shell", choices=["bash", "zsh"])
-    return p
+
+Request = tuple[str, dict[str, Any] | None, str | None]
 
 
-def request_of(ns: argparse.Namespace) -> tuple[str, dict[str, Any] | None, str | None]:
+def request_of(ns: argparse.Namespace) -> Request:
     """The (command, arguments, progress label) an invocation stands for."""
-    if ns.cmd == "vm":
-        if ns.vmcmd == "add":
-            if (ns.qmp_socket is None) == (ns.libvirt is None):
-                raise CliError("InvalidRequest", "vm add: give the QMP socket or --libvirt "
-                                                 "DOMAIN", 2)
-            if ns.libvirt:
-                return "vm-add", {"name": ns.name, "libvirt": ns.libvirt}, None
-            return "vm-add", {"name": ns.name, "qmp": str(Path(ns.qmp_socket).absolute())}, None
-        if ns.vmcmd == "remove":
-            return "vm-remove", {"name": ns.name, **({"force": True} if ns.force else {})}, None
-        return "query-vms", None, None
-    if ns.cmd == "slots":
-        return "query-slots", {"vm": ns.vm}, None
-    if ns.cmd == "policy":
-        return "query-policy", {"vm": ns.vm}, None
-    if ns.cmd == "attach":
-        command, args = load_attach_request(ns.vm, ns.file)
-        for key, val in (("bus", ns.bus), ("slot", ns.slot), ("timeout", ns.timeout)):
-            if val is not None:
-                args[key] = val
-        if ns.dry_run:
-            args["dry-run"] = True
-        return command, args, "attaching ..."
-    if ns.cmd == "add-function":
-        props: dict[str, Any] = {}
-        for kv in ns.property:
-            key, sep, val = kv.partition("=")
-            if not sep:
-                raise CliError("InvalidRequest", f"--property {kv}: expected KEY=VALUE", 2)
-            props[key] = val
-        return "function-add", {"vm": ns.vm, "id": ns.id, "driver": ns.driver, "bus": ns.bus,
-                                "slot": ns.slot, "function": ns.function,
-                                "properties": props}, "adding ..."
-    if ns.cmd == "detach":
-        args = {"vm": ns.vm, "ids": ns.ids}
-        if ns.whole_slot:
-            args["whole-slot"] = True
-        if ns.timeout is not None:
-            args["timeout"] = ns.timeout
-        return "device-detach", args, "waiting for the guest to release the slot ..."
-    if ns.cmd == "pending":
-        if ns.cancel:
-            if not ns.vm:
-                raise CliError("InvalidRequest", "pending --cancel needs the VM", 2)
-            try:
-                number = slot_number(ns.cancel[1])
-            except argparse.ArgumentTypeError as exc:
-                raise CliError("InvalidRequest", f"--cancel: {exc}", 2) from None
-            return "pending-cancel", {"vm": ns.vm, "bus": ns.cancel[0], "slot": number}, None
-        return "query-pending", ({"vm": ns.vm} if ns.vm else {}), None
+    if ns.cmd in _REQUESTS:
+        return _REQUESTS[ns.cmd](ns)
+    if ns.cmd in ("slots", "policy"):
+        return f"query-{ns.cmd}", {"vm": ns.vm}, None
     if ns.cmd == "host":
         return "query-host-devices", ({"multifunction-only": True} if ns.multifunction_only
                                       else {}), None
     return "query-version", None, None
 
 
+def _vm_request(ns: argparse.Namespace) -> Request:
+    if ns.vmcmd == "add":
+        if (ns.qmp_socket is None) == (ns.libvirt is None):
+            raise CliError("InvalidRequest", "vm add: give the QMP socket or --libvirt "
+                                             "DOMAIN", 2)
+        if ns.libvirt:
+            return "vm-add", {"name": ns.name, "libvirt": ns.libvirt}, None
+        return "vm-add", {"name": ns.name, "qmp": str(Path(ns.qmp_socket).absolute())}, None
+    if ns.vmcmd == "remove":
+        return "vm-remove", {"name": ns.name, **({"force": True} if ns.force else {})}, None
+    return "query-vms", None, None
+
+
+def _attach_request(ns: argparse.Namespace) -> Request:
+    command, args = load_attach_request(ns.vm, ns.file)
+    for key, val in (("bus", ns.bus), ("slot", ns.slot), ("timeout", ns.timeout)):
+        if val is not None:
+            args[key] = val
+    if ns.dry_run:
+        args["dry-run"] = True
+    return command, args, "attaching ..."
+
+
+def _function_add_request(ns: argparse.Namespace) -> Request:
+    props: dict[str, Any] = {}
+    for kv in ns.property:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise CliError("InvalidRequest", f"--property {kv}: expected KEY=VALUE", 2)
+        props[key] = val
+    return "function-add", {"vm": ns.vm, "id": ns.id, "driver": ns.driver, "bus": ns.bus,
+                            "slot": ns.slot, "function": ns.function,
+                            "properties": props}, "adding ..."
+
+
+def _detach_request(ns: argparse.Namespace) -> Request:
+    args: dict[str, Any] = {"vm": ns.vm, "ids": ns.ids}
+    if ns.whole_slot:
+        args["whole-slot"] = True
+    if ns.timeout is not None:
+        args["timeout"] = ns.timeout
+    return "device-detach", args, "waiting for the guest to release the slot ..."
+
+
+def _pending_request(ns: argparse.Namespace) -> Request:
+    if not ns.cancel:
+        return "query-pending", ({"vm": ns.vm} if ns.vm else {}), None
+    if not ns.vm:
+        raise CliError("InvalidRequest", "pending --cancel needs the VM", 2)
+    try:
+        number = slot_number(ns.cancel[1])
+    except argparse.ArgumentTypeError as exc:
+        raise CliError("InvalidRequest", f"--cancel: {exc}", 2) from None
+    return "pending-cancel", {"vm": ns.vm, "bus": ns.cancel[0], "slot": number}, None
+
+
+_REQUESTS: dict[str, Callable[[argparse.Namespace], Request]] = {
+    "vm": _vm_request, "attach": _attach_request, "add-function": _function_add_request,
+    "detach": _detach_request, "pending": _pending_request}

@@ -88,31 +88,10 @@ def plan_host_assignment(
     held_by = held_by or {}
     by_id: dict[str, HostFunction] = {}
     for i, r in enumerate(requests):
-        try:
-            address = normalize_address(r.host)
-        except ValueError as exc:
-            raise InvalidRequest(f"functions[{i}].host: '{r.host}' is not a PCI address "
-                                 "(DDDD:BB:SS.F)") from exc
-        fn = host.functions.get(address)
-        if fn is None:
-            raise NotFound(f"functions[{i}].host: no PCI function {address} on this host")
-        if any(other.address == address for other in by_id.values()):
-            raise InvalidRequest(f"functions[{i}].host: {address} is named twice")
-        owner = held_by.get(address)
-        if owner is not None and owner != vm:
-            raise Conflict(f"functions[{i}].host: {address} is held for VM '{owner}'")
-        for rule in deny:
-            if rule.matches(fn):
-                raise HostDeviceUnavailable(f"functions[{i}].host: {address} is denied by "
-                                            f"policy: {rule.reason}")
-        reasons = in_use_reasons(fn, host)
-        if reasons and not (force and allow_force):
-            hint = " (force is disabled in the config)" if force else ""
-            raise HostDeviceUnavailable(f"functions[{i}].host: {address} is in use by the host: "
-                                        f"{'; '.join(reasons)}{hint}")
-        if fn.iommu_group is None:
-            raise HostDeviceUnavailable(f"functions[{i}].host: {address} has no IOMMU group "
-                                        "(is the IOMMU enabled, intel_iommu=on / amd_iommu=on?)")
+        fn = _usable(f"functions[{i}].host", r.host, host, vm, held_by, deny,
+                     force and allow_force, force)
+        if any(other.address == fn.address for other in by_id.values()):
+            raise InvalidRequest(f"functions[{i}].host: {fn.address} is named twice")
         by_id[r.id] = fn
 
     _check_groups(by_id.values(), host)
@@ -129,6 +108,35 @@ def plan_host_assignment(
         address={r.id: by_id[r.id].address for r in requests},
         bind=bind,
         unassigned=tuple(by_id[r.id].address for r in requests if r.unassigned))
+
+
+def _usable(field: str, given: str, host: HostPci, vm: str, held_by: Mapping[str, str],
+            deny: Sequence[DenyRule], forced: bool, force_asked: bool) -> HostFunction:
+    """The host function ``given`` names, if this VM may have it; else the reason, naming
+    ``field``."""
+    try:
+        address = normalize_address(given)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: '{given}' is not a PCI address (DDDD:BB:SS.F)") from exc
+    fn = host.functions.get(address)
+    if fn is None:
+        raise NotFound(f"{field}: no PCI function {address} on this host")
+    owner = held_by.get(address)
+    if owner is not None and owner != vm:
+        raise Conflict(f"{field}: {address} is held for VM '{owner}'")
+    for rule in deny:
+        if rule.matches(fn):
+            raise HostDeviceUnavailable(f"{field}: {address} is denied by policy: "
+                                        f"{rule.reason}")
+    reasons = in_use_reasons(fn, host)
+    if reasons and not forced:
+        hint = " (force is disabled in the config)" if force_asked else ""
+        raise HostDeviceUnavailable(f"{field}: {address} is in use by the host: "
+                                    f"{'; '.join(reasons)}{hint}")
+    if fn.iommu_group is None:
+        raise HostDeviceUnavailable(f"{field}: {address} has no IOMMU group "
+                                    "(is the IOMMU enabled, intel_iommu=on / amd_iommu=on?)")
+    return fn
 
 
 def _check_groups(chosen: Iterable[HostFunction], host: HostPci) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmpfd.errors import InvalidRequest, Unsupported
+from qmpfd.hotplug.choice import choose_slot
 from qmpfd.hotplug.policies.base import Policy, SlotMember
 from qmpfd.hotplug.slots import SlotTable
 from qmpfd.hotplug.spec import FunctionSpec as FunctionSpec  # re-exported: callers' name
@@ -100,8 +101,8 @@ def plan_attach(
     check_functions(functions)
     table.check_new_ids([(f"functions[{i}].id", f.id) for i, f in enumerate(functions)])
     multi = len(functions) > 1
-    bus_name, number = table.choose(
-        bus, slot, from_top,
+    bus_name, number = choose_slot(
+        table, bus, slot, from_top,
         suits=(lambda b: policy_of[b.name].multifunction) if multi else None, now=now)
     target = table.bus(bus_name)
     policy = policy_of[target.name]

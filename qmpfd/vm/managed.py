@@ -238,11 +238,6 @@ class ManagedVm:
             return await asyncio.to_thread(domain_gone, self.libvirt_domain)
         return await nobody_listens(self.qmp, QEMU_PROBE_TIMEOUT)
 
-    def busy(self) -> list[str]:
-        """Operations in flight on this VM (for vm-remove), as 'kind bus slot'."""
-        return [f"{op.kind} of {op.bus} slot {op.slot} ({op.id})"
-                for op in self.journal.for_vm(self.name)]
-
     async def stop(self) -> None:
         self._stopping = True
         for task in list(self._tasks):

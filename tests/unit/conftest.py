@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ def logging_restored() -> Iterator[None]:
     handlers, level = root.handlers[:], root.level
     qemu_level = logging.getLogger("qemu").level
     yield
+    gc.collect()     # finalizers (asyncio's "exception never retrieved" logs) run here, not later
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.getLogger("qemu").setLevel(qemu_level)

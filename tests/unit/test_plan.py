@@ -1,12 +1,13 @@
 import pytest
 
-from qmpfd.api.replies import plan as describe
+from qmpfd.api.replies import attached
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import FunctionSpec, plan_attach
 from qmpfd.hotplug.policies import POLICIES, Policy, policy_for
 from qmpfd.hotplug.slots import SlotTable
 from qmpfd.qemu.topology import RawBus, Topology
+from qmpfd.vm.results import AttachResult
 from tests.unit.topologies import pc_raw, q35_raw
 from tests.unit.topologies import topo as raw_topo
 
@@ -139,7 +140,8 @@ def test_rollback_acpi_ejects_slot_once_native_removes_each_hidden_function() ->
 
 def test_dry_run_description_lists_steps_and_rollback() -> None:
     t = topo(pc_raw())
-    d = describe("vm1", plan_attach(t, specs(2), policies(t)))
+    d = attached(AttachResult("vm1", plan_attach(t, specs(2), policies(t)), dry_run=True))
+    assert d["dry-run"] is True
     assert d["policy"] == "acpi-pcihp"
     assert [s["arguments"]["id"] for s in d["steps"]] == ["d1", "d0"]
     assert d["rollback"] == [{"execute": "device_del", "arguments": {"id": "d0"}}]

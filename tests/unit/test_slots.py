@@ -3,6 +3,7 @@
 import pytest
 
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from qmpfd.hotplug.choice import choose_slot
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.slots import SlotState, SlotStateError, SlotTable
 from qmpfd.hotplug.slotview import view
@@ -136,16 +137,16 @@ def test_one_check_one_message() -> None:
 
 def test_choose_first_free_and_refusals() -> None:
     t = table()
-    assert t.choose(None, None) == ("pci.0", 3)     # 0 host, 1 PIIX, 2 bridge... first free
+    assert choose_slot(t, None, None) == ("pci.0", 3)     # 0 host, 1 PIIX, 2 bridge... first free
     t.reserve(("pci.0", 3), ["x"])
-    assert t.choose(None, None) == ("pci.0", 4)
+    assert choose_slot(t, None, None) == ("pci.0", 4)
     with pytest.raises(InvalidRequest, match="slot: given without bus"):
-        t.choose(None, 7)
+        choose_slot(t, None, 7)
     with pytest.raises(Conflict, match=r"slot: pci\.0 slot 3 is taken"):
-        t.choose("pci.0", 3)
+        choose_slot(t, "pci.0", 3)
     native = SlotTable(topo(q35_raw(native=True)))
     with pytest.raises(Unsupported, match=r"bus: 'pcie\.0' does not support hotplugging"):
-        native.choose("pcie.0", None)
+        choose_slot(native, "pcie.0", None)
 
 
 def test_refresh_keeps_claims() -> None:
@@ -173,14 +174,14 @@ def test_a_slot_held_back_is_chosen_last_and_says_how_long() -> None:
     t.hold_back(("pci.0", 3), until=12.0, now=10.0)
     assert t.held_back(("pci.0", 3), now=10.5) == 1.5
     assert t.held_back(("pci.0", 3), now=12.5) == 0.0
-    assert t.choose(None, None, now=10.0) == ("pci.0", 4)       # another free slot first
-    assert t.choose(None, None, now=12.0) == ("pci.0", 3)       # over: the first free again
-    assert t.choose("pci.0", 3, now=10.0) == ("pci.0", 3)       # named: the caller waits
+    assert choose_slot(t, None, None, now=10.0) == ("pci.0", 4)       # another free slot first
+    assert choose_slot(t, None, None, now=12.0) == ("pci.0", 3)       # over: the first free again
+    assert choose_slot(t, "pci.0", 3, now=10.0) == ("pci.0", 3)       # named: the caller waits
     for b in t.topology.buses:
         for n in range(b.slot_count):
             if (b.name, n) != ("pci.0", 3) and t.state((b.name, n)) is S.EMPTY:
                 t.reserve((b.name, n), [f"x{b.name}{n}"])
-    assert t.choose(None, None, now=10.0) == ("pci.0", 3)       # the only one: it, after a wait
+    assert choose_slot(t, None, None, now=10.0) == ("pci.0", 3)   # the only one, after a wait
 
 
 def test_a_refresh_keeps_what_changed_while_it_read() -> None:
