@@ -172,3 +172,48 @@ def test_python_m_entry_points(module: str, monkeypatch: pytest.MonkeyPatch,
         runpy.run_module(module, run_name="__main__")
     assert ended.value.code in (0, None)
     assert capsys.readouterr().out.startswith("qmpf")   # qmpfd or qmpfctl, and its version
+
+
+def test_a_state_dir_that_cannot_be_used(tmp_path: Path) -> None:
+    from qmpfd.state.lock import StateDirBusy, lock_state_dir, prepare_state_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StateDirBusy, match="is not usable"):
+        prepare_state_dir(blocker / "state")              # below a plain file
+    with pytest.raises(StateDirBusy, match="cannot open"):
+        lock_state_dir(tmp_path / "missing")
+
+
+def test_vfio_moves_on_a_sysfs_that_refuses_or_has_no_bind(tmp_path: Path) -> None:
+    from qmpfd.errors import HostDeviceUnavailable
+    from qmpfd.host import vfio
+    from tests.unit.fake_kernel import FakeKernel
+
+    with FakeKernel(tmp_path / "sys", ["0000:01:00.0", "0000:01:00.1"], driver="vfio-pci") as k:
+        assert vfio.bind_vfio(k.sysfs, "0000:01:00.0") == "vfio-pci"     # nothing to do
+        with pytest.raises(HostDeviceUnavailable, match="cannot bind to vfio-pci"):
+            vfio.bind_vfio(k.sysfs, "0000:09:00.0")                      # no such device
+        # Its original driver has no bind file any more: probed instead.
+        vfio.restore_driver(k.sysfs, "0000:01:00.1", "e1000e-gone")
+        with pytest.raises(HostDeviceUnavailable, match="cannot give it back"):
+            vfio.restore_driver(k.sysfs, "0000:09:00.0", "e1000e")
+
+
+def test_removal_and_detach_replies_say_what_was_set() -> None:
+    from qmpfd.api import replies
+    from qmpfd.vm.removal import InFlight, Settled
+    from qmpfd.vm.results import DetachResult, RemoveResult
+
+    flight = InFlight("op-1", "detach", "pci.0", 5, ("a", "b"))
+    removed = replies.vm_removed(RemoveResult(host_held=["0000:01:00.0"], settled=[
+        Settled(flight, "still-running", ("a",))]))
+    assert removed == {"host-held": ["0000:01:00.0"], "settled": [
+        {"operation": "op-1", "kind": "detach", "bus": "pci.0", "slot": 5, "ids": ["a", "b"],
+         "outcome": "still-running", "in-qemu": ["a"]}]}
+    assert replies.vm_removed(RemoveResult()) == {}
+    detached = DetachResult("v", "pci.0", 5, ["a"], 1.5)
+    detached.unplugging, detached.waited = True, 0.7
+    assert replies.detached(detached) == {"vm": "v", "bus": "pci.0", "slot": 5, "ids": ["a"],
+                                          "seconds": 1.5, "unplugging": True,
+                                          "waited-for-guest": 0.7}
