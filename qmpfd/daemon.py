@@ -73,7 +73,7 @@ class Daemon:
         vms = self.vms.all()
         return {"vms": len(vms), "connected": sum(vm.link.connected for vm in vms),
                 "queued": sum(len(e.functions) for vm in vms for e in vm.queued()),
-                "orphaned": sum(len(vm.table.orphans()) for vm in vms),
+                "orphaned": sum(len(vm.orphans()) for vm in vms),
                 "held": len(self.journal.host), "in_flight": len(self.journal.ops)}
 
     async def _measure_lag(self) -> None:

@@ -169,8 +169,7 @@ class Commands:
     async def query_slots(self, a: m.QuerySlotsArgs) -> list[dict[str, Any]]:
         vm = self.vms.get(a.vm)
         if a.refresh:
-            async with vm.alloc:
-                await vm.refresh()
+            await vm.read_again()
         return replies.slots(vm.slots())
 
     async def query_policy(self, a: m.VmRef) -> dict[str, Any]:
@@ -178,7 +177,7 @@ class Commands:
         policies = vm.policies()
         headline = vm.policy_name()
         per_bus = [{"bus": b.name, "mechanism": b.mechanism, "policy": policies[b.name].name}
-                   for b in vm.table.topology.buses if b.hotpluggable]
+                   for b in vm.buses() if b.hotpluggable]
         chosen = next((p for p in policies.values() if p.name == headline), None)
         base = chosen.describe() if chosen else {"policy": headline}
         return {"vm": vm.name, **base, "buses": per_bus}
@@ -225,7 +224,7 @@ class Commands:
     def _xml_bus(self, vm_name: str, number: int) -> str:
         """libvirt's guest bus number as a bus of this VM: 0 is the root bus, N is the bus
         libvirt names pci.N (its controller with index N)."""
-        buses = self.vms.get(vm_name).table.topology.buses
+        buses = self.vms.get(vm_name).buses()
         if number == 0:
             root = next((b for b in buses if "host" in b.owner_type.lower()), None)
             if root is not None:

@@ -30,18 +30,19 @@ from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.pending import restore as restore_queues
 from qmpfd.hotplug.plan import FunctionSpec
-from qmpfd.hotplug.policies import Policy, policy_for, vm_policy_name
-from qmpfd.hotplug.slots import SlotTable
+from qmpfd.hotplug.policies import Policy, vm_policy_name
+from qmpfd.hotplug.slots import SlotKey, SlotTable
 from qmpfd.hotplug.slotview import SlotView, view
 from qmpfd.qemu.gate import GatedLink, UnplugGate
 from qmpfd.qemu.introspect import VmIdentity, find_root_buses, read_identity, read_topology
 from qmpfd.qemu.libvirt_link import LibvirtLink, domain_gone
 from qmpfd.qemu.link import Link, QmpLink, nobody_listens
-from qmpfd.qemu.topology import Topology
+from qmpfd.qemu.topology import Bus, Topology
 from qmpfd.qemu.versions import check_supported
 from qmpfd.state.journal import Journal, Operation
 from qmpfd.vm import detach as detach_mod
 from qmpfd.vm import operations, queues, reconcile
+from qmpfd.vm.buspolicy import BusPolicies
 from qmpfd.vm.events import Emit, VmEvents
 from qmpfd.vm.follow import DeletionFollower
 from qmpfd.vm.proptypes import PropertyTypes
@@ -78,11 +79,11 @@ class ManagedVm:
         self.pending_ttl = pending_ttl
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
-        self._policy_table = policies
+        self.bus_policies = BusPolicies(self, policies)
         self._on_removed = on_removed
         self._on_connected = on_connected
         self.tracker = DeletionTracker()
-        self.tracker.on_deleted.append(DeletionFollower(self, self._bus_policy).deleted)
+        self.tracker.on_deleted.append(DeletionFollower(self, self.bus_policies.of).deleted)
         self.link = self._new_link()
         self.identity: VmIdentity | None = None
         #: Empty until the first read of QEMU; claims of restored queues go in at once.
@@ -117,7 +118,7 @@ class ManagedVm:
             link = LibvirtLink(self.name, self.libvirt_domain, self._command_timeout)
         else:
             link = QmpLink(self.name, self.qmp, self._command_timeout)
-        link = GatedLink(link, UnplugGate(self._gated))
+        link = GatedLink(link, UnplugGate(self.bus_policies.gated))
         link.subscribe(self.tracker.handle_event)
         link.on_disconnect = self._on_disconnect
         return link
@@ -183,25 +184,6 @@ class ManagedVm:
                         extra={"vm": self.name, "bus": bus, "slot": slot, "ids": ids})
             self.events.orphaned(bus, slot, ids)
 
-    def _gated(self, cmd: str, args: dict[str, Any]) -> bool:
-        """Whether a device_add/device_del goes through the unplug gate: its bus's policy
-        says so (ACPI hotplug)."""
-        if cmd == "device_add":
-            bus = args.get("bus")
-        else:
-            key = self.table.find(str(args.get("id")))
-            bus = key[0] if key else None
-        policy = self._bus_policy(str(bus)) if bus is not None else None
-        return policy is not None and policy.serial_unplug
-
-    def _bus_policy(self, bus: str) -> Policy | None:
-        ident = self.identity
-        b = self.table.topology.bus(bus)
-        if ident is None or b is None:
-            return None
-        return policy_for(ident.arch, ident.machine, b.mechanism, self._policy_table,
-                          ident.qemu_version)
-
     def _on_disconnect(self) -> None:
         if self._stopping or self._reconnecting:
             return
@@ -254,15 +236,8 @@ class ManagedVm:
         return await self._on_removed(self.name, ids)
 
     # -- facts -----------------------------------------------------------------------------
-    def ident(self) -> VmIdentity:
-        assert self.identity is not None, "start() sets the identity"
-        return self.identity
-
     def policies(self) -> dict[str, Policy]:
-        ident = self.ident()
-        return {b.name: policy_for(ident.arch, ident.machine, b.mechanism, self._policy_table,
-                                   ident.qemu_version)
-                for b in self.table.topology.buses}
+        return self.bus_policies.all()
 
     async def typed(self, specs: Sequence[FunctionSpec],
                     fields: Mapping[str, str]) -> list[FunctionSpec]:
@@ -279,6 +254,17 @@ class ManagedVm:
                   for p in self.table.queues()}
         return view(self.table, queued)
 
+    def buses(self) -> list[Bus]:
+        return list(self.table.topology.buses)
+
+    def orphans(self) -> list[tuple[SlotKey, list[str]]]:
+        return self.table.orphans()
+
+    async def read_again(self) -> None:
+        """query-slots {refresh}: read QEMU's topology again, between operations' choices."""
+        async with self.alloc:
+            await self.refresh()
+
     def queued(self) -> list[PendingSlot]:
         """The functions queued for their function 0, per slot."""
         return self.table.queues()
@@ -288,9 +274,8 @@ class ManagedVm:
         try:
             return await self.link.execute(command, arguments)
         finally:
-            async with self.alloc:
-                with contextlib.suppress(QmpfdError):
-                    await self.refresh()
+            with contextlib.suppress(QmpfdError):
+                await self.read_again()
 
     attach = operations.attach
     detach = detach_mod.detach

@@ -84,7 +84,8 @@ async def test_attach_then_detach_ends_clean(h: Harness) -> None:
 async def test_an_unasked_eject_is_announced_released_and_the_slot_held_back(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(follow_mod, "EJECT_GATHER", 0.01)
-    h.vm._policy_table = {"acpi-pcihp": ACPI_PCIHP.with_timeouts(None, None, reuse_delay=2)}
+    h.vm.bus_policies.overrides = {
+        "acpi-pcihp": ACPI_PCIHP.with_timeouts(None, None, reuse_delay=2)}
     result = await h.vm.attach(SPECS)
     key = (result.plan.bus, result.plan.slot)
     h.eject(*IDS)
@@ -174,16 +175,16 @@ async def test_a_refused_detach_request_leaves_the_slot_present(h: Harness) -> N
 
 
 async def test_hotplug_commands_are_gated_only_on_acpi_buses(h: Harness) -> None:
-    assert h.vm._gated("device_add", {"bus": "pci.0", "id": "x"})
+    assert h.vm.bus_policies.gated("device_add", {"bus": "pci.0", "id": "x"})
     await h.vm.attach(SPECS)
-    assert h.vm._gated("device_del", {"id": "d0"})
-    assert not h.vm._gated("device_del", {"id": "nosuch"})
+    assert h.vm.bus_policies.gated("device_del", {"id": "d0"})
+    assert not h.vm.bus_policies.gated("device_del", {"id": "nosuch"})
     directory = h.journal._log.path.parent / "native"
     directory.mkdir()
     native = Harness(directory)
     native.vm.table = SlotTable(topo(q35_raw(native=True)))
     native.vm.identity = VmIdentity("x86_64", "pc-q35-7.2", "7.2.0", (7, 2, 0))
-    assert not native.vm._gated("device_add", {"bus": "rp1", "id": "x"})
+    assert not native.vm.bus_policies.gated("device_add", {"bus": "rp1", "id": "x"})
 
 
 async def test_settle_wakes_when_the_operation_ends(h: Harness) -> None:

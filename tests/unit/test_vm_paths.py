@@ -49,7 +49,7 @@ async def test_a_queue_refuses_a_clash_and_a_bus_without_multifunction(h: Harnes
         await h.vm.function_add(rng("q1", 2), BUS, SLOT)
     with pytest.raises(Conflict, match="id 'q1' is in use"):
         await h.vm.function_add(rng("q1", 1), BUS, SLOT + 1)
-    h.vm._policy_table = {"acpi-pcihp": dataclasses.replace(
+    h.vm.bus_policies.overrides = {"acpi-pcihp": dataclasses.replace(
         ACPI_PCIHP, multifunction=False, unsupported_reason="no multifunction here")}
     with pytest.raises(Unsupported, match="no multifunction here"):
         await h.vm.function_add(rng("n1", 1), BUS, SLOT + 2)
@@ -114,7 +114,7 @@ async def test_a_rollback_that_waits_for_the_guest(h: Harness) -> None:
     h.qemu.script[("device_add", "d0")] = REFUSE               # after functions 1-3 went in
     h.qemu.script[("device_del", "d1")] = NO_EVENT             # the guest is slow to let go
     h.qemu.slot_wide_eject = False
-    h.vm._policy_table = {"acpi-pcihp": ACPI_PCIHP.with_timeouts(None, 0.1)}
+    h.vm.bus_policies.overrides = {"acpi-pcihp": ACPI_PCIHP.with_timeouts(None, 0.1)}
     with pytest.raises(AttachFailed) as err:
         await h.vm.attach(SPECS)
     assert err.value.rollback.left and "waiting for the guest" in err.value.desc
