@@ -21,10 +21,10 @@ from qemu.qmp import ExecuteError
 
 from lab.vm import LabVm, LabVmSpec, slot_groups
 from tests.integration.conftest import connect, qemu_execute, qemu_view, start_lab_vm
-from tests.integration.faults_support import DaemonProcess
-from tests.integration.test_faults import (
+from tests.integration.fault_checks import (
     FUNCS,
     IDS,
+    DaemonProcess,
     adopt,
     agreement,
     cleanup,

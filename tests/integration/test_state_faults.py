@@ -23,8 +23,15 @@ from qemu.qmp import ExecuteError
 from lab.vm import LabVm, LabVmSpec
 from qmpfd.state.records import decode
 from tests.integration.conftest import Client, connect, qemu_view, start_lab_vm
-from tests.integration.faults_support import DaemonProcess
-from tests.integration.test_faults import FUNCS, IDS, agreement, observed, record, settled
+from tests.integration.fault_checks import (
+    FUNCS,
+    IDS,
+    DaemonProcess,
+    agreement,
+    observed,
+    record,
+    settled,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from qmpfd.cli import main
 from qmpfd.config import load_config
 from qmpfd.daemon import Daemon
 from qmpfd.vm import managed as managed_mod
+from tests.unit.harness import config_file
 from tests.unit.replay import ReplayLink
-from tests.unit.test_daemon_inprocess import config_file
 
 
 class Running:

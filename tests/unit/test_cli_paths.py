@@ -18,8 +18,8 @@ import qmpfd.cli as cli
 from qmpfd.cli.client import Spinner, call, follow_events
 from qmpfd.client import Client
 from qmpfd.vm import managed as managed_mod
+from tests.unit.harness import Served
 from tests.unit.replay import ReplayLink
-from tests.unit.test_client_server import Served
 
 
 class Terminal(io.StringIO):

@@ -15,36 +15,11 @@ import pytest
 from qmpfd.api.server import ApiServer, SocketBusy, inherited_socket
 from qmpfd.client import Client, EventsLost, Unreachable
 from qmpfd.client.errors import Conflict, NotFound
-from qmpfd.config import load_config
-from qmpfd.daemon import Daemon
 from qmpfd.vm import managed as managed_mod
+from tests.unit.harness import Served
 from tests.unit.replay import ReplayLink
-from tests.unit.test_daemon_inprocess import config_file
 
 RNG = [{"id": f"r{i}", "driver": "virtio-rng-pci"} for i in range(2)]
-
-
-class Served:
-    def __init__(self, tmp_path: Path, extra: str = "") -> None:
-        cfg = config_file(tmp_path, extra)
-        self.sock = str(tmp_path / "qmpfd.sock")
-        self.qmp = str(tmp_path / "pc.qmp")
-        Path(self.qmp).touch()
-        self.daemon = Daemon(load_config(cfg), config_path=cfg)
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Served:
-        self.task = asyncio.create_task(self.daemon.run())
-        for _ in range(200):
-            if Path(self.sock).exists():
-                break
-            await asyncio.sleep(0.01)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        self.daemon.stop()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 10)
 
 
 @pytest.fixture

@@ -4,72 +4,13 @@ answers, that bad arguments are refused naming the field and change nothing, and
 from __future__ import annotations
 
 import asyncio
-import typing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from qmpfd.access.audit import AuditLog
-from qmpfd.access.peer import Peer
-from qmpfd.access.policy import AccessPolicy
-from qmpfd.api.commands import Commands
-from qmpfd.client.models import Reply
-from qmpfd.config import load_config
 from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound
-from qmpfd.host.manager import HostDevices
-from qmpfd.vm.registry import VmRegistry
-from tests.unit.test_managed_vm import Harness
-
-FUNCS = [{"id": f"c{i}", "driver": "virtio-rng-pci"} for i in range(3)]
-
-
-class Api:
-    def __init__(self, tmp_path: Path) -> None:
-        cfg = tmp_path / "qmpfd.toml"
-        cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/s"\nstate-dir = "{tmp_path}/state"\n'
-                       f'[access]\nusers = ["root"]\nqmp-dirs = ["{tmp_path}"]\n')
-        config = load_config(cfg)
-        self.h = Harness(tmp_path)
-        self.registry = VmRegistry(config, lambda n, d: None, self.h.journal)
-        self.registry._vms["v"] = self.h.vm
-        self.audit_path = tmp_path / "audit.log"
-        self.commands = Commands(self.registry, AccessPolicy.from_config(config.access),
-                                 AuditLog(self.audit_path), HostDevices(config.host,
-                                                                        self.h.journal))
-        self.session: Any = SimpleNamespace(peer=Peer(pid=1, uid=0, gid=0))
-
-    async def __call__(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        reply = await self.commands.dispatch(name, args or {}, self.session)
-        conforms(reply, self.commands.table[name].returns if name in self.commands.table
-                 else None, name)
-        return reply
-
-
-    def in_qemu(self) -> set[str]:
-        return set(self.h.qemu.devices)
-
-
-def conforms(reply: Any, returns: Any, where: str) -> None:
-    """The reply is what its model (qmpfd.client.models) says, member for member: the one
-    description the client, the schema and the server share."""
-    if returns is None:
-        return
-    if typing.get_origin(returns) is list:
-        (model,) = typing.get_args(returns)
-        for i, item in enumerate(reply):
-            conforms(item, model, f"{where}[{i}]")
-        return
-    obj = returns.model_validate(reply)
-    unknown = [k for k in (obj.model_extra or {})]
-    assert not unknown, f"{where}: {returns.__name__} does not describe {unknown}"
-    for name, field in returns.model_fields.items():
-        value = reply.get(field.alias or name) if isinstance(reply, dict) else None
-        inner = typing.get_args(field.annotation)
-        if isinstance(value, list) and inner and isinstance(inner[0], type) and \
-                issubclass(inner[0], Reply):
-            conforms(value, list[inner[0]], f"{where}.{field.alias or name}")
+from tests.unit.harness import FUNCS, Api
 
 
 @pytest.fixture

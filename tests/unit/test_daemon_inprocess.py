@@ -13,15 +13,8 @@ from qmpfd.config import load_config
 from qmpfd.daemon import Daemon, apply_overrides, watchdog_interval
 from qmpfd.errors import QmpfdError
 from qmpfd.vm import managed as managed_mod
+from tests.unit.harness import config_file
 from tests.unit.replay import ReplayLink
-
-
-def config_file(tmp_path: Path, extra: str = "") -> Path:
-    cfg = tmp_path / "qmpfd.toml"
-    cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/qmpfd.sock"\n'
-                   f'state-dir = "{tmp_path}/state"\n'
-                   f'[access]\nusers = ["root"]\nqmp-dirs = ["{tmp_path}"]\n{extra}')
-    return cfg
 
 
 async def test_serve_adopt_health_reload_stop(tmp_path: Path,

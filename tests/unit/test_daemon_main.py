@@ -18,7 +18,7 @@ from qmpfd.api import metrics_http
 from qmpfd.config import load_config
 from qmpfd.daemon import Daemon, main, open_journal
 from qmpfd.errors import QmpfdError
-from tests.unit.test_daemon_inprocess import config_file
+from tests.unit.harness import config_file
 
 
 def _signal_when_listening(sock: Path, *signals: signal.Signals) -> threading.Thread:

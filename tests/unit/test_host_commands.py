@@ -17,9 +17,9 @@ from qmpfd.host import vfio
 from qmpfd.host.manager import HostDevices
 from tests.unit.capture_sysfs import rebuild
 from tests.unit.fake_kernel import FakeKernel
+from tests.unit.harness import Api
 from tests.unit.replay import ReplayLink
 from tests.unit.scripted_qemu import REFUSE
-from tests.unit.test_commands import Api
 
 SLOT = "0000:01:00"
 ADDRS = [f"{SLOT}.{i}" for i in range(4)]

@@ -18,49 +18,14 @@ from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
 from qmpfd.hotplug.slots import SlotState, SlotTable
 from qmpfd.qemu.introspect import VmIdentity
 from qmpfd.qemu.topology import peripheral
-from qmpfd.state.journal import Journal, Operation
+from qmpfd.state.journal import Operation
 from qmpfd.vm import follow as follow_mod
 from qmpfd.vm import operations as operations_mod
 from qmpfd.vm import removal
-from qmpfd.vm.managed import ManagedVm, OnRemoved
 from qmpfd.vm.reconcile import reconcile
-from tests.unit.scripted_qemu import GONE, LOST, NO_EVENT, ScriptedQemu
+from tests.unit.harness import IDS, SPECS, Harness
+from tests.unit.scripted_qemu import GONE, LOST, NO_EVENT
 from tests.unit.topologies import pc_raw, q35_raw, topo
-
-SPECS = [FunctionSpec(f"d{i}", "virtio-rng-pci", i) for i in range(4)]
-IDS = [s.id for s in SPECS]
-
-
-class Harness:
-    def __init__(self, tmp_path: Path) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.released: list[list[str]] = []
-        self.journal = Journal.open(tmp_path)
-
-        #: what gives host functions back (the daemon wires HostDevices.release here)
-        self.release: OnRemoved | None = None
-
-        async def on_removed(vm: str, ids: list[str]) -> list[str]:
-            self.released.append(sorted(ids))
-            return await self.release(vm, ids) if self.release is not None else []
-        self.vm = ManagedVm("v", tmp_path / "qmp.sock", lambda n, d: self.events.append((n, d)),
-                            self.journal, command_timeout=1, connect_timeout=1, pending_ttl=60,
-                            on_removed=on_removed)
-        self.vm.table = SlotTable(topo(pc_raw()))
-        self.vm.identity = VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0))
-        self.vm._policy_name = "acpi-pcihp"
-        self.qemu = ScriptedQemu(self.vm.tracker, slot_wide_eject=True)
-        self.vm.link = self.qemu  # type: ignore[assignment]
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [d for n, d in self.events if n == name]
-
-    def eject(self, *ids: str) -> None:
-        """The guest ejects these (a stale eject request): DEVICE_DELETED nobody asked for."""
-        for dev in ids:
-            self.qemu.devices.pop(dev, None)
-            self.vm.tracker.handle_event({"event": "DEVICE_DELETED",
-                                          "data": {"device": dev, "path": "/x"}})
 
 
 @pytest.fixture

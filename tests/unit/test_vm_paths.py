@@ -19,8 +19,8 @@ from qmpfd.hotplug.slots import SlotState
 from qmpfd.qemu.topology import peripheral
 from qmpfd.vm import queues, removal
 from qmpfd.vm.managed import ManagedVm
+from tests.unit.harness import IDS, SPECS, Harness
 from tests.unit.scripted_qemu import NO_EVENT, REFUSE
-from tests.unit.test_managed_vm import IDS, SPECS, Harness
 
 BUS, SLOT = "pci.0", 5
 
