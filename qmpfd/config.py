@@ -156,3 +156,26 @@ def load_config(path: Path | None) -> Config:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise InvalidRequest(f"config {path}: {where}: {first['msg']}") from exc
+
+
+#: What a reload applies to the running daemon (everything else waits for a restart).
+APPLIED_ON_RELOAD = frozenset({"daemon.log-level", "daemon.log-format", "access.users",
+                               "access.groups", "access.qmp-dirs", "access.qmp-passthrough",
+                               "access.tenants"})
+
+
+def needs_restart(running: Config, new: Config) -> list[str]:
+    """The settings (``section.key`` as written in the file) that differ between the running
+    config and a reloaded one and that only a restart applies."""
+    old_doc = running.model_dump(mode="json", by_alias=True)
+    new_doc = new.model_dump(mode="json", by_alias=True)
+    changed = []
+    for section in sorted(old_doc.keys() | new_doc.keys()):
+        old_part, new_part = old_doc.get(section), new_doc.get(section)
+        if not isinstance(old_part, dict) or not isinstance(new_part, dict):
+            if old_part != new_part:
+                changed.append(section)
+            continue
+        changed += [f"{section}.{key}" for key in sorted(old_part.keys() | new_part.keys())
+                    if old_part.get(key) != new_part.get(key)]
+    return [key for key in changed if key not in APPLIED_ON_RELOAD]

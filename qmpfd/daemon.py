@@ -20,7 +20,7 @@ from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import metrics_http
 from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer
-from qmpfd.config import Config, load_config
+from qmpfd.config import Config, load_config, needs_restart
 from qmpfd.errors import QmpfdError
 from qmpfd.host.manager import HostDevices
 from qmpfd.state.journal import Journal
@@ -123,14 +123,18 @@ class Daemon:
                       extra={"path": str(self.config_path), "error": exc.desc})
             systemd.notify("READY=1")
             return
-        restart_needed = [k for k in ("socket", "state_dir", "max_clients", "max_line_bytes")
-                          if getattr(new.daemon, k) != getattr(self.config.daemon, k)]
+        restart_needed = needs_restart(self.config, new)
         logs.setup(new.daemon.log_level, new.daemon.log_format)
         self.access = access
         self.commands.access = access
-        self.config = new
-        log.info("config reloaded", extra={"path": str(self.config_path),
-                                           "needs_restart": restart_needed})
+        # What is not applied stays as it runs: the config held is the one in effect.
+        self.config.daemon.log_level = new.daemon.log_level
+        self.config.daemon.log_format = new.daemon.log_format
+        self.config.access = new.access.model_copy(update={"audit_log":
+                                                           self.config.access.audit_log})
+        (log.warning if restart_needed else log.info)(
+            "config reloaded" + ("; some changes need a restart" if restart_needed else ""),
+            extra={"path": str(self.config_path), "needs_restart": restart_needed})
         systemd.notify("READY=1")
 
     async def _watchdog(self, interval: float) -> None:

@@ -46,6 +46,11 @@ class EventLog:
                           "of the earlier run are gone; re-read query-vms, query-slots and "
                           "query-operations")
         after = 0 if since is None else since
+        if after > self._seq:
+            return Replay(self.boot, self._seq, list(self._ring), False,
+                          f"seq {after} was never issued by this run of qmpfd (boot "
+                          f"{self.boot}, newest seq {self._seq}): it belongs to an earlier run; "
+                          "re-read query-vms, query-slots and query-operations")
         events = [m for m in self._ring if int(m["data"]["seq"]) > after]
         if after + 1 < oldest:
             return Replay(self.boot, self._seq, events, False,

@@ -77,3 +77,19 @@ def test_metrics_listen_is_local_only(tmp_path: Path, listen: str, ok: bool) -> 
     else:
         with pytest.raises(InvalidRequest, match=r"metrics\.listen"):
             load_config(cfg)
+
+
+def test_a_reload_names_every_change_it_cannot_apply() -> None:
+    from qmpfd.config import Config, needs_restart
+
+    running = Config()
+    new = Config.model_validate({
+        "daemon": {"event-ring": 64, "log-level": "debug"},
+        "timeouts": {"command": 5, "policy": {"acpi-pcihp": {"reuse-delay": 1}}},
+        "metrics": {"listen": "unix:/run/qmpfd/metrics.sock"},
+        "access": {"tenants": [{"group": 5, "vms": ["a-*"]}], "audit-log": "/tmp/a.log"},
+        "vm": [{"name": "x", "qmp": "/run/qemu/x.qmp"}]})
+    assert needs_restart(running, new) == [
+        "access.audit-log", "daemon.event-ring", "metrics.listen", "timeouts.command",
+        "timeouts.policy", "vm"]
+    assert needs_restart(running, Config()) == []

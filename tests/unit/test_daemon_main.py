@@ -6,6 +6,7 @@ metrics listener's answers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -64,7 +65,8 @@ def test_main_refuses_a_bad_config_and_a_damaged_journal(
 
 
 async def test_reload_health_watchdog_and_tenant_events(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     cfg = config_file(tmp_path, f'[[access.tenants]]\ngroup = 4321\nvms = ["a-*"]\n'
                                 f'[metrics]\nlisten = "unix:{tmp_path}/m.sock"\n')
     notified: list[str] = []
@@ -79,12 +81,19 @@ async def test_reload_health_watchdog_and_tenant_events(
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.15)
     assert "WATCHDOG=1" in notified
-    cfg.write_text(cfg.read_text().replace("qmpfd.sock", "other.sock"))
-    daemon.reload()                                       # applied; the socket needs a restart
-    assert daemon.config.daemon.socket.name == "other.sock"
+    cfg.write_text(cfg.read_text().replace("qmpfd.sock", "other.sock")
+                   .replace('vms = ["a-*"]', 'vms = ["a-*", "c-*"]'))
+    monkeypatch.setattr("qmpfd.logs.setup", lambda *_: None)   # keep pytest's log capture
+    with caplog.at_level(logging.INFO, logger="qmpfd"):
+        daemon.reload()                                   # tenants applied; the socket waits
+    reloaded = [r for r in caplog.records if r.getMessage().startswith("config reloaded")]
+    assert reloaded and reloaded[-1].needs_restart == ["daemon.socket"]  # type: ignore[attr-defined]
+    assert daemon.config.daemon.socket.name == "qmpfd.sock"          # still the one in use
+    scope = daemon.access.scope(Peer(1, 9999, 4321))
+    assert scope is not None and scope.allows("c-1")
     cfg.write_text("[daemon]\nmax-clients = 0\n")
     daemon.reload()                                       # refused: the running config stays
-    assert daemon.config.daemon.socket.name == "other.sock"
+    assert daemon.access.scope(Peer(1, 9999, 4321)) is scope
     tenant = daemon._event_filter(Peer(1, 9999, 4321))
     assert tenant is not None and daemon._event_filter(Peer(1, 0, 0)) is None
     assert tenant({"data": {"vm": "a-1"}}) and not tenant({"data": {"vm": "b-1"}})

@@ -30,3 +30,15 @@ def test_another_boot_means_start_over() -> None:
     log.record("VM_RECONNECTED", {"vm": "a"})
     r = log.replay(since=3, boot="an-earlier-run")
     assert not r.complete and "restarted" in (r.reason or "")
+
+
+def test_a_seq_this_run_never_issued_is_not_a_complete_replay() -> None:
+    """A plane that reconnects to a restarted qmpfd without passing ``boot`` gives a seq of the
+    earlier run: the reply must not claim it missed nothing."""
+    log = EventLog(16)
+    for _ in range(3):
+        log.record("SLOT_ATTACHED", {"vm": "v"})
+    r = log.replay(since=500, boot=None)
+    assert not r.complete and r.reason is not None and "never issued" in r.reason
+    assert [int(e["data"]["seq"]) for e in r.events] == [1, 2, 3]
+    assert log.replay(since=3, boot=None).complete                  # the newest: nothing new
