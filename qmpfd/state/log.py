@@ -77,13 +77,18 @@ class LoadResult:
 
 def read_log(path: Path) -> LoadResult:
     """Every record of the file. A torn last record (a crash mid-write: the start of a record
-    with no newline) is dropped; any other bad line raises :class:`JournalDamaged`."""
+    with no newline, or NUL bytes a power loss left) is dropped; any other bad line raises
+    :class:`JournalDamaged`."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return LoadResult([], 0)
     lines = data.split(b"\n")
     tail = lines.pop()          # bytes after the last newline: b"" unless a write was cut short
+    # A power loss can leave the file longer than what reached the disk, the rest zeros: lines
+    # of NUL bytes at the end are part of the torn tail.
+    while lines and lines[-1] and not lines[-1].strip(b"\0"):
+        tail = lines.pop() + b"\n" + tail
     records: list[Record] = []
     size = 0
     for n, line in enumerate(lines, 1):
@@ -92,7 +97,8 @@ def read_log(path: Path) -> LoadResult:
         except BadLine as exc:
             raise JournalDamaged(path, n, exc.cause) from None
         size += len(line) + 1
-    if tail and not _torn_prefix(tail):
+    cut = tail.rstrip(b"\0\n")
+    if cut and (b"\n" in cut or not _torn_prefix(cut)):
         raise JournalDamaged(path, len(lines) + 1, "not a journal record")
     return LoadResult(records, size, torn=bool(tail), count=len(records))
 

@@ -124,7 +124,7 @@ async def test_torn_last_record_is_dropped_and_the_rest_kept(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("content, cause", [
     (b"garbage that is no journal\n", "line 1: no checksum"),
-    (b"\x00\x00\x00\x00\x00\x00", "line 1: not a journal record"),
+    (b"\x00\x00 not a record\n", "line 1: "),
     (line(b'{"t":"vm+","name":"a","qmp":"/x"}').replace(b'"a"', b'"b"'),
      "line 1: checksum mismatch"),
     (line(b'{"t":"vm+","name":"\xff\xfe","qmp":"/x"}'), "line 1: not UTF-8"),
@@ -138,6 +138,34 @@ def test_damaged_journal_is_refused_naming_file_and_line(tmp_path: Path, content
     with pytest.raises(JournalDamaged) as err:
         Journal.open(tmp_path)
     assert str(tmp_path / "journal.log") in str(err.value) and cause in str(err.value)
+
+
+@pytest.mark.parametrize("tail", [
+    b"\x00" * 4096,                              # the file grew, its last blocks never written
+    b"\x00" * 100 + b"\n" + b"\x00" * 50,         # ... across what would have been lines
+    b"0123abcd {\"t\":\"vm+\"" + b"\x00" * 300,    # a record cut short, then zeros
+])
+async def test_nul_bytes_a_power_loss_left_are_a_torn_tail(tmp_path: Path, tail: bytes) -> None:
+    j = Journal.open(tmp_path)
+    await j.vm_added("vm1", "/x")
+    j.close()
+    path = tmp_path / "journal.log"
+    good = path.read_bytes()
+    path.write_bytes(good + tail)
+    again = Journal.open(tmp_path)
+    assert again.vms == {"vm1": "/x"}
+    assert path.read_bytes() == good, "the zeros are cut off before new appends"
+    again.close()
+    if not tail.strip(b"\x00\n"):
+        (tmp_path / "journal.log").write_bytes(tail)
+        assert Journal.open(tmp_path).vms == {}    # nothing but zeros: nothing was kept
+
+
+def test_zeros_before_a_good_record_are_damage(tmp_path: Path) -> None:
+    good = line(b'{"t":"vm+","name":"a","qmp":"/x"}')
+    (tmp_path / "journal.log").write_bytes(good + b"\x00" * 20 + b"\n" + good)
+    with pytest.raises(JournalDamaged, match="line 2"):
+        Journal.open(tmp_path)
 
 
 def test_damage_before_the_last_line_is_not_taken_for_a_torn_tail(tmp_path: Path) -> None:
