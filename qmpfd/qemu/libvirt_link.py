@@ -103,8 +103,12 @@ class LibvirtLink:
         try:
             await asyncio.wait_for(asyncio.to_thread(self._open), timeout)
         except TimeoutError as exc:
+            self._state = LinkState.DOWN
             raise Timeout(f"VM '{self.name}': libvirt did not answer within {timeout:g} s") \
                 from exc
+        except BaseException:
+            self._state = LinkState.DOWN   # the domain is down or libvirtd away: not "new"
+            raise
         self._state = LinkState.UP
 
     def _open(self) -> None:

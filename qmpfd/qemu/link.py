@@ -112,6 +112,7 @@ class QmpLink:
         self.on_disconnect: Callable[[], None] | None = None
 
         self._closed = False
+        self._failed = False        # the connection attempt failed: DOWN, not NEW
         #: QMP commands sent on this link (counted: the benchmarks report it per request).
         self.commands_sent = 0
 
@@ -123,7 +124,7 @@ class QmpLink:
         if runstate is Runstate.RUNNING:
             return LinkState.UP
         return LinkState.NEW if runstate is Runstate.IDLE and self._pump is None \
-            else LinkState.DOWN
+            and not self._failed else LinkState.DOWN
 
     @property
     def connected(self) -> bool:
@@ -133,11 +134,13 @@ class QmpLink:
         try:
             await asyncio.wait_for(self._client.connect(str(self.socket_path)), timeout)
         except TimeoutError as exc:
+            self._failed = True
             with contextlib.suppress(Exception):
                 await self._client.disconnect()
             raise Timeout(f"VM '{self.name}': no QMP greeting from {self.socket_path} "
                           f"within {timeout:g} s") from exc
         except (QMPError, OSError) as exc:
+            self._failed = True
             raise VmGone(f"VM '{self.name}': cannot connect to QMP socket "
                          f"{self.socket_path}: {exc}") from exc
         self._pump = asyncio.create_task(self._pump_events(), name=f"events-{self.name}")

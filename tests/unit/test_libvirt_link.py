@@ -41,8 +41,10 @@ async def test_connect_refusals_name_the_domain_and_the_reason() -> None:
         await link().connect(5)                   # the test driver has no QEMU monitor
     with contextlib.suppress(libvirt.libvirtError):
         libvirt.open(URI).defineXML(STOPPED)
+    stopped = link("qmpfd-stopped")
     with pytest.raises(VmGone, match="'qmpfd-stopped' is not running"):
-        await link("qmpfd-stopped").connect(5)
+        await stopped.connect(5)
+    assert stopped.state is LinkState.DOWN           # query-health: down, not new
     with pytest.raises(VmGone, match="no-such-domain"):
         await link("no-such-domain").connect(5)
 

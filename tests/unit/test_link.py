@@ -144,14 +144,18 @@ async def test_events_reach_subscribers_and_a_closed_socket_is_noticed(peer: Qmp
 
 
 async def test_connect_failures(tmp_path: Path) -> None:
+    away = QmpLink("v", tmp_path / "none.sock", 1)
     with pytest.raises(VmGone, match="cannot connect to QMP socket"):
-        await QmpLink("v", tmp_path / "none.sock", 1).connect(1)
+        await away.connect(1)
+    assert away.state is LinkState.DOWN                 # query-health: down, not new
     silent = QmpPeer(tmp_path / "silent.sock")
     silent.greet = False
     await silent.start()
     try:
+        mute = QmpLink("v", silent.path, 1)
         with pytest.raises(Timeout, match=r"no QMP greeting .* within 0\.3 s"):
-            await QmpLink("v", silent.path, 1).connect(0.3)
+            await mute.connect(0.3)
+        assert mute.state is LinkState.DOWN
     finally:
         await silent.stop()
 
