@@ -47,6 +47,6 @@ class VmContext(Protocol):
         """Read QEMU's topology again."""
         ...
 
-    def operation_failed(self, op: Operation, reason: str) -> None:
+    def operation_failed(self, op: Operation, reason: str, *, recovered: bool = False) -> None:
         """An operation ended without doing what it was asked, after its request was answered."""
         ...

@@ -38,8 +38,9 @@ class VmEvents:
         extra = {"seconds": seconds} if seconds is not None else {}
         self._slot("SLOT_DETACHED", bus, slot, ids, recovered, **extra)
 
-    def detach_failed(self, bus: str, slot: int, ids: Sequence[str], reason: str) -> None:
-        self._slot("SLOT_DETACH_FAILED", bus, slot, ids, False, reason=reason)
+    def detach_failed(self, bus: str, slot: int, ids: Sequence[str], reason: str, *,
+                      recovered: bool = False) -> None:
+        self._slot("SLOT_DETACH_FAILED", bus, slot, ids, recovered, reason=reason)
 
     def ejected(self, bus: str, slot: int, ids: Sequence[str]) -> None:
         """QEMU removed these functions without a request from qmpfd (the guest ejected the

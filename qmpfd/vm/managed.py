@@ -101,15 +101,15 @@ class ManagedVm:
         #: the last operations that failed after their request was answered (bounded)
         self.failed: collections.deque[EndedOperation] = collections.deque(maxlen=FAILED_KEPT)
 
-    def operation_failed(self, op: Operation, reason: str) -> None:
+    def operation_failed(self, op: Operation, reason: str, *, recovered: bool = False) -> None:
         """An operation ended without doing what it was asked, after its request was answered:
         announce it and keep it for query-operations {ended}."""
         self.failed.append(EndedOperation(op.id, op.kind, op.bus, op.slot, tuple(op.ids),
                                           reason, time.time()))
         if op.kind == "detach":
-            self.events.detach_failed(op.bus, op.slot, op.ids, reason)
+            self.events.detach_failed(op.bus, op.slot, op.ids, reason, recovered=recovered)
         else:
-            self.events.attach_failed(op.bus, op.slot, op.ids, reason)
+            self.events.attach_failed(op.bus, op.slot, op.ids, reason, recovered=recovered)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _new_link(self) -> Link:

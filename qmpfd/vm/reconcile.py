@@ -33,7 +33,7 @@ async def reconcile(vm: VmContext) -> None:
             vm.journal.end(op)
             vm.operation_failed(op, "QEMU restarted with these devices on its command line; "
                                     "the unplug did not survive the restart (the slot is "
-                                    "present: detach it again)")
+                                    "present: detach it again)", recovered=True)
             continue
         key = (op.bus, op.slot)
         log.info("reconciling", extra={"vm": vm.name, "operation": op.id,

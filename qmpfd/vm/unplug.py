@@ -59,7 +59,7 @@ class Unplug:
             log.warning("unplug failed", extra={"vm": vm.name, "error": str(exc)})
             if self.op is not None and not isinstance(exc, VmGone):
                 vm.journal.end(self.op)
-                vm.operation_failed(self.op, str(exc))
+                vm.operation_failed(self.op, str(exc), recovered=self.recovered)
             return
         if self.op is not None:
             vm.journal.end(self.op)

@@ -23,6 +23,7 @@ class ScriptedQemu:
     sent: list[tuple[str, str]] = field(default_factory=list)
     added: dict[str, dict[str, Any]] = field(default_factory=dict)   # id -> device_add args
     connected: bool = True
+    hotplugged: bool = True                       # qom-get .../hotplugged of every device
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
@@ -85,10 +86,12 @@ class ScriptedQemu:
                 loop.call_later(0.01, self._deleted, i)
         return {}
 
-    def qom_get(self, args: dict[str, Any], _: str) -> str:
+    def qom_get(self, args: dict[str, Any], _: str) -> str | bool:
         dev_id = str(args["path"]).rsplit("/", 1)[-1]
         if dev_id not in self.devices:
             raise QemuError(f"DeviceNotFound: Device '{args['path']}' not found")
+        if args.get("property") == "hotplugged":
+            return self.hotplugged
         return "virtio-rng-pci"
 
     def _deleted(self, dev_id: str) -> None:

@@ -19,6 +19,7 @@ from qmpfd.hotplug.slots import SlotState
 from qmpfd.qemu.topology import peripheral
 from qmpfd.vm import queues, removal
 from qmpfd.vm.managed import ManagedVm
+from qmpfd.vm.reconcile import reconcile
 from tests.unit.harness import IDS, SPECS, Harness
 from tests.unit.scripted_qemu import NO_EVENT, REFUSE
 
@@ -241,3 +242,25 @@ async def test_a_detach_whose_record_cannot_be_written(h: Harness) -> None:
         await h.vm.detach(ids=IDS, bus=None, slot=None, whole_slot=False, timeout=5)
     assert h.vm.table.state((result.plan.bus, result.plan.slot)) is SlotState.PRESENT
     assert not [c for c in h.qemu.sent if c[0] == "device_del"]
+
+
+async def test_every_event_of_recovery_says_recovered(h: Harness) -> None:
+    """An unplug found in flight after a restart that the guest then refuses, and one whose
+    devices a restarted QEMU has from its command line: both failures are recovery's."""
+    from qmpfd.state.journal import Operation
+
+    result = await h.vm.attach(SPECS)
+    bus, slot = result.plan.bus, result.plan.slot
+    op = Operation("detach", "v", bus, slot, {f"d{i}": i for i in range(4)}, "acpi-pcihp")
+    await h.journal.begin(op)
+    h.journal.mark_sent(op)                                  # sent before the restart
+    await reconcile(h.vm)                                    # still present: waited for again
+    h.vm.tracker.handle_event({"event": "DEVICE_UNPLUG_GUEST_ERROR", "data": {"device": "d0"}})
+    await until(lambda: h.named("SLOT_DETACH_FAILED"), "refusal announced")
+    assert h.named("SLOT_DETACH_FAILED")[-1].get("recovered") is True
+    op2 = Operation("detach", "v", bus, slot, {f"d{i}": i for i in range(4)}, "acpi-pcihp")
+    await h.journal.begin(op2)
+    h.qemu.hotplugged = False                                # QEMU's command line has them
+    await reconcile(h.vm)
+    assert h.named("SLOT_DETACH_FAILED")[-1].get("recovered") is True
+    assert "command line" in h.named("SLOT_DETACH_FAILED")[-1]["reason"]
