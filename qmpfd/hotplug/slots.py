@@ -202,19 +202,31 @@ class SlotTable:
             self._claims[key].recorded(operation)
 
     def added(self, key: SlotKey, devices: Iterable[RawDevice]) -> None:
-        """While ATTACHING: QEMU accepted these device_adds (or may have: a late reply)."""
-        self._expect(key, SlotState.ATTACHING)
+        """QEMU accepted these device_adds (or may have: a late reply). A fact about QEMU, not
+        a transition: recorded whoever holds the slot now (recovery may have taken it over)."""
         added = tuple(devices)
         self._change(lambda t: t.with_devices(key[0], [d for d in added
                                                        if d.id not in t.device_ids()]))
 
-    def attach_done(self, key: SlotKey) -> None:
-        """ATTACHING -> PRESENT."""
+    def holds(self, key: SlotKey, owner: Slot | None) -> bool:
+        """Whether ``owner`` is still the work on the slot (None: whoever it is). Recovery
+        after a reconnect can take a slot over from an attach still waiting for QEMU: that
+        attach then leaves the slot to it."""
+        return owner is None or self._claims.get(key) is owner
+
+    def attach_done(self, key: SlotKey, owner: Slot | None = None) -> None:
+        """ATTACHING -> PRESENT (nothing if ``owner`` no longer holds the slot)."""
+        if not self.holds(key, owner):
+            return
         self._expect(key, SlotState.ATTACHING)
         self._end(key)
 
-    def attach_undone(self, key: SlotKey, left: Sequence[str]) -> None:
-        """ATTACHING -> EMPTY once rolled back; UNPLUGGING while ``left`` are still in QEMU."""
+    def attach_undone(self, key: SlotKey, left: Sequence[str],
+                      owner: Slot | None = None) -> None:
+        """ATTACHING -> EMPTY once rolled back; UNPLUGGING while ``left`` are still in QEMU
+        (nothing if ``owner`` no longer holds the slot)."""
+        if not self.holds(key, owner):
+            return
         self._expect(key, SlotState.ATTACHING)
         if left:
             self._claims[key].rollback_waits(left)

@@ -23,6 +23,7 @@ from qmpfd.errors import (
 from qmpfd.faults import fault_point
 from qmpfd.hotplug.executor import AttachFailed, execute_attach, rollback
 from qmpfd.hotplug.plan import FunctionSpec, Plan, plan_attach
+from qmpfd.hotplug.slots import Slot
 from qmpfd.qemu.topology import creates_bus
 from qmpfd.state.journal import Operation
 from qmpfd.vm.context import VmContext
@@ -122,6 +123,7 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
     retry (the client sees one outcome).
     """
     key = (plan.bus, plan.slot)
+    owner = vm.table.claim(key)      # this attach's work on the slot (reserved with the plan)
     op = Operation("attach", vm.name, plan.bus, plan.slot,
                    {f.id: f.function for f in plan.functions}, plan.policy.name)
     started = time.monotonic()
@@ -131,7 +133,7 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
         await vm.journal.begin(op)   # synced before QEMU is touched: a crash leaves a record
         vm.table.recorded(key, op.id)
     except BaseException:
-        vm.table.attach_undone(key, [])
+        vm.table.attach_undone(key, [], owner)
         metrics.operation("attach", plan.policy.name, "refused")
         raise
     metrics.phase("attach", "journal", time.monotonic() - started)
@@ -143,15 +145,16 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
         await execute_attach(plan, vm.link, vm.tracker, vm.table,
                              after_step=lambda n: fault_point(f"attach-step-{n}"))
     except AttachFailed as exc:
-        failure = _failed(vm, plan, op, exc, announce=not (retry_if_stale and _may_be_stale(exc)))
+        failure = _failed(vm, plan, op, exc, owner,
+                          announce=not (retry_if_stale and _may_be_stale(exc)))
         if failure is exc:
             raise
         raise failure from exc
     except BaseException:
-        vm.table.attach_undone(key, [])
+        vm.table.attach_undone(key, [], owner)
         vm.journal.end(op)
         raise
-    vm.table.attach_done(key)
+    vm.table.attach_done(key, owner)
     vm.journal.end(op)
     metrics.phase("attach", "qemu", time.monotonic() - started)
     metrics.operation("attach", plan.policy.name, "ok")
@@ -161,14 +164,14 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
             await vm.refresh()   # a bridge or port brings a bus qmpfd must learn
 
 
-def _failed(vm: VmContext, plan: Plan, op: Operation, exc: AttachFailed, *,
-            announce: bool) -> AttachFailed:
+def _failed(vm: VmContext, plan: Plan, op: Operation, exc: AttachFailed, owner: Slot | None,
+            *, announce: bool) -> AttachFailed:
     """Settle the slot, the record and the announcement of a failed attach; the error to give
     the client. ``announce``: False when the caller may plan again (it announces then)."""
     key = (plan.bus, plan.slot)
     if exc.rollback.unknown:
         metrics.operation("attach", plan.policy.name, "unknown")
-        vm.spawn(_undo_when_qemu_answers(vm, plan, op, exc.rollback.left), "undo")
+        vm.spawn(_undo_when_qemu_answers(vm, plan, op, exc.rollback.left, owner), "undo")
         return AttachFailed(Timeout(exc.desc), (
             f"{exc.desc}; QEMU stopped answering, so which functions of the slot it holds "
             "is not known yet: the operation stays in flight (query-operations), is "
@@ -178,7 +181,7 @@ def _failed(vm: VmContext, plan: Plan, op: Operation, exc: AttachFailed, *,
         # the attach and announces which (recovered: true). Nothing is announced now: the
         # outcome is not known yet, and QEMU may have carried the attach out.
         metrics.operation("attach", plan.policy.name, "unknown")
-        vm.table.attach_undone(key, [])
+        vm.table.attach_undone(key, [], owner)
         return AttachFailed(exc.cause, (
             f"{exc.desc}; what QEMU holds of the slot is not known yet: the operation stays in "
             "flight and is finished or rolled back when qmpfd reconnects (SLOT_ATTACHED or "
@@ -187,12 +190,14 @@ def _failed(vm: VmContext, plan: Plan, op: Operation, exc: AttachFailed, *,
                       "rolled-back" if not exc.rollback.left else "rollback-pending")
     if announce:
         vm.events.attach_failed(plan.bus, plan.slot, plan.ids, exc.desc)
+    if not vm.table.holds(key, owner):
+        return exc                   # recovery took the slot over: it ends the operation
     if exc.rollback.left:
-        vm.table.attach_undone(key, exc.rollback.left)
+        vm.table.attach_undone(key, exc.rollback.left, owner)
         vm.journal.mark_sent(op)
         Unplug(vm, key, exc.rollback.left, op, attach=True).watch()
     else:
-        vm.table.attach_undone(key, [])
+        vm.table.attach_undone(key, [], owner)
         vm.journal.end(op)
     return exc
 
@@ -201,7 +206,7 @@ UNKNOWN_RETRY = 2.0     # seconds between attempts to learn what a stalled QEMU 
 
 
 async def _undo_when_qemu_answers(vm: VmContext, plan: Plan, op: Operation,
-                                  ids: Sequence[str]) -> None:
+                                  ids: Sequence[str], owner: Slot | None) -> None:
     """QEMU's monitor stopped answering mid-attach: any of ``ids`` may or may not be in QEMU.
     Keep asking until it answers; then take back whichever it holds, end the operation (its
     slot stays ATTACHING until then) and announce the outcome."""
@@ -212,12 +217,14 @@ async def _undo_when_qemu_answers(vm: VmContext, plan: Plan, op: Operation,
             break
         await asyncio.sleep(UNKNOWN_RETRY)
     reason = "QEMU stopped answering mid-attach; rolled back once it answered"
+    if not vm.table.holds(key, owner):
+        return           # a reconnect's recovery took the slot over and ends the operation
     if result.left:      # the guest has not let go yet (or the link is gone: reconcile)
-        vm.table.attach_undone(key, result.left)
+        vm.table.attach_undone(key, result.left, owner)
         vm.journal.mark_sent(op)
         Unplug(vm, key, result.left, op, attach=True).watch()
         return
-    vm.table.attach_undone(key, [])
+    vm.table.attach_undone(key, [], owner)
     vm.journal.end(op)
     await vm.removed(plan.ids)
     vm.events.attach_failed(plan.bus, plan.slot, plan.ids, reason)

@@ -99,7 +99,7 @@ def test_queue_and_unqueue() -> None:
 @pytest.mark.parametrize("setup,transition", [
     ("present", "reserve"), ("attaching", "reserve"), ("empty", "attach_done"),
     ("empty", "begin_unplug"), ("attaching", "begin_unplug"), ("unplugging", "reserve"),
-    ("empty", "unqueue"), ("present", "queue"), ("empty", "added"),
+    ("empty", "unqueue"), ("present", "queue"),
 ])
 def test_transitions_refused_from_the_wrong_state(setup: str, transition: str) -> None:
     t = table()

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from qmpfd.errors import Conflict, InvalidRequest, NotFound, QmpfdError, Timeout, Unsupported
+from qmpfd.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    QmpfdError,
+    Timeout,
+    Unsupported,
+    VmGone,
+)
 from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
@@ -264,3 +272,28 @@ async def test_every_event_of_recovery_says_recovered(h: Harness) -> None:
     await reconcile(h.vm)
     assert h.named("SLOT_DETACH_FAILED")[-1].get("recovered") is True
     assert "command line" in h.named("SLOT_DETACH_FAILED")[-1]["reason"]
+
+
+async def test_an_attach_whose_slot_recovery_took_over_is_not_a_conflict(h: Harness) -> None:
+    """The link is lost while an attach waits for QEMU; the reconnect's recovery takes the slot
+    over before the attach hears back. The attach says its outcome is not known yet (recovery
+    announces it), not 'Conflict: slot ... is unplugging'."""
+    gate = asyncio.Event()
+    real = h.qemu.execute
+
+    async def held(cmd: str, args: dict[str, object] | None = None,
+                   timeout: float | None = None) -> object:
+        if cmd == "device_add" and args and args.get("id") == "d0":
+            await gate.wait()
+            raise VmGone("QMP connection lost during device_add")
+        return await real(cmd, args, timeout)
+    h.qemu.execute = held  # type: ignore[method-assign]
+    attach = asyncio.create_task(h.vm.attach(SPECS))
+    await until(lambda: h.vm.table.in_flight(), "attach in flight")
+    (work,) = h.vm.table.in_flight()
+    h.vm.table.wait_unplug(work.key, IDS[1:], "recovery")       # what reconcile does
+    gate.set()
+    with pytest.raises(AttachFailed) as err:
+        await attach
+    assert isinstance(err.value.cause, VmGone) and "not known yet" in err.value.desc
+    assert h.vm.table.state(work.key) is SlotState.UNPLUGGING    # still recovery's
