@@ -13,6 +13,7 @@ from pathlib import Path
 from qmpfd.access.peer import Peer
 from qmpfd.config import AccessConfig
 from qmpfd.errors import InvalidRequest
+from qmpfd.qemu.socketfile import socket_identity_problem
 
 log = logging.getLogger("qmpfd.access")
 
@@ -109,7 +110,8 @@ class AccessPolicy:
                 "group (access.users, access.groups, access.tenants)")
 
     def check_qmp_path(self, path: Path) -> Path:
-        """The resolved socket path, if it lies below an allowed directory."""
+        """The resolved socket path, if it lies below an allowed directory and is what it
+        claims (:func:`check_socket_identity`, when it exists yet)."""
         resolved = Path(os.path.realpath(path))
         if not path.is_absolute():
             raise InvalidRequest(f"qmp: '{path}' must be an absolute path")
@@ -117,4 +119,8 @@ class AccessPolicy:
             allowed = ", ".join(str(d) for d in self.qmp_dirs) or "none"
             raise InvalidRequest(f"qmp: {resolved} is outside the allowed QMP directories "
                                  f"({allowed}; config access.qmp-dirs)")
+        problem = socket_identity_problem(resolved)
+        if problem is not None:
+            raise InvalidRequest(f"qmp: {resolved} {problem}")
         return resolved
+

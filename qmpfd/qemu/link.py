@@ -24,6 +24,7 @@ from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 
 from qmpfd.errors import QemuError, Timeout, VmGone
+from qmpfd.qemu.socketfile import socket_identity_problem
 
 log = logging.getLogger("qmpfd.vm")
 
@@ -131,6 +132,10 @@ class QmpLink:
         return self.state is LinkState.UP
 
     async def connect(self, timeout: float) -> None:
+        problem = socket_identity_problem(self.socket_path)
+        if problem is not None:     # checked again at every (re)connection, not only at vm-add
+            self._failed = True
+            raise VmGone(f"VM '{self.name}': QMP socket {self.socket_path} {problem}")
         try:
             await asyncio.wait_for(self._client.connect(str(self.socket_path)), timeout)
         except TimeoutError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -135,11 +136,21 @@ async def test_vm_add_outside_allowed_dirs_is_refused(tmp_path: Path, paused_vm:
         with pytest.raises(ExecuteError) as err2:
             await c.execute("vm-add", {"name": "x", "qmp": str(link)})
         assert "outside the allowed" in str(err2.value)
+        # A hard link inside it to QEMU's socket outside names that socket from inside: the
+        # socket is judged by what it is (its link count), not by the name.
+        hard = allowed / "borrowed.qmp"
+        os.link(paused_vm.qmp_socket, hard)
+        try:
+            with pytest.raises(ExecuteError) as err3:
+                await c.execute("vm-add", {"name": "x", "qmp": str(hard)})
+        finally:
+            hard.unlink()          # the lab VM's own socket has one link again
+        assert err3.value.error_class == "InvalidRequest" and "hard links" in str(err3.value)
         assert await c.execute("query-vms") == []
         audit = [json.loads(line) for line in
-                 (await audit_lines(tmp_path / "d" / "state" / "audit.log", 2))]
+                 (await audit_lines(tmp_path / "d" / "state" / "audit.log", 3))]
         assert [(a["command"], a["uid"], a["outcome"]) for a in audit] == [
-            ("vm-add", 0, "InvalidRequest"), ("vm-add", 0, "InvalidRequest")]
+            ("vm-add", 0, "InvalidRequest")] * 3
         await c.qmp.disconnect()
     finally:
         d.stop()

@@ -5,6 +5,7 @@ layer over it (:class:`Api`, with :func:`conforms`), a daemon config in a tempor
 from __future__ import annotations
 
 import asyncio
+import socket
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,6 +114,14 @@ def conforms(reply: Any, returns: Any, where: str) -> None:
             conforms(value, list[inner[0]], f"{where}.{field.alias or name}")
 
 
+def socket_file(path: Path) -> Path:
+    """A Unix socket file at ``path`` (nobody listening): what vm-add accepts as a QMP socket
+    when the replayed link stands in for QEMU."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    return path
+
+
 def config_file(tmp_path: Path, extra: str = "") -> Path:
     cfg = tmp_path / "qmpfd.toml"
     cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/qmpfd.sock"\n'
@@ -126,7 +135,7 @@ class Served:
         cfg = config_file(tmp_path, extra)
         self.sock = str(tmp_path / "qmpfd.sock")
         self.qmp = str(tmp_path / "pc.qmp")
-        Path(self.qmp).touch()
+        socket_file(Path(self.qmp))
         self.daemon = Daemon(load_config(cfg), config_path=cfg)
         self.task: asyncio.Task[None] | None = None
 

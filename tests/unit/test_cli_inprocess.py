@@ -16,7 +16,7 @@ from qmpfd.cli import main
 from qmpfd.config import load_config
 from qmpfd.daemon import Daemon
 from qmpfd.vm import managed as managed_mod
-from tests.unit.harness import config_file
+from tests.unit.harness import config_file, socket_file
 from tests.unit.replay import ReplayLink
 
 
@@ -25,7 +25,7 @@ class Running:
         cfg = config_file(tmp_path)
         self.sock = str(tmp_path / "qmpfd.sock")
         self.qmp = tmp_path / "pc.qmp"
-        self.qmp.touch()
+        socket_file(self.qmp)
         self.loop = asyncio.new_event_loop()
         self.daemon = Daemon(load_config(cfg), config_path=cfg)
         self.thread = threading.Thread(target=self.loop.run_until_complete,

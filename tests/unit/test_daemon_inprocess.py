@@ -13,7 +13,7 @@ from qmpfd.config import load_config
 from qmpfd.daemon import Daemon, apply_overrides, watchdog_interval
 from qmpfd.errors import QmpfdError
 from qmpfd.vm import managed as managed_mod
-from tests.unit.harness import config_file
+from tests.unit.harness import config_file, socket_file
 from tests.unit.replay import ReplayLink
 
 
@@ -29,7 +29,7 @@ async def test_serve_adopt_health_reload_stop(tmp_path: Path,
         if sock.exists():
             break
         await asyncio.sleep(0.02)
-    (tmp_path / "pc.qmp").touch()
+    socket_file(tmp_path / "pc.qmp")
     async with await Client.open(str(sock)) as c:
         assert (await c.query_version()).package.startswith("qmpfd ")
         vm = await c.vm_add("a", str(tmp_path / "pc.qmp"))
