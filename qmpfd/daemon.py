@@ -155,7 +155,8 @@ class Daemon:
         if self.config.metrics.listen:
             metrics.REGISTRY.register(collector)   # unregistered at shutdown: one per daemon
             try:
-                metrics_server = await metrics_http.serve(self.config.metrics.listen)
+                metrics_server = await metrics_http.serve(
+                    self.config.metrics.listen, lambda peer: self.access.admit(peer))
             except BaseException:
                 metrics.REGISTRY.unregister(collector)
                 raise

@@ -132,3 +132,35 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> Non
     with pytest.raises(QmpfdError):
         Daemon(load_config(cfg))
     first.journal.close()
+
+
+async def test_metrics_connections_are_capped_and_admitted(tmp_path: Path) -> None:
+    """Connections held open cannot pile up (the cap answers 503 at once), and on a Unix
+    socket a peer the API would turn away is turned away (403)."""
+    admitted = {"ok": True}
+    server = await metrics_http.serve(
+        f"unix:{tmp_path}/m.sock",
+        lambda peer: None if admitted["ok"] else f"access denied: uid {peer.uid}",
+        max_connections=2)
+    path = str(tmp_path / "m.sock")
+    try:
+        held = [await asyncio.open_unix_connection(path) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        r, w = await asyncio.open_unix_connection(path)
+        assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 503")
+        w.close()
+        for _, hw in held:
+            hw.close()
+        await asyncio.sleep(0.05)
+        admitted["ok"] = False
+        r, w = await asyncio.open_unix_connection(path)
+        answer = await asyncio.wait_for(r.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 403") and b"access denied: uid 0" in answer
+        w.close()
+        admitted["ok"] = True
+        r, w = await asyncio.open_unix_connection(path)
+        w.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 200")
+        w.close()
+    finally:
+        server.close()
