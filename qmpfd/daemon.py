@@ -19,7 +19,7 @@ from qmpfd.access.peer import Peer
 from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import metrics_http
 from qmpfd.api.commands import Commands
-from qmpfd.api.server import ApiServer
+from qmpfd.api.server import ApiServer, SocketBusy, socket_in_use, socket_inherited
 from qmpfd.config import Config, load_config, needs_restart
 from qmpfd.errors import QmpfdError
 from qmpfd.host.manager import HostDevices
@@ -87,7 +87,10 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         vms = [{"name": vm.name, "link": vm.link.state.value} for vm in self.vms.all()]
         problems = [f"VM {v['name']}: link {v['link']}" for v in vms if v["link"] != "up"]
-        if self.journal.last_error:
+        state = self.journal.problem()
+        if state is not None:
+            problems.append(f"state: {state}")
+        elif self.journal.last_error:
             problems.append(f"journal: last write failed: {self.journal.last_error}")
         if self.loop_lag_max > 1.0:
             problems.append(f"event loop lagged {self.loop_lag_max:.2f} s")
@@ -146,6 +149,11 @@ class Daemon:
 
     async def run(self) -> None:
         d = self.config.daemon
+        # Another daemon serving this socket (its state dir elsewhere, or deleted and made
+        # again) must not have its VMs adopted and reconciled by this one: refuse first.
+        if not socket_inherited() and await asyncio.to_thread(socket_in_use, d.socket):
+            raise SocketBusy(f"socket {d.socket} is served by another process (another "
+                             "qmpfd?); not adopting its VMs; it was left alone")
         # Re-adopt (and reconcile) before listening: the first client already sees every VM
         # and no operation left over from a crash. Unreachable VMs are retried in the background.
         await self.vms.readopt()

@@ -31,6 +31,11 @@ log = logging.getLogger("qmpfd.api")
 SD_LISTEN_FDS_START = 3
 
 
+def socket_inherited() -> bool:
+    """Whether systemd passes this process its listening socket (socket activation)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid())
+
+
 def inherited_socket() -> socket.socket | None:
     """The listening socket systemd passed us, if it passed exactly one to this process."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -47,13 +52,18 @@ class SocketBusy(QmpfdError):
     """Something still answers on the API socket: it is never unlinked from under it."""
 
 
-def _answers(path: Path) -> bool:
+def socket_in_use(path: Path) -> bool:
+    """Whether something may still serve ``path``. Only a socket that refuses connections
+    (or is not there) is provably dead: a server that is hung or busy (its accept queue full,
+    a connect that times out) still owns its socket, and unlinking it would cut it off."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2.0)
         try:
             s.connect(str(path))
-        except OSError:
+        except (FileNotFoundError, ConnectionRefusedError):
             return False
+        except OSError:
+            return True              # timeout, EAGAIN: alive but not answering
         return True
 
 
@@ -92,7 +102,7 @@ class ApiServer:
             log.info("serving on a socket inherited from systemd")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if _answers(path):
+        if socket_in_use(path):
             raise SocketBusy(f"socket {path} is served by another process (another qmpfd?); "
                              "it was left alone")
         with contextlib.suppress(FileNotFoundError):

@@ -83,6 +83,10 @@ class Journal:
     def last_error(self) -> str | None:
         return self._log.last_error
 
+    def problem(self) -> str | None:
+        """Whether the journal on disk is still the one this daemon writes (query-health)."""
+        return self._log.identity_problem()
+
     @classmethod
     def open(cls, directory: Path) -> Journal:
         """Load the journal (migrating a format-1 state.json). Raises JournalDamaged."""

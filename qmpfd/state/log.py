@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -129,6 +130,7 @@ class AppendLog:
         self.inline = True
         #: why the last write failed, until one succeeds (query-health)
         self.last_error: str | None = None
+        self._lost_reported = False     # the journal vanished or was replaced: logged once
 
     def open(self) -> list[Record]:
         loaded = read_log(self.path)
@@ -207,8 +209,32 @@ class AppendLog:
                                                                  "error": str(exc)})
             self._queue[:0] = retry
 
+    def identity_problem(self) -> str | None:
+        """Why the file open for appending is no longer the journal at :attr:`path` (its
+        state directory deleted, or the file replaced, under the running daemon); None if it
+        is. Writing on would record state nobody will ever read back."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return (f"{self.path} was removed while qmpfd ran (its state directory deleted?); "
+                    "qmpfd refuses changes until it is restarted")
+        except OSError as exc:
+            return f"{self.path} cannot be examined: {exc.strerror or exc}"
+        if self._fd >= 0:
+            held = os.fstat(self._fd)
+            if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+                return (f"{self.path} was replaced by another file while qmpfd ran; qmpfd "
+                        "refuses changes until it is restarted")
+        return None
+
     def _write(self, data: bytes, sync: bool) -> None:
         """Write all of ``data`` or nothing (cut back on any failure)."""
+        problem = self.identity_problem()
+        if problem is not None:
+            if not self._lost_reported:
+                self._lost_reported = True
+                log.error("journal lost", extra={"path": str(self.path), "error": problem})
+            raise OSError(errno.ESTALE, problem)
         try:
             view = memoryview(data)
             while view:

@@ -6,8 +6,10 @@ metrics listener's answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -19,7 +21,9 @@ from qmpfd.api import metrics_http
 from qmpfd.config import load_config
 from qmpfd.daemon import Daemon, main, open_journal
 from qmpfd.errors import QmpfdError
-from tests.unit.harness import config_file
+from qmpfd.vm import managed as managed_mod
+from tests.unit.harness import config_file, socket_file
+from tests.unit.replay import ReplayLink
 
 
 def _signal_when_listening(sock: Path, *signals: signal.Signals) -> threading.Thread:
@@ -164,3 +168,60 @@ async def test_metrics_connections_are_capped_and_admitted(tmp_path: Path) -> No
         w.close()
     finally:
         server.close()
+
+
+def test_only_a_socket_that_refuses_is_dead() -> None:
+    """A hung daemon (its accept queue full) still owns its socket; only a refusing socket
+    (nobody listening) or a missing one may be taken over."""
+    import socket as sk
+    import tempfile
+
+    from qmpfd.api.server import socket_in_use
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "api.sock"
+        assert not socket_in_use(path)
+        with sk.socket(sk.AF_UNIX) as dead:
+            dead.bind(str(path))                       # bound, never listening: refuses
+            assert not socket_in_use(path)
+        path.unlink()
+        with sk.socket(sk.AF_UNIX) as hung:
+            hung.bind(str(path))
+            hung.listen(0)                             # never accepts: the queue fills up
+            waiting = []
+            for _ in range(4):
+                c = sk.socket(sk.AF_UNIX)
+                c.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    c.connect(str(path))
+                waiting.append(c)
+            assert socket_in_use(path)                 # cannot be proven dead: left alone
+            for c in waiting:
+                c.close()
+
+
+async def test_state_dir_deleted_under_a_running_daemon_and_a_second_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(managed_mod, "QmpLink", lambda name, _p, _t: ReplayLink("pc", name))
+    socket_file(tmp_path / "pc.qmp")
+    cfg = config_file(tmp_path, f'[[vm]]\nname = "a"\nqmp = "{tmp_path}/pc.qmp"\n')
+    first = Daemon(load_config(cfg), config_path=cfg)
+    running = asyncio.create_task(first.run())
+    for _ in range(200):
+        if (tmp_path / "qmpfd.sock").exists():
+            break
+        await asyncio.sleep(0.01)
+    shutil.rmtree(tmp_path / "state")
+    health = first.health()
+    assert health["status"] == "degraded"
+    assert any(p.startswith("state:") and "was removed" in p for p in health["problems"])
+    assert [v.name for v in first.vms.all()] == ["a"]
+    # A second daemon on the same path gets the (new) state directory, but the socket is
+    # served: it stops before adopting anything.
+    second = Daemon(load_config(cfg), config_path=cfg)
+    with pytest.raises(QmpfdError, match="served by another process"):
+        await second.run()
+    assert second.vms.all() == []
+    second.journal.close()
+    first.stop()
+    await asyncio.wait_for(running, 10)

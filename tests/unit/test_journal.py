@@ -76,6 +76,7 @@ async def test_failed_write_changes_nothing_and_names_the_file(tmp_path: Path) -
     size = (tmp_path / "journal.log").stat().st_size
     real = j._log._fd
     j._log._fd = os.open("/dev/full", os.O_WRONLY)   # every write: ENOSPC
+    j._log.identity_problem = lambda: None  # type: ignore[method-assign]  # fd swapped on purpose
     with pytest.raises(StateWriteError) as err:
         await j.begin(op())
     assert str(tmp_path / "journal.log") in err.value.desc
@@ -98,6 +99,7 @@ async def test_settle_records_are_retried_in_order(tmp_path: Path,
     o = await j.begin(op())
     real = j._log._fd
     j._log._fd = os.open("/dev/full", os.O_WRONLY)
+    j._log.identity_problem = lambda: None  # type: ignore[method-assign]  # fd swapped on purpose
     j.end(o)                                 # never fails the caller: QEMU already did it
     assert o.id not in j.ops
     await asyncio.sleep(0.12)
@@ -247,3 +249,24 @@ async def test_a_slow_sync_moves_writes_to_a_thread_until_syncs_are_fast(
     await j.vm_added("back", "/d")
     assert threads[-1] == threading.main_thread().name
     assert set((await reopened(tmp_path, j)).vms) == {"fast", "slow", "in-thread", "back"}
+
+
+async def test_a_journal_removed_or_replaced_under_the_daemon_refuses_changes(
+        tmp_path: Path) -> None:
+    """The state directory deleted (or the journal replaced) while qmpfd runs: no change is
+    accepted into a file nobody will read back, and the reason names the file."""
+    j = Journal.open(tmp_path)
+    await j.vm_added("vm1", "/x")
+    assert j.problem() is None
+    path = tmp_path / "journal.log"
+    path.rename(tmp_path / "elsewhere.log")
+    path.write_bytes(b"")                              # another file where it was
+    assert j.problem() is not None and "replaced" in j.problem()  # type: ignore[operator]
+    with pytest.raises(StateWriteError, match="replaced by another file"):
+        await j.begin(op())
+    assert j.ops == {}
+    path.unlink()
+    assert "was removed" in (j.problem() or "")
+    with pytest.raises(StateWriteError, match="was removed"):
+        await j.vm_added("vm2", "/y")
+    assert j.vms == {"vm1": "/x"}
