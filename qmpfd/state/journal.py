@@ -96,9 +96,33 @@ class Journal:
             _migrate(legacy, path)
         log_file = AppendLog(path)
         j = cls(log_file)
-        for rec in log_file.open():
+        origin: dict[str, int] = {}      # operation id or "queue VM" -> the line that made it
+        for line, rec in enumerate(log_file.open(), 1):
             j._apply(rec)
+            if isinstance(rec, r.OpBegun):
+                origin[rec.op.id] = line
+            elif isinstance(rec, r.QueueSaved):
+                origin[f"queue {rec.vm}"] = line
+            elif isinstance(rec, r.Snapshot):
+                origin.update({o.id: line for o in rec.ops})
+                origin.update({f"queue {vm}": line for vm in rec.pending})
+        j._check_references(origin)
         return j
+
+    def _check_references(self, origin: dict[str, int]) -> None:
+        """Every record can be valid and the whole still wrong: an operation or a queue of a
+        VM the journal does not list would be a ghost forever. Refused like damage, naming
+        the line that made it."""
+        for op in self.ops.values():
+            if op.vm not in self.vms:
+                raise JournalDamaged(self.path, origin.get(op.id, 0),
+                                     f"operation {op.id} is on VM '{op.vm}', which the journal "
+                                     "does not list")
+        for vm in self.pending:
+            if vm not in self.vms:
+                raise JournalDamaged(self.path, origin.get(f"queue {vm}", 0),
+                                     f"functions are queued for VM '{vm}', which the journal "
+                                     "does not list")
 
     def close(self) -> None:
         self._log.close()

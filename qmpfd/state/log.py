@@ -43,6 +43,9 @@ log = logging.getLogger("qmpfd.state")
 
 RETRY_DELAY = 1.0         # seconds between attempts to write settle records after a failure
 COMPACT_AFTER = 4096      # records since the last snapshot before the log is compacted
+#: ... or bytes appended since it: large records (queued functions with big properties) queued
+#: and cancelled leave nothing live, and the file must not grow with them
+COMPACT_BYTES = 4 << 20
 INLINE_SYNC_LIMIT = 0.005  # seconds: a slower sync sends the next writes to a thread
 FILE_MODE = 0o600
 
@@ -122,6 +125,7 @@ class AppendLog:
         self._queue: list[_Entry] = []
         self._writer: asyncio.Task[None] | None = None
         self._since_snapshot = 0
+        self._snapshot_bytes = 0    # the file's size after the last compaction (0: none yet)
         self.snapshot: Callable[[], bytes] | None = None   # set by the journal
         #: Counters for tests and benchmarks (syncs per operation is asserted, not timed).
         self.syncs = 0
@@ -193,7 +197,9 @@ class AppendLog:
                 if e.done is not None and not e.done.done():
                     e.done.set_result(None)
             self._since_snapshot += len(batch)
-            if self._since_snapshot >= COMPACT_AFTER and self.snapshot is not None:
+            grown = self._size - self._snapshot_bytes
+            if (self._since_snapshot >= COMPACT_AFTER or grown >= COMPACT_BYTES) \
+                    and self.snapshot is not None:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(self._compact, self.snapshot())
 
@@ -267,6 +273,7 @@ class AppendLog:
         os.close(self._fd)
         self._fd = new
         self._size = len(snapshot)
+        self._snapshot_bytes = len(snapshot)
         self._since_snapshot = 1
         log.info("journal compacted", extra={"path": str(self.path)})
 

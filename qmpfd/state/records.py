@@ -23,14 +23,18 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SlotNumber = Annotated[int, Field(ge=0, le=31)]
+FunctionNumber = Annotated[int, Field(ge=0, le=7)]
+
+
 class OpRecord(_Record):
     """An operation in flight, as journaled (see :class:`qmpfd.state.journal.Operation`)."""
 
     kind: Literal["attach", "detach"]
     vm: str
     bus: str
-    slot: int
-    functions: dict[str, int]
+    slot: SlotNumber
+    functions: Annotated[dict[str, FunctionNumber], Field(min_length=1, max_length=8)]
     policy: str
     id: str
     started: float
@@ -90,7 +94,7 @@ class QueueDropped(_Record):
     t: Literal["queue-"]
     vm: str
     bus: str
-    slot: int
+    slot: SlotNumber
 
 
 class Snapshot(_Record):

@@ -204,7 +204,7 @@ async def test_compaction_keeps_state_and_shrinks_the_file(tmp_path: Path,
         j.end(o)
         await j.vm_added(f"vm{i}", "/x")
         await j.vm_removed(f"vm{i}")
-    kept = await j.begin(op("detach"))
+    kept = await j.begin(Operation("detach", "keep", "pci.0", 5, {"f0": 0}, "acpi-pcihp"))
     again = await reopened(tmp_path, j)
     assert again.vms == {"keep": "/k"} and list(again.ops) == [kept.id]
     assert len((tmp_path / "journal.log").read_bytes().splitlines()) < 60
@@ -270,3 +270,48 @@ async def test_a_journal_removed_or_replaced_under_the_daemon_refuses_changes(
     with pytest.raises(StateWriteError, match="was removed"):
         await j.vm_added("vm2", "/y")
     assert j.vms == {"vm1": "/x"}
+
+
+OP = {"kind": "attach", "vm": "ghost", "bus": "pci.0", "slot": 5, "functions": {"a": 0},
+      "policy": "acpi-pcihp", "id": "op-1", "started": 1.0}
+
+
+@pytest.mark.parametrize("lines, cause", [
+    ([{"t": "op+", "op": OP}], "line 1: operation op-1 is on VM 'ghost', which the journal "
+                               "does not list"),
+    ([{"t": "vm+", "name": "v", "qmp": "/x"},
+      {"t": "op+", "op": {**OP, "vm": "v", "slot": 99}}], "line 2: op+.op.slot"),
+    ([{"t": "vm+", "name": "v", "qmp": "/x"},
+      {"t": "op+", "op": {**OP, "vm": "v", "functions": {"a": 9}}}], "line 2: op+.op.functions"),
+    ([{"t": "vm+", "name": "v", "qmp": "/x"},
+      {"t": "queue+", "vm": "w", "queue": {"bus": "pci.0", "slot": 3}}],
+     "line 2: functions are queued for VM 'w'"),
+])
+def test_records_that_are_valid_alone_but_wrong_together_are_refused(
+        tmp_path: Path, lines: list[dict[str, object]], cause: str) -> None:
+    """A ghost operation (its VM not listed) or a slot no PCI bus has would live forever in
+    query-operations: refused at start, naming the file, the line and the cause."""
+    (tmp_path / "journal.log").write_bytes(
+        b"".join(line(json.dumps(rec, separators=(",", ":")).encode()) for rec in lines))
+    with pytest.raises(JournalDamaged) as err:
+        Journal.open(tmp_path)
+    assert str(tmp_path / "journal.log") in str(err.value) and cause in str(err.value)
+
+
+async def test_the_file_stays_bounded_by_live_state_not_by_bytes_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queues of large functions saved and cancelled over and over leave nothing live: the
+    file is compacted by bytes as well as by records (it grew to hundreds of MB before)."""
+    monkeypatch.setattr(log_mod, "COMPACT_BYTES", 1 << 20)
+    j = Journal.open(tmp_path)
+    await j.vm_added("v", "/x")
+    big = {"bus": "pci.0", "slot": 3, "expires": 1e12, "created": 1.0,
+           "functions": [{"id": "q1", "driver": "e1000", "function": 1,
+                          "properties": {"romfile": "x" * 256_000}}]}
+    for _ in range(40):                                   # 10 MB written in all
+        await j.queue_saved("v", big)
+        await j.queue_cancelled("v", "pci.0", 3)
+    await j.drain()
+    assert (tmp_path / "journal.log").stat().st_size < 2 << 20
+    again = await reopened(tmp_path, j)
+    assert again.vms == {"v": "/x"} and again.pending == {}
