@@ -71,6 +71,10 @@ class TenantRule(_Strict):
 
     group: str | int
     vms: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(min_length=1)
+    #: where its members may adopt QEMU sockets (below the global qmp-dirs too); none if empty
+    qmp_dirs: list[Path] = Field(default_factory=list, alias="qmp-dirs")
+    #: API sessions its members may hold at once (full-access peers always keep room)
+    sessions: int = Field(8, ge=1, le=1024)
 
 
 class AccessConfig(_Strict):

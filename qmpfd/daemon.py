@@ -50,6 +50,7 @@ class Daemon:
                                 authorize=lambda peer: self.access.admit(peer),
                                 event_ring=d.event_ring)
         self.server.event_filter_for = self._event_filter
+        self.server.tenant_of = self._tenant_of
         self.journal = open_journal(d.state_dir, set_aside_damaged)
         self.host = HostDevices(config.host, self.journal)
         self.vms = VmRegistry(config, self.server.broadcast, self.journal,
@@ -101,6 +102,10 @@ class Daemon:
                             "last-error": self.journal.last_error},
                 "vms": vms}
 
+    def _tenant_of(self, peer: Peer) -> tuple[str, int] | None:
+        scope = self.access.scope(peer)
+        return (scope.rule, scope.sessions) if scope is not None else None
+
     def _event_filter(self, peer: Peer) -> Callable[[dict[str, Any]], bool] | None:
         """A tenant's event stream holds its own VMs' events only (looked up per event, so a
         reload of [access] applies to connected clients too)."""
@@ -108,6 +113,8 @@ class Daemon:
             return None
 
         def allowed(msg: dict[str, Any]) -> bool:
+            if self.access.admit(peer) is not None:
+                return False                     # its rule was removed: nothing any more
             scope = self.access.scope(peer)
             return scope is None or scope.allows(msg.get("data", {}).get("vm"))
         return allowed

@@ -53,6 +53,8 @@ class Scope:
 
     rule: str              # "access.tenants[0] (group tenant-a: a-*, b-*)", for refusals
     patterns: tuple[str, ...]
+    qmp_dirs: tuple[Path, ...] = ()      # where its members may adopt QEMU sockets
+    sessions: int = 8                    # API sessions its members may hold at once
 
     def allows(self, vm_name: str | None) -> bool:
         return vm_name is not None and any(fnmatch.fnmatchcase(vm_name, p)
@@ -81,7 +83,8 @@ class AccessPolicy:
             gid = _gid(rule.group)
             if gid is not None:
                 label = f"access.tenants[{i}] (group {rule.group}: {', '.join(rule.vms)})"
-                tenants.append((gid, Scope(label, tuple(rule.vms))))
+                dirs = tuple(Path(os.path.realpath(d)) for d in rule.qmp_dirs)
+                tenants.append((gid, Scope(label, tuple(rule.vms), dirs, rule.sessions)))
         return cls(frozenset(uids), frozenset(gids), dirs, cfg.qmp_passthrough, tuple(tenants))
 
     def _groups(self, peer: Peer) -> set[int]:
@@ -89,7 +92,8 @@ class AccessPolicy:
         return {peer.gid} | supplementary_groups(peer.uid, peer.gid)
 
     def scope(self, peer: Peer) -> Scope | None:
-        """None for full access; the tenant rule that limits the peer otherwise."""
+        """For a peer :meth:`admit` lets in: None for full access, else the tenant rule that
+        limits it. (A peer it does not let in has no scope at all: ask :meth:`admit` first.)"""
         if peer.uid is None or peer.gid is None or peer.uid in self.uids:
             return None
         groups = self._groups(peer)

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
@@ -20,6 +20,7 @@ from qmpfd.api import models as m
 from qmpfd.api import replies, schema, tenancy, wire
 from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Session
+from qmpfd.api.tenancy import AccessDenied
 from qmpfd.api.xml import parse_devices_xml
 from qmpfd.client import models as r
 from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError, Unsupported
@@ -40,6 +41,8 @@ class Command:
     model: type[BaseModel]
     handler: Handler
     changes_state: bool
+    #: what a tenant may reach through it (undeclared: full-access peers only)
+    reach: tenancy.Reach = tenancy.Reach.ADMIN
     #: the reply model (qmpfd.client.models), a list of one, or None for free-form JSON
     returns: Any = None
 
@@ -55,40 +58,61 @@ class Commands:
         #: the daemon's health report (set by the daemon; query-health)
         self.health: Callable[[], dict[str, Any]] = lambda: {"status": "ok"}
         self.table: dict[str, Command] = {}
-        reg = self._register
-        reg("query-version", m.NoArgs, self.query_version, False)
-        reg("query-commands", m.NoArgs, self.query_commands, False)
-        reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False)
-        reg("query-events", m.QueryEventsArgs, self.query_events, False)
-        reg("query-health", m.NoArgs, self.query_health, False)
-        reg("vm-add", m.VmAddArgs, self.vm_add, True)
-        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True)
-        reg("query-vms", m.NoArgs, self.query_vms, False)
-        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False)
-        reg("query-policy", m.VmRef, self.query_policy, False)
-        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True)
-        reg("function-add", m.FunctionAddArgs, self.function_add, True)
-        reg("query-pending", m.QueryPendingArgs, self.query_pending, False)
-        reg("pending-cancel", m.SlotRef, self.pending_cancel, True)
-        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True)
-        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False)
+        reg, vm, read = self._register, tenancy.Reach.VM, tenancy.Reach.READ
+        reg("query-version", m.NoArgs, self.query_version, False, read)
+        reg("query-commands", m.NoArgs, self.query_commands, False, read)
+        reg("query-qmp-schema", m.NoArgs, self.query_qmp_schema, False, read)
+        reg("query-events", m.QueryEventsArgs, self.query_events, False, read)
+        reg("query-health", m.NoArgs, self.query_health, False, read)
+        reg("vm-add", m.VmAddArgs, self.vm_add, True, vm)
+        reg("vm-remove", m.VmRemoveArgs, self.vm_remove, True, vm)
+        reg("query-vms", m.NoArgs, self.query_vms, False, read)
+        reg("query-slots", m.QuerySlotsArgs, self.query_slots, False, vm)
+        reg("query-policy", m.VmRef, self.query_policy, False, vm)
+        reg("device-attach", m.DeviceAttachArgs, self.device_attach, True, vm)
+        reg("function-add", m.FunctionAddArgs, self.function_add, True, vm)
+        reg("query-pending", m.QueryPendingArgs, self.query_pending, False, read)
+        reg("pending-cancel", m.SlotRef, self.pending_cancel, True, vm)
+        reg("device-detach", m.DeviceDetachArgs, self.device_detach, True, vm)
+        reg("query-operations", m.QueryOperationsArgs, self.query_operations, False, read)
+        # Raw QMP and host devices reach past any one VM: full access only (undeclared).
         reg("vm-qmp", m.VmQmpArgs, self.vm_qmp, True)
         reg("device-attach-xml", m.DeviceAttachXmlArgs, self.device_attach_xml, True)
         reg("query-host-devices", m.QueryHostDevicesArgs, self.query_host_devices, False)
 
     def _register(self, name: str, model: type[BaseModel], handler: Handler,
-                  changes_state: bool) -> None:
-        self.table[name] = Command(name, model, handler, changes_state, r.RETURNS.get(name))
+                  changes_state: bool, reach: tenancy.Reach = tenancy.Reach.ADMIN) -> None:
+        self.table[name] = Command(name, model, handler, changes_state, reach,
+                                   r.RETURNS.get(name))
 
     async def dispatch(self, name: str, args: dict[str, Any], session: Session) -> Any:
         cmd = self.table.get(name)
         if cmd is None:
             raise CommandNotFound(f"The command {name} has not been found")
+        # Decided per request, by the policy in force now: a reload that removes or narrows
+        # a rule applies to sessions already open.
+        refusal = self.access.admit(session.peer)
+        if refusal is not None:
+            self._refused(session, name, args, AccessDenied(refusal))
         scope = self.access.scope(session.peer)
-        if scope is not None:
-            tenancy.check(scope, name, args, self.vms)
+        if scope is None:
+            return await self._run(cmd, name, args, session)
+        try:
+            tenancy.check(scope, cmd.reach, name, args, self.vms)
+        except AccessDenied as exc:
+            self._refused(session, name, args, exc)
+        try:
             return tenancy.visible(scope, name, await self._run(cmd, name, args, session))
-        return await self._run(cmd, name, args, session)
+        except QmpfdError as exc:
+            raise tenancy.redact(scope, exc) from None
+
+    def _refused(self, session: Session, name: str, args: dict[str, Any],
+                 exc: AccessDenied) -> NoReturn:
+        """Audit a refused request (whatever the command) and raise the refusal."""
+        log.warning("request refused", extra={"command": name, "peer_uid": session.peer.uid,
+                                              "reason": exc.desc})
+        self.audit.record(session.peer, name, args, "AccessDenied")
+        raise exc
 
     async def _run(self, cmd: Command, name: str, args: dict[str, Any],
                    session: Session) -> Any:

@@ -88,6 +88,10 @@ class ApiServer:
         #: per client: which events it may see (set by the daemon from the access policy)
         self.event_filter_for: Callable[[Peer], Callable[[wire.Message], bool] | None] | None \
             = None
+        #: per client: the tenant rule (its label and session limit) it is admitted by, None
+        #: for full access (set by the daemon from the access policy)
+        self.tenant_of: Callable[[Peer], tuple[str, int] | None] = lambda _peer: None
+        self._tenant_sessions: dict[Session, str] = {}
         #: (uid, reason) -> (when last logged, refusals since): see _log_refusal
         self._refusals: dict[tuple[int | None, str], tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,8 +127,9 @@ class ApiServer:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("socket"))
         refusal = self._authorize(peer) if self._authorize is not None else None
-        if refusal is None and len(self._sessions) >= self._max_clients:
-            refusal = f"too many clients (daemon.max-clients = {self._max_clients})"
+        tenant = self.tenant_of(peer) if refusal is None else None
+        if refusal is None:
+            refusal = self._over_limit(tenant)
         if refusal is not None:
             self._log_refusal(peer.uid, peer.pid, refusal)
             writer.write(wire.encode(wire.error_reply("GenericError", refusal)))
@@ -136,11 +141,31 @@ class ApiServer:
         if self.event_filter_for is not None:
             session.event_filter = self.event_filter_for(peer)
         self._sessions.add(session)
+        if tenant is not None:
+            self._tenant_sessions[session] = tenant[0]
         log.debug("client connected", extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
         try:
             await session.run()
         finally:
             self._sessions.discard(session)
+            self._tenant_sessions.pop(session, None)
+
+    def _over_limit(self, tenant: tuple[str, int] | None) -> str | None:
+        """Why one more session is refused, if it is. Tenants together never take the last
+        eighth of ``max-clients`` (full-access peers keep room to act), and each rule has its
+        own ``sessions`` limit."""
+        if len(self._sessions) >= self._max_clients:
+            return f"too many clients (daemon.max-clients = {self._max_clients})"
+        if tenant is None:
+            return None
+        rule, limit = tenant
+        mine = sum(1 for r in self._tenant_sessions.values() if r == rule)
+        if mine >= limit:
+            return f"too many sessions for {rule} (its sessions = {limit})"
+        if len(self._tenant_sessions) >= self._max_clients - max(1, self._max_clients // 8):
+            return ("too many tenant sessions (the last eighth of daemon.max-clients is kept "
+                    "for full-access peers)")
+        return None
 
     def _log_refusal(self, uid: int | None, pid: int | None, reason: str) -> None:
         """Once per peer uid and reason per :data:`REFUSAL_LOG_INTERVAL`, with the number

@@ -124,3 +124,37 @@ def _fd_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+async def test_tenant_sessions_are_limited_and_never_lock_out_full_access(
+        tmp_path: Path) -> None:
+    async def nothing(*_: object) -> None:
+        return None
+    server = ApiServer(nothing, max_clients=8, max_line=1024)  # type: ignore[arg-type]
+    path = tmp_path / "api.sock"
+    await server.listen(path, 0o600, None)
+    limits = {"sessions": 3}
+    server.tenant_of = lambda _peer: ("access.tenants[0]", limits["sessions"])
+
+    async def session() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        r, w = await asyncio.open_unix_connection(str(path))
+        return r, w, await asyncio.wait_for(r.readline(), 5)
+    try:
+        held = [await session() for _ in range(3)]
+        assert all(b'"QMP"' in g for _, _, g in held)
+        _, w, refused = await session()
+        assert b"too many sessions for access.tenants[0] (its sessions = 3)" in refused
+        w.close()
+        limits["sessions"] = 100
+        held += [await session() for _ in range(4)]             # 7 tenant sessions of 8
+        _, w, refused = await session()
+        assert b"kept for full-access peers" in refused
+        w.close()
+        server.tenant_of = lambda _peer: None                    # a full-access peer: room
+        _, w, greeting = await session()
+        assert b'"QMP"' in greeting
+        w.close()
+        for _, hw, _ in held:
+            hw.close()
+    finally:
+        await server.close()

@@ -26,7 +26,7 @@ from qmpfd.host.sysfs import HostPci, read_host
 from qmpfd.host.usage import in_use_reasons
 from tests.unit.capture_sysfs import rebuild
 
-SCOPE = Scope("access.tenants[0] (group t: a-*)", ("a-*",))
+SCOPE = Scope("access.tenants[0] (group t: a-*)", ("a-*",), (Path("/srv/tenant-a"),))
 
 
 class Vms:
@@ -40,30 +40,46 @@ class Vms:
         raise NotFound(f"vm: no VM '{key}'")
 
 
-@pytest.mark.parametrize(("command", "args", "refused"), [
-    ("vm-qmp", {"vm": "a-1"}, "vm-qmp (raw QMP)"),
-    ("query-host-devices", {}, "host devices"),
-    ("device-attach", {"vm": "a-1", "functions": [{"id": "h", "host": "0000:01:00.0"}]},
+R = tenancy.Reach
+
+
+@pytest.mark.parametrize(("command", "reach", "args", "refused"), [
+    ("vm-qmp", R.ADMIN, {"vm": "a-1"}, "vm-qmp (for full-access peers only)"),
+    ("query-host-devices", R.ADMIN, {}, "query-host-devices (for full-access peers only)"),
+    ("device-attach", R.VM, {"vm": "a-1", "functions": [{"id": "h", "host": "0000:01:00.0"}]},
      "assigning host functions"),
-    ("device-attach", {"vm": "b-1", "functions": []}, "VM 'b-1'"),
-    ("vm-add", {"name": "b-2"}, "VM 'b-2'"),
-    ("vm-remove", {"name": "b-1"}, "VM 'b-1'"),
+    ("device-attach", R.VM, {"vm": "b-1", "functions": []}, "VM 'b-1'"),
+    ("query-slots", R.VM, {}, "query-slots without a VM of its own"),
+    ("vm-add", R.VM, {"name": "b-2"}, "VM 'b-2'"),
+    ("vm-add", R.VM, {"name": "a-2", "libvirt": "dom"}, "adopting a libvirt domain"),
+    ("vm-add", R.VM, {"name": "a-2", "qmp": "/run/qemu/a-2.qmp"}, "adopting /run/qemu/a-2.qmp"),
+    ("vm-remove", R.VM, {"name": "b-1"}, "VM 'b-1'"),
 ])
-def test_tenant_refusals_name_the_rule(command: str, args: dict[str, Any], refused: str) -> None:
+def test_tenant_refusals_name_the_rule(command: str, reach: tenancy.Reach,
+                                       args: dict[str, Any], refused: str) -> None:
     with pytest.raises(tenancy.AccessDenied,
                        match=re.escape(refused) + r".* is outside access\.tenants\[0\]"):
-        tenancy.check(SCOPE, command, args, Vms())  # type: ignore[arg-type]
+        tenancy.check(SCOPE, reach, command, args, Vms())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("command", "args"), [
-    ("device-attach", {"vm": "a-1", "functions": [{"id": "x", "driver": "e1000"}]}),
-    ("vm-add", {"name": "a-new"}),
-    ("query-slots", {"vm": "uuid-of-a-1"}),       # a UUID counts as the VM it names
-    ("query-slots", {"vm": "a-unknown"}),
-    ("query-vms", {}),
+@pytest.mark.parametrize(("command", "reach", "args"), [
+    ("device-attach", R.VM, {"vm": "a-1", "functions": [{"id": "x", "driver": "e1000"}]}),
+    ("vm-add", R.VM, {"name": "a-new", "qmp": "/srv/tenant-a/a-new.qmp"}),
+    ("query-slots", R.VM, {"vm": "uuid-of-a-1"}),       # a UUID counts as the VM it names
+    ("query-slots", R.VM, {"vm": "a-unknown"}),
+    ("query-vms", R.READ, {}),
 ])
-def test_tenant_may_use_its_vms(command: str, args: dict[str, Any]) -> None:
-    tenancy.check(SCOPE, command, args, Vms())  # type: ignore[arg-type]
+def test_tenant_may_use_its_vms(command: str, reach: tenancy.Reach,
+                                args: dict[str, Any]) -> None:
+    tenancy.check(SCOPE, reach, command, args, Vms())  # type: ignore[arg-type]
+
+
+def test_errors_a_tenant_gets_do_not_name_other_tenants_vms() -> None:
+    from qmpfd.errors import Conflict
+
+    exc = tenancy.redact(SCOPE, Conflict("qmp: /x is already managed as VM 'b-1'"))
+    assert exc.desc == "qmp: /x is already managed as another VM"
+    assert tenancy.redact(SCOPE, Conflict("VM 'a-1' is busy")).desc == "VM 'a-1' is busy"
 
 
 def test_tenant_listings_show_only_theirs() -> None:
@@ -77,6 +93,12 @@ def test_tenant_listings_show_only_theirs() -> None:
     assert tenancy.visible(SCOPE, "query-events", events) == {
         "complete": True, "events": [{"data": {"vm": "a-1"}}]}
     assert tenancy.visible(SCOPE, "query-version", {"x": 1}) == {"x": 1}
+    health = {"status": "degraded", "problems": ["VM a-1: link down", "VM b-1: link down",
+                                                 "journal: x"],
+              "vms": [{"name": "a-1", "link": "down"}, {"name": "b-1", "link": "down"}]}
+    assert tenancy.visible(SCOPE, "query-health", health) == {
+        "status": "degraded", "problems": ["VM a-1: link down", "journal: x"],
+        "vms": [{"name": "a-1", "link": "down"}]}
 
 
 def test_policy_from_config_tenants_and_unknown_names(tmp_path: Path) -> None:
