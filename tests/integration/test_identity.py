@@ -108,6 +108,9 @@ async def test_uuid_names_a_vm_and_a_tenant_sees_only_its_own(
             {"execute": "vm-qmp", "arguments": {"vm": "a-one", "command": "query-status"}},
             {"execute": "query-host-devices"},
             {"execute": "vm-remove", "arguments": {"name": "b-two"}},
+            # Another tenant's QEMU, under a name this tenant may use: its rule grants no
+            # place to adopt from.
+            {"execute": "vm-add", "arguments": {"name": "a-stolen", "qmp": str(b.qmp_socket)}},
         ]
         probe = await asyncio.create_subprocess_exec(
             SYSTEM_PYTHON, "-c", PROBE, str(d.socket), json.dumps(requests), "3",
@@ -121,11 +124,11 @@ async def test_uuid_names_a_vm_and_a_tenant_sees_only_its_own(
         out, err = await asyncio.wait_for(probe.communicate(), 60)
         answers, events = replies(out.decode())
         assert len(answers) == len(requests), (out.decode(), err.decode())
-        listed, by_uuid, other, queued, cancelled, raw, host, remove = answers
+        listed, by_uuid, other, queued, cancelled, raw, host, remove, stolen = answers
         assert [v["name"] for v in listed["return"]] == ["a-one"]
         assert "return" in by_uuid
         rule = f"access.tenants[0] (group {GROUP}: a-*)"
-        for refused in (other, raw, host, remove):
+        for refused in (other, raw, host, remove, stolen):
             assert refused["error"]["class"] == "GenericError", refused
             assert rule in refused["error"]["desc"], refused
         assert queued["return"]["queued"] is True and "return" in cancelled
