@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import struct
 from pathlib import Path
 
 
@@ -25,3 +27,18 @@ def socket_identity_problem(path: Path) -> str | None:
         return (f"has {st.st_nlink} hard links: the socket it names may live outside the "
                 "allowed QMP directories (give QEMU's own socket path)")
     return None
+
+
+def listener_pid(path: Path) -> int | None:
+    """The pid of the process listening on the Unix socket ``path`` (SO_PEERCRED, known on
+    Linux from the moment a connection is queued, before anyone accepts it); None if it cannot
+    be told. Two names of one QEMU (its two QMP monitors) give the same pid."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+            raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid = int(struct.unpack("3i", raw)[0])
+    return pid if pid > 0 else None

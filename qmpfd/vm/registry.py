@@ -10,6 +10,7 @@ from pathlib import Path
 from qmpfd.config import Config
 from qmpfd.errors import Conflict, NotFound, QmpfdError
 from qmpfd.hotplug.policies import POLICIES, Policy
+from qmpfd.qemu.socketfile import listener_pid
 from qmpfd.state.journal import Journal
 from qmpfd.vm.events import Emit
 from qmpfd.vm.managed import ManagedVm, OnConnected, OnRemoved
@@ -91,6 +92,7 @@ class VmRegistry:
             vm = self._new(name, target, libvirt)
             info = await vm.start()
             try:
+                await self._check_not_managed(vm)
                 await self.journal.vm_added(name, str(target))
             except BaseException:
                 await vm.stop()
@@ -101,6 +103,27 @@ class VmRegistry:
             return info
         finally:
             self._adding.discard(name)
+
+    async def _check_not_managed(self, new: ManagedVm) -> None:
+        """One QEMU is managed once, whatever name reaches it: another of its QMP monitors
+        (the same listening pid) or the same VM by UUID (a libvirt domain, or a QEMU started
+        with -uuid) is a Conflict naming the VM that has it."""
+        others = [vm for vm in self._vms.values() if vm is not new]
+        uuid = new.identity.uuid if new.identity is not None else None
+        for vm in others:
+            if uuid is not None and vm.identity is not None and vm.identity.uuid == uuid:
+                raise Conflict(f"qmp: this QEMU (uuid {uuid}) is already managed as VM "
+                               f"'{vm.name}'")
+        if new.libvirt_domain is not None:
+            return
+        pid = await asyncio.to_thread(listener_pid, new.qmp)
+        if pid is None:
+            return
+        for vm in others:
+            if vm.libvirt_domain is None and \
+                    await asyncio.to_thread(listener_pid, vm.qmp) == pid:
+                raise Conflict(f"qmp: this QEMU (pid {pid}) is already managed as VM "
+                               f"'{vm.name}' (through another of its QMP monitors)")
 
     async def readopt(self) -> None:
         """After a restart: take back every VM the journal lists (and the config's), reconciling

@@ -158,3 +158,25 @@ async def test_tenant_sessions_are_limited_and_never_lock_out_full_access(
             hw.close()
     finally:
         await server.close()
+
+
+async def test_one_qemu_is_managed_once_whatever_monitor_reaches_it(served: Served,
+                                                                    tmp_path: Path) -> None:
+    """Two QMP sockets one process listens on (a QEMU's two monitors): the second vm-add is a
+    Conflict naming the VM that has it; this is how one tenant took another's QEMU."""
+    monitors = []
+    for name in ("mon1.qmp", "mon2.qmp"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        s.listen(4)
+        monitors.append(s)
+    try:
+        async with await Client.open(served.sock) as c:
+            await c.vm_add("first", str(tmp_path / "mon1.qmp"))
+            with pytest.raises(Conflict,
+                               match=r"\(pid [0-9]+\) is already managed as VM 'first'"):
+                await c.vm_add("second", str(tmp_path / "mon2.qmp"))
+            assert [v.name for v in await c.query_vms()] == ["first"]
+    finally:
+        for s in monitors:
+            s.close()
