@@ -239,3 +239,13 @@ def test_removal_and_detach_replies_say_what_was_set() -> None:
     assert replies.detached(detached) == {"vm": "v", "bus": "pci.0", "slot": 5, "ids": ["a"],
                                           "seconds": 1.5, "unplugging": True,
                                           "waited-for-guest": 0.7}
+
+
+def test_the_greeting_and_query_version_give_the_real_version() -> None:
+    from qmpfd import __version__
+    from qmpfd.api import wire
+
+    major, minor, micro = (int(p) for p in __version__.split("."))
+    assert wire.version() == {"qemu": {"major": major, "minor": minor, "micro": micro},
+                              "package": f"qmpfd {__version__}"}
+    assert wire.greeting()["QMP"]["version"] == wire.version()
