@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
              str(sock), "--state-dir", str(work / "state"), "--log-format", "text"],
             stderr=(work / "qmpfd.log").open("wb"))
         try:
+            deadline = time.monotonic() + 60
             while not sock.exists():
-                if daemon.poll() is not None:
+                if daemon.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit((work / "qmpfd.log").read_text())
                 time.sleep(0.05)
             say("adopting the VM")

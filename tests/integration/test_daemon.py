@@ -202,8 +202,7 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)],
                             stderr=(tmp_path / "log").open("wb"))
     try:
-        while not sock.exists():
-            time.sleep(0.05)
+        appears(sock, 30, proc)
         client = socket.socket(socket.AF_UNIX)
         client.settimeout(10)
         client.connect(str(sock))
@@ -219,8 +218,7 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
         def vm_connected() -> bool:
             client.sendall(b'{"execute":"query-vms"}\n')
             return bool(json.loads(f.readline())["return"][0]["connected"])
-        while not qmp.exists():
-            time.sleep(0.05)
+        appears(qmp, 30, qemu)
         client.sendall(json.dumps({"execute": "vm-add", "arguments": {
             "name": "x1", "qmp": str(qmp)}}).encode() + b"\n")
         assert "return" in json.loads(f.readline())
@@ -249,3 +247,13 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
         proc.wait(15)
         qemu.kill()
         qemu.wait()
+
+
+def appears(path: Path, seconds: float, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until ``path`` exists; fail at once if ``proc`` (which makes it) died, or after
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds:g} s"
+        time.sleep(0.05)

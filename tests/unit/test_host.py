@@ -108,3 +108,9 @@ def test_pci_ids_names() -> None:
     assert ids.device(0x8086, 0x10D3) == "82574L Gigabit Network Connection"
     assert ids.class_name(0x020000) == "Ethernet controller"
     assert ids.class_name(0x028000) == "Network controller"
+
+
+def test_a_function_without_an_iommu_group_is_refused(host: HostPci) -> None:
+    no_group = with_driver(host, f"{SLOT}.1", "e1000e", iommu_group=None)
+    with pytest.raises(HostDeviceUnavailable, match=r"functions\[0\]\.host: .* has no IOMMU group"):
+        plan_host_assignment([req(1)], no_group, vm="vm1")
