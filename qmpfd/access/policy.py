@@ -83,8 +83,8 @@ class AccessPolicy:
             gid = _gid(rule.group)
             if gid is not None:
                 label = f"access.tenants[{i}] (group {rule.group}: {', '.join(rule.vms)})"
-                dirs = tuple(Path(os.path.realpath(d)) for d in rule.qmp_dirs)
-                tenants.append((gid, Scope(label, tuple(rule.vms), dirs, rule.sessions)))
+                granted = tuple(Path(os.path.realpath(d)) for d in rule.qmp_dirs)
+                tenants.append((gid, Scope(label, tuple(rule.vms), granted, rule.sessions)))
         return cls(frozenset(uids), frozenset(gids), dirs, cfg.qmp_passthrough, tuple(tenants))
 
     def _groups(self, peer: Peer) -> set[int]:

@@ -249,3 +249,12 @@ def test_the_greeting_and_query_version_give_the_real_version() -> None:
     assert wire.version() == {"qemu": {"major": major, "minor": minor, "micro": micro},
                               "package": f"qmpfd {__version__}"}
     assert wire.greeting()["QMP"]["version"] == wire.version()
+
+
+def test_a_tenant_rule_does_not_change_the_global_qmp_dirs(tmp_path: Path) -> None:
+    cfg = AccessConfig.model_validate({
+        "qmp-dirs": [str(tmp_path / "all")],
+        "tenants": [{"group": 777, "vms": ["a-*"], "qmp-dirs": [str(tmp_path / "a")]}]})
+    p = AccessPolicy.from_config(cfg)
+    assert p.qmp_dirs == ((tmp_path / "all").resolve(),)
+    assert p.tenants[0][1].qmp_dirs == ((tmp_path / "a").resolve(),)
