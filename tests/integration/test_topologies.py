@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lab.vm import LabVm, LabVmSpec, slot_groups
-from tests.integration.conftest import Client, adopt, start_lab_vm
+from tests.integration.conftest import Client, adopt, qemu_view, start_lab_vm
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +60,19 @@ async def test_switch_downstream_ports_are_hotpluggable(client: Client,
 
 async def test_automatic_slot_choice_reaches_downstream_ports(client: Client,
                                                               switch_vm: LabVm) -> None:
-    plan = await client.execute("device-attach", {
-        "vm": "topo-switch", "dry-run": True,
-        "functions": [{"id": "a0", "driver": "e1000"}, {"id": "a1", "driver": "e1000"}]})
-    assert plan["bus"] in {"dn1", "dn2"}
+    """No bus given: qmpfd finds a downstream port by itself, and the guest sees the device
+    there (not only a plan that says so)."""
+    before = switch_vm.guest_pci() or set()
+    funcs = [{"id": "a0", "driver": "e1000"}, {"id": "a1", "driver": "e1000"}]
+    reply = await client.execute("device-attach", {"vm": "topo-switch", "functions": funcs})
+    assert reply["bus"] in {"dn1", "dn2"}
+    after = await asyncio.to_thread(switch_vm.wait_guest_pci,
+                                    lambda s: len(s - before) >= 2, 60)
+    assert list(slot_groups(after - before).values()) == [{0, 1}]
+    peripheral, _ = await qemu_view(switch_vm)
+    assert {"a0", "a1"} <= peripheral                       # QEMU's own view agrees
+    await client.execute("device-detach", {"vm": "topo-switch", "ids": ["a0", "a1"]})
+    await asyncio.to_thread(switch_vm.wait_guest_pci, lambda s: s == before, 30)
 
 
 async def test_pci_bridge_behind_root_port(client: Client, bridge_vm: LabVm) -> None:
