@@ -85,11 +85,14 @@ async def test_incremental_attach(client: Client, lab: LabVm) -> None:
 
 async def test_pending_cancel(client: Client, lab: LabVm) -> None:
     slot = await free_slot(client)
+    qemu_before, guest_before = await qemu_view(lab), lab.guest_pci()
     await client.execute("function-add", {"vm": VM, "bus": "pci.0", "slot": slot, "id": "pc1",
                                           "driver": "virtio-rng-pci", "function": 1})
     dropped = await client.execute("pending-cancel", {"vm": VM, "bus": "pci.0", "slot": slot})
     assert [f["id"] for f in dropped["functions"]] == ["pc1"]
     assert await client.execute("query-pending", {"vm": VM}) == []
+    # Queued functions never reach QEMU, so a cancel leaves QEMU and the guest as they were.
+    assert await qemu_view(lab) == qemu_before and lab.guest_pci() == guest_before
     with pytest.raises(ExecuteError) as err:
         await client.execute("pending-cancel", {"vm": VM, "bus": "pci.0", "slot": slot})
     assert err.value.error_class == "NotFound"
@@ -102,6 +105,16 @@ async def test_pending_expires(client: Client, lab: LabVm) -> None:
     event = await client.wait_event("PENDING_EXPIRED", PENDING_EXPIRY + 10)
     assert event["data"]["ids"] == ["exp1"] and event["data"]["slot"] == slot
     assert await client.execute("query-pending", {"vm": VM}) == []
+    # And the slot is free in QEMU's own view: a function 0 there is a slot of one.
+    peripheral, _ = await qemu_view(lab)
+    assert "exp1" not in peripheral
+    before = lab.guest_pci() or set()
+    await client.execute("function-add", {"vm": VM, "bus": "pci.0", "slot": slot, "id": "exp0",
+                                          "driver": "virtio-rng-pci", "function": 0})
+    seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 1, 60)
+    assert list(slot_groups(seen - before).values()) == [{0}]      # no function 1 came along
+    await client.execute("device-detach", {"vm": VM, "ids": ["exp0"]})
+    await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
 
 
 def fn(i: int, **kw: Any) -> dict[str, Any]:
