@@ -75,6 +75,8 @@ class TenantRule(_Strict):
     qmp_dirs: list[Path] = Field(default_factory=list, alias="qmp-dirs")
     #: API sessions its members may hold at once (full-access peers always keep room)
     sessions: int = Field(8, ge=1, le=1024)
+    #: requests its members may have in flight at once (a slow attach counts until it ends)
+    requests: int = Field(16, ge=1, le=4096)
 
 
 class AccessConfig(_Strict):

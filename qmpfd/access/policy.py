@@ -55,6 +55,7 @@ class Scope:
     patterns: tuple[str, ...]
     qmp_dirs: tuple[Path, ...] = ()      # where its members may adopt QEMU sockets
     sessions: int = 8                    # API sessions its members may hold at once
+    requests: int = 16                   # requests its members may have in flight at once
 
     def allows(self, vm_name: str | None) -> bool:
         return vm_name is not None and any(fnmatch.fnmatchcase(vm_name, p)
@@ -84,7 +85,8 @@ class AccessPolicy:
             if gid is not None:
                 label = f"access.tenants[{i}] (group {rule.group}: {', '.join(rule.vms)})"
                 granted = tuple(Path(os.path.realpath(d)) for d in rule.qmp_dirs)
-                tenants.append((gid, Scope(label, tuple(rule.vms), granted, rule.sessions)))
+                tenants.append((gid, Scope(label, tuple(rule.vms), granted, rule.sessions,
+                                           rule.requests)))
         return cls(frozenset(uids), frozenset(gids), dirs, cfg.qmp_passthrough, tuple(tenants))
 
     def _groups(self, peer: Peer) -> set[int]:

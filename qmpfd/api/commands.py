@@ -58,6 +58,8 @@ class Commands:
         #: the daemon's health report (set by the daemon; query-health)
         self.health: Callable[[], dict[str, Any]] = lambda: {"status": "ok"}
         self.table: dict[str, Command] = {}
+        #: requests in flight per tenant rule (full-access peers are not counted)
+        self._in_flight: dict[str, int] = {}
         reg, vm, read = self._register, tenancy.Reach.VM, tenancy.Reach.READ
         reg("query-version", m.NoArgs, self.query_version, False, read)
         reg("query-commands", m.NoArgs, self.query_commands, False, read)
@@ -99,12 +101,18 @@ class Commands:
             return await self._run(cmd, name, args, session)
         try:
             tenancy.check(scope, cmd.reach, name, args, self.vms)
+            if self._in_flight.get(scope.rule, 0) >= scope.requests:
+                raise AccessDenied(f"too many requests in flight for {scope.rule} (its "
+                                   f"requests = {scope.requests}); wait for one to end")
         except AccessDenied as exc:
             self._refused(session, name, args, exc)
+        self._in_flight[scope.rule] = self._in_flight.get(scope.rule, 0) + 1
         try:
             return tenancy.visible(scope, name, await self._run(cmd, name, args, session))
         except QmpfdError as exc:
             raise tenancy.redact(scope, exc) from None
+        finally:
+            self._in_flight[scope.rule] -= 1
 
     def _refused(self, session: Session, name: str, args: dict[str, Any],
                  exc: AccessDenied) -> NoReturn:

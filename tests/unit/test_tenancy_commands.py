@@ -96,3 +96,31 @@ async def test_a_tenant_sees_only_its_vms_and_others_are_not_named(api: Api) -> 
     assert await api("query-vms") == []
     health = await api("query-health")
     assert health.get("vms", []) == []
+
+
+async def test_a_tenant_cannot_keep_more_requests_in_flight_than_its_rule_allows(
+        api: Api, tmp_path: Path) -> None:
+    api.commands.access = AccessPolicy.from_config(AccessConfig.model_validate({
+        "users": ["root"], "groups": [],
+        "tenants": [{"group": TENANT_GID, "vms": ["v"], "requests": 1}]}))
+    gate = asyncio.Event()
+    real = api.h.qemu.execute
+
+    async def slow(cmd: str, args: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        if cmd == "device_add":
+            await gate.wait()
+        return await real(cmd, args, timeout)
+    api.h.qemu.execute = slow  # type: ignore[method-assign]
+    tenant = Peer(pid=1, uid=5555, gid=TENANT_GID)
+    api.session.peer = tenant
+    first = asyncio.create_task(api.commands.dispatch("device-attach", dict(
+        ARGS["device-attach"]), api.session))
+    await asyncio.sleep(0.05)
+    with pytest.raises(AccessDenied, match="too many requests in flight"):
+        await api.commands.dispatch("query-vms", {}, api.session)
+    root = type(api.session)(peer=Peer(pid=1, uid=0, gid=0))
+    assert await api.commands.dispatch("query-vms", {}, root)   # full access: not counted
+    gate.set()
+    await first
+    assert await api.commands.dispatch("query-vms", {}, api.session)   # its turn again
