@@ -225,6 +225,8 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
             "name": "x1", "qmp": str(qmp)}}).encode() + b"\n")
         assert "return" in json.loads(f.readline())
         assert passthrough() == "Unsupported"       # passthrough off
+        link = qmp_connection(qmp, proc.pid)
+        assert link is not None, "the kernel shows no connection from qmpfd to QEMU's socket"
         cfg.write_text(base + access + 'qmp-passthrough = true\n')
         proc.send_signal(signal.SIGHUP)
         for _ in range(50):
@@ -234,6 +236,8 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
         else:
             raise AssertionError("reload did not apply the new config")
         assert vm_connected(), "reload dropped the VM's QMP connection"
+        # The kernel's view, not qmpfd's: the very connection to QEMU's socket is still there.
+        assert qmp_connection(qmp, proc.pid) == link, "reload replaced the QMP connection"
         cfg.write_text(base + access + 'qmp-passthrough = "maybe"\n')   # does not load
         proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
@@ -259,3 +263,19 @@ def appears(path: Path, seconds: float, proc: subprocess.Popen[bytes]) -> None:
         assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
         assert time.monotonic() < deadline, f"{path} did not appear within {seconds:g} s"
         time.sleep(0.05)
+
+
+def qmp_connection(qmp: Path, pid: int) -> str | None:
+    """The socket inode of ``pid``'s connection to the listening socket ``qmp``, as the kernel
+    reports it (``ss``: QEMU's accepted end names the path and its peer's inode)."""
+    out = subprocess.run(["ss", "-xpH", "state", "established"], capture_output=True,
+                         text=True, timeout=30).stdout
+    peers = {ln.split()[-2] for ln in out.splitlines() if f" {qmp} " in f" {ln} "}
+    mine = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    found = sorted(peers & mine)
+    return found[0] if found else None
+
