@@ -6,8 +6,8 @@ The QEMU path itself runs against a real libvirtd in tests/integration/test_libv
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,35 +18,48 @@ from qmpfd.qemu.link import LinkState
 
 libvirt = pytest.importorskip("libvirt")
 URI = "test:///default"
-STOPPED = """<domain type='test'><name>qmpfd-stopped</name><memory>65536</memory>
-<os><type>hvm</type></os></domain>"""
 
 
 def link(domain: str = "test") -> libvirt_link.LibvirtLink:
     return libvirt_link.LibvirtLink("v", domain, command_timeout=1, uri=URI)
 
 
-def test_domain_gone_only_when_libvirt_says_so() -> None:
-    conn = libvirt.open(URI)
-    with contextlib.suppress(libvirt.libvirtError):          # defined by another test
-        conn.defineXML(STOPPED)
-    assert libvirt_link.domain_gone("test", URI) is False            # running
-    assert libvirt_link.domain_gone("qmpfd-stopped", URI) is True    # defined, not running
-    assert libvirt_link.domain_gone("no-such-domain", URI) is True
+NODE = """<node>
+  <domain type='test'><name>test</name><memory>65536</memory><os><type>hvm</type></os>
+  </domain>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>qmpfd-stopped</name><memory>65536</memory><os><type>hvm</type></os>
+    <test:runstate>5</test:runstate>
+  </domain>
+</node>"""
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> str:
+    """A test-driver node of its own: 'test' running, 'qmpfd-stopped' defined and shut off
+    (each connection to it starts from this file, whatever libvirt version)."""
+    (tmp_path / "node.xml").write_text(NODE)
+    return f"test://{tmp_path / 'node.xml'}"
+
+
+def test_domain_gone_only_when_libvirt_says_so(node: str) -> None:
+    assert libvirt_link.domain_gone("test", node) is False            # running
+    assert libvirt_link.domain_gone("qmpfd-stopped", node) is True    # defined, not running
+    assert libvirt_link.domain_gone("no-such-domain", node) is True
     assert libvirt_link.domain_gone("test", "test:///no/such/file.xml") is False  # doubt
 
 
-async def test_connect_refusals_name_the_domain_and_the_reason() -> None:
+async def test_connect_refusals_name_the_domain_and_the_reason(node: str) -> None:
+    def link_to(domain: str) -> libvirt_link.LibvirtLink:
+        return libvirt_link.LibvirtLink("v", domain, command_timeout=1, uri=node)
     with pytest.raises(VmGone, match="QemuMonitorEventRegister"):
-        await link().connect(5)                   # the test driver has no QEMU monitor
-    with contextlib.suppress(libvirt.libvirtError):
-        libvirt.open(URI).defineXML(STOPPED)
-    stopped = link("qmpfd-stopped")
+        await link_to("test").connect(5)           # the test driver has no QEMU monitor
+    stopped = link_to("qmpfd-stopped")
     with pytest.raises(VmGone, match="'qmpfd-stopped' is not running"):
         await stopped.connect(5)
     assert stopped.state is LinkState.DOWN           # query-health: down, not new
     with pytest.raises(VmGone, match="no-such-domain"):
-        await link("no-such-domain").connect(5)
+        await link_to("no-such-domain").connect(5)
 
 
 async def test_commands_events_and_a_lost_domain() -> None:
