@@ -23,6 +23,7 @@ from qmpfd.api import wire
 from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Dispatcher, Session
 from qmpfd.errors import QmpfdError
+from qmpfd.qemu.socketfile import nothing_listens
 
 REFUSAL_LOG_INTERVAL = 60.0   # seconds
 
@@ -53,18 +54,10 @@ class SocketBusy(QmpfdError):
 
 
 def socket_in_use(path: Path) -> bool:
-    """Whether something may still serve ``path``. Only a socket that refuses connections
-    (or is not there) is provably dead: a server that is hung or busy (its accept queue full,
-    a connect that times out) still owns its socket, and unlinking it would cut it off."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2.0)
-        try:
-            s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
-        except OSError:
-            return True              # timeout, EAGAIN: alive but not answering
-        return True
+    """Whether something may still serve ``path``: only a socket that refuses connections (or
+    is not there) is provably dead; a hung daemon whose accept queue is full still owns its
+    socket, and unlinking it would cut it off."""
+    return not nothing_listens(path, 2.0)
 
 
 def peer_of(sock: socket.socket | None) -> Peer:

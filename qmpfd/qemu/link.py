@@ -24,7 +24,7 @@ from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 
 from qmpfd.errors import QemuError, Timeout, VmGone
-from qmpfd.qemu.socketfile import socket_identity_problem
+from qmpfd.qemu.socketfile import nothing_listens, socket_identity_problem
 
 log = logging.getLogger("qmpfd.vm")
 
@@ -200,13 +200,4 @@ class QmpLink:
 async def nobody_listens(path: Path, timeout: float) -> bool:
     """True only when nothing listens on the QMP socket ``path``: the file is gone or refuses
     connections, which a living QEMU never does; any doubt (slow, busy) is False."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        return True
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return False
+    return await asyncio.to_thread(nothing_listens, path, timeout)

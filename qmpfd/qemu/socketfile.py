@@ -42,3 +42,18 @@ def listener_pid(path: Path) -> int | None:
             return None
     pid = int(struct.unpack("3i", raw)[0])
     return pid if pid > 0 else None
+
+
+def nothing_listens(path: Path, timeout: float) -> bool:
+    """True only when nothing can be listening on the Unix socket ``path``: the file is gone
+    or refuses connections. Any doubt (a connect that times out, a full accept queue: a busy
+    or hung server) is False: whoever owns that socket is alive."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except OSError:
+            return False
+    return False
