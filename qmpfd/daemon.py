@@ -106,15 +106,13 @@ class Daemon:
         scope = self.access.scope(peer)
         return (scope.rule, scope.sessions) if scope is not None else None
 
-    def _event_filter(self, peer: Peer) -> Callable[[dict[str, Any]], bool] | None:
-        """A tenant's event stream holds its own VMs' events only (looked up per event, so a
-        reload of [access] applies to connected clients too)."""
-        if self.access.scope(peer) is None:
-            return None
-
+    def _event_filter(self, peer: Peer) -> Callable[[dict[str, Any]], bool]:
+        """A peer's event stream holds the events of the VMs it may see, looked up per event:
+        a reload of [access] applies to connected clients at once, whether it narrows a tenant,
+        makes a full-access peer a tenant, or removes the peer's rule (then nothing at all)."""
         def allowed(msg: dict[str, Any]) -> bool:
             if self.access.admit(peer) is not None:
-                return False                     # its rule was removed: nothing any more
+                return False
             scope = self.access.scope(peer)
             return scope is None or scope.allows(msg.get("data", {}).get("vm"))
         return allowed

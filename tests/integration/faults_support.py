@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -42,8 +43,17 @@ log-level = "debug"
             [sys.executable, "-m", "qmpfd.daemon", "--config", str(self.config), *args],
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
+    @property
+    def pause_mark(self) -> Path:
+        return self.workdir / "paused-at-fault-point"
+
     def start(self, *args: str, **env: str) -> None:
+        """Start qmpfd; with ``QMPFD_PAUSE_AT`` in ``env``, :meth:`at_pause` waits for it to
+        arrive there and :meth:`release` lets it go on."""
         self.runs += 1
+        if "QMPFD_PAUSE_AT" in env:
+            self.pause_mark.unlink(missing_ok=True)
+            env = {"QMPFD_PAUSE_MARK": str(self.pause_mark), **env}
         log = (self.workdir / f"qmpfd-{self.runs}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qmpfd.daemon", "--config", str(self.config), *args],
@@ -66,6 +76,18 @@ log-level = "debug"
                 return True
         except OSError:
             return False
+
+    async def at_pause(self, timeout: float = 60) -> None:
+        """Wait until the daemon stands at its ``QMPFD_PAUSE_AT`` point."""
+        deadline = time.monotonic() + timeout
+        while not self.pause_mark.exists():
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, "the daemon never reached its pause point"
+            await asyncio.sleep(0.02)
+
+    def release(self) -> None:
+        """Let the daemon go on from its pause point."""
+        self.pause_mark.unlink(missing_ok=True)
 
     def wait_killed(self, timeout: float = 30) -> int:
         assert self.proc is not None

@@ -240,10 +240,13 @@ def test_reload_rereads_the_config_and_keeps_clients(tmp_path: Path) -> None:
         assert qmp_connection(qmp, proc.pid) == link, "reload replaced the QMP connection"
         cfg.write_text(base + access + 'qmp-passthrough = "maybe"\n')   # does not load
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while "config reload refused" not in (log := (tmp_path / "log").read_text()):
+            assert proc.poll() is None, "a bad config on reload stopped the daemon"
+            assert time.monotonic() < deadline, "the refused reload was never logged"
+            time.sleep(0.05)
         assert proc.poll() is None, "a bad config on reload stopped the daemon"
         assert passthrough() == "NotFound", "the running config was not kept"
-        log = (tmp_path / "log").read_text()
         assert "config reload refused; keeping the running config" in log
         assert "access.qmp-passthrough" in log
         assert vm_connected()

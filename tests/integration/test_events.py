@@ -33,6 +33,16 @@ async def churn(c: Any, n: int, tag: str) -> None:
         await c.execute("pending-cancel", {"vm": "e", "bus": "pci.0", "slot": 9})
 
 
+async def seen_cancel(c: Any, dev_id: str, timeout: float = 30) -> None:
+    """Wait until ``c`` has the PENDING_CANCELLED of ``dev_id`` (the last of a churn: every
+    earlier event reached it before)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not any(e["event"] == "PENDING_CANCELLED" and dev_id in e["data"].get("ids", [])
+                  for e in c.events.history):
+        assert asyncio.get_running_loop().time() < deadline, f"no PENDING_CANCELLED {dev_id}"
+        await asyncio.sleep(0.02)
+
+
 def stream(events: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
     return [(e["data"]["seq"], e["event"], e["data"].get("ids", [""])[0]) for e in events]
 
@@ -46,7 +56,7 @@ async def test_a_reconnecting_client_misses_nothing(tmp_path: Path, paused: LabV
         plane = await connect(d.socket)          # the plane that will drop off
         await witness.execute("vm-add", {"name": "e", "qmp": str(paused.qmp_socket)})
         await churn(witness, 5, "a")
-        await asyncio.sleep(0.3)
+        await seen_cancel(plane, "a4")
         seen = [dict(e) for e in plane.events.history]
         last = seen[-1]["data"]
         assert {e["data"]["boot"] for e in seen} == {last["boot"]}
@@ -56,7 +66,7 @@ async def test_a_reconnecting_client_misses_nothing(tmp_path: Path, paused: LabV
         replay = await plane.execute("query-events", {"since": last["seq"],
                                                       "boot": last["boot"]})
         assert replay["complete"] is True and replay["boot"] == last["boot"]
-        await asyncio.sleep(0.3)
+        await seen_cancel(witness, "b6")
         everything = [dict(e) for e in witness.events.history]
         assert stream(seen + replay["events"]) == stream(everything)
         kinds = {e["event"] for e in everything}

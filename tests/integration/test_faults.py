@@ -113,7 +113,7 @@ async def test_qemu_killed_mid_attach(daemon_proc: DaemonProcess, workdir: Path)
         c = await adopt(daemon_proc, lab.qmp_socket, name="k")
         attach = asyncio.create_task(c.execute("device-attach", {"vm": "k",
                                                                  "functions": FUNCS}))
-        await asyncio.sleep(1.5)  # qmpfd is paused after the second device_add
+        await daemon_proc.at_pause()   # qmpfd is paused after the second device_add
         lab.stop()                # QEMU dies with two hidden functions
         with pytest.raises(ExecuteError) as err:
             await attach

@@ -87,7 +87,7 @@ async def test_vm_remove_during_an_attach(daemon_proc: DaemonProcess, lab: LabVm
     c = await adopt(daemon_proc, lab.qmp_socket)
     attach = asyncio.create_task(c.execute("device-attach", {"vm": "f", "functions": FUNCS}))
     other = await connect(daemon_proc.socket)
-    await asyncio.sleep(1.0)             # functions 1-3 are in QEMU, function 0 is not yet
+    await daemon_proc.at_pause()         # functions 1-3 are in QEMU, function 0 is not yet
     peripheral, _ = await qemu_view(lab)
     assert IDS & peripheral and "ff0" not in peripheral
     with pytest.raises(ExecuteError) as err:
@@ -220,7 +220,7 @@ async def test_slot_emptied_while_the_detach_is_recorded(tmp_path: Path, lab: La
         await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
         await agreement(c, lab, before, expect_attached=True)
         detach = asyncio.create_task(c.execute("device-detach", {"vm": "f", "ids": sorted(IDS)}))
-        await asyncio.sleep(1)
+        await d.at_pause()
         await qemu_execute(lab, "device_del", {"id": "ff0"})
         reply = await asyncio.wait_for(detach, 60)
         assert sorted(reply["ids"]) == sorted(IDS)

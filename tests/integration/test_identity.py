@@ -31,10 +31,11 @@ import json, socket, sys, time
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(0.2)
 buf = b""
 def send(obj): s.sendall(json.dumps(obj).encode() + b"\n")
-def drain(seconds):
+def msgs(): return [json.loads(ln) for ln in buf.splitlines() if ln.startswith(b"{")]
+def drain_until(done, seconds):
     global buf
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while not done() and time.monotonic() < end:
         try:
             chunk = s.recv(65536)
         except TimeoutError:
@@ -42,10 +43,15 @@ def drain(seconds):
         if not chunk:
             break
         buf += chunk
+def answered(): return sum("return" in m or "error" in m for m in msgs())
+def last_event_seen():   # the one root sends last: every event before it has come, or never will
+    return any(m.get("event") == "PENDING_CANCELLED" and "r-a-one" in json.dumps(m)
+               for m in msgs())
 send({"execute": "qmp_capabilities"})
-for req in json.loads(sys.argv[2]):
-    send(req); drain(0.3)
-drain(float(sys.argv[3]))
+for n, req in enumerate(json.loads(sys.argv[2]), start=2):
+    send(req); drain_until(lambda: answered() >= n, 30)
+print("listening", file=sys.stderr, flush=True)
+drain_until(last_event_seen, float(sys.argv[3]))
 print(buf.decode())
 """
 
@@ -113,10 +119,12 @@ async def test_uuid_names_a_vm_and_a_tenant_sees_only_its_own(
             {"execute": "vm-add", "arguments": {"name": "a-stolen", "qmp": str(b.qmp_socket)}},
         ]
         probe = await asyncio.create_subprocess_exec(
-            SYSTEM_PYTHON, "-c", PROBE, str(d.socket), json.dumps(requests), "3",
+            SYSTEM_PYTHON, "-c", PROBE, str(d.socket), json.dumps(requests), "60",
             user=USER, group="nogroup", cwd="/", stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
-        await asyncio.sleep(3.0)         # the tenant's requests are done; it is listening
+        assert probe.stderr is not None  # its requests are answered; it is listening
+        ready = await asyncio.wait_for(probe.stderr.readline(), 120)
+        assert ready == b"listening\n", ready
         for vm in ("b-two", "a-one"):    # root changes both VMs; the tenant sees one
             await root.execute("function-add", {"vm": vm, "id": f"r-{vm}", "driver": "e1000",
                                                 "bus": "pci.0", "slot": 10, "function": 1})

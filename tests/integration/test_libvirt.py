@@ -7,6 +7,7 @@ the whole slot. Real libvirtd (started by the test: the machine's, 9.0 on Debian
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,16 @@ async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,
         c = await connect(d.socket)
         vms = await c.execute("query-vms")
         assert vms[0]["qmp"] == f"libvirt:{g.name}" and vms[0]["connected"], vms
+        # libvirtd's own view: the new daemon is its client, the killed one is not.
+        assert d.proc is not None
+        assert d.proc.pid in await asyncio.to_thread(libvirt_client_pids, g), \
+            "the restarted qmpfd holds no connection to libvirtd"
+        # QEMU's view, through libvirt: slot 31 still holds exactly what qmpfd says it does.
+        pci = json.loads((await asyncio.to_thread(
+            g.virsh, "qemu-monitor-command", g.name, '{"execute":"query-pci"}')).stdout)
+        in_31 = {dev["qdev_id"] for bus in pci["return"] for dev in bus["devices"]
+                 if dev["slot"] == 31}
+        assert in_31 == {f["id"] for f in FUNCS}, in_31
 
         # qmpfd sees libvirt's NIC in QEMU (an event and a refresh), and detaches its slot.
         slots = await c.execute("query-slots", {"vm": "lv", "refresh": True})
@@ -109,7 +120,29 @@ async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,
         after = await asyncio.to_thread(g.wait_guest_pci,
                                         lambda s: len(s - before) == 1, 120)
         assert sorted(len(x) for x in slot_groups(after - before).values()) == [1]
+        qom = (await asyncio.to_thread(g.virsh, "qemu-monitor-command", g.name,
+                                       '{"execute":"qom-list","arguments":'
+                                       '{"path":"/machine/peripheral"}}')).stdout
+        assert not [f["id"] for f in FUNCS if f'"{f["id"]}"' in qom], qom
         await c.execute("vm-remove", {"name": "lv"})
         await c.qmp.disconnect()
     finally:
         d.stop()
+
+
+def libvirt_client_pids(g: LibvirtGuest) -> set[int]:
+    """The process ids of libvirtd's connected clients, as libvirtd itself reports them
+    (virt-admin over its admin socket)."""
+    listed = subprocess.run(["virt-admin", "client-list", "libvirtd"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
+    pids = set()
+    for line in listed.splitlines()[2:]:
+        if not line.split():
+            continue
+        info = subprocess.run(["virt-admin", "client-info", "libvirtd", line.split()[0]],
+                              capture_output=True, text=True, timeout=30).stdout
+        for row in info.splitlines():
+            key, _, value = row.partition(":")
+            if key.strip() == "unix_process_id":
+                pids.add(int(value))
+    return pids

@@ -150,7 +150,7 @@ async def test_journal_write_failing_mid_attach_still_reports_success(
     daemon_proc.start(QMPFD_PAUSE_AT="attach-step-2", QMPFD_PAUSE_SECONDS="3")
     c = await adopt(daemon_proc, lab)
     attach = asyncio.create_task(c.execute("device-attach", {"vm": "f", "functions": FUNCS}))
-    await asyncio.sleep(1.0)       # the begin record is on disk; QEMU has functions 1-3
+    await daemon_proc.at_pause()   # the begin record is on disk; QEMU has functions 1-3
     assert daemon_proc.proc is not None
     journal = daemon_proc.workdir / "state" / "journal.log"
     await asyncio.to_thread(subprocess.run, ["prlimit", "--pid", str(daemon_proc.proc.pid),
@@ -159,7 +159,12 @@ async def test_journal_write_failing_mid_attach_still_reports_success(
     assert sorted(f["id"] for f in result["functions"]) == sorted(IDS)
     await agreement(c, lab, before, expect_attached=True)
     assert await c.execute("query-operations") == []
-    await asyncio.sleep(1.5)
+    for _ in range(300):           # the end record was tried, and failed
+        if "journal: last write failed" in str((await c.execute("query-health"))["problems"]):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the end record's failed write was never reported")
     # The limit is the journal's size at the pause: the end record never landed (the limit
     # also stops the daemon's own log file, so the journal itself is the witness).
     assert b'"t":"op+"' in journal.read_bytes().splitlines()[-1]

@@ -99,7 +99,6 @@ async def test_reload_health_watchdog_and_tenant_events(
     daemon.reload()                                       # refused: the running config stays
     assert daemon.access.scope(Peer(1, 9999, 4321)) is scope
     tenant = daemon._event_filter(Peer(1, 9999, 4321))
-    assert tenant is not None and daemon._event_filter(Peer(1, 0, 0)) is None
     assert tenant({"data": {"vm": "a-1"}}) and not tenant({"data": {"vm": "b-1"}})
     monkeypatch.setattr(type(daemon.journal), "last_error", property(lambda _j: "scripted"))
     daemon.loop_lag_max = 2.0
@@ -225,3 +224,25 @@ async def test_state_dir_deleted_under_a_running_daemon_and_a_second_daemon(
     second.journal.close()
     first.stop()
     await asyncio.wait_for(running, 10)
+
+
+def test_a_reload_narrows_a_full_access_peers_event_stream_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filter of a connected full-access peer is looked up per event: a reload that makes
+    its group a tenant narrows it, one that drops the group silences it."""
+    cfg = config_file(tmp_path, "groups = [555]\n")
+    monkeypatch.setattr("qmpfd.systemd.notify", lambda _state: True)
+    monkeypatch.setattr("qmpfd.logs.setup", lambda *_: None)
+    daemon = Daemon(load_config(cfg), config_path=cfg)
+    try:
+        stream = daemon._event_filter(Peer(1, 1234, 555))
+        assert stream({"data": {"vm": "a-1"}}) and stream({"data": {"vm": "b-1"}})
+        cfg.write_text(cfg.read_text().replace(
+            "groups = [555]\n", "") + '[[access.tenants]]\ngroup = 555\nvms = ["a-*"]\n')
+        daemon.reload()
+        assert stream({"data": {"vm": "a-1"}}) and not stream({"data": {"vm": "b-1"}})
+        cfg.write_text(config_file(tmp_path).read_text())
+        daemon.reload()
+        assert not stream({"data": {"vm": "a-1"}}) and not stream({"event": "X", "data": {}})
+    finally:
+        daemon.journal.close()

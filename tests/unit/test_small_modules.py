@@ -3,6 +3,7 @@ why a host function is in use, sd_notify, fault points, the ``python -m`` entry 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -184,6 +185,22 @@ async def test_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
     await faults.fault_point("detach-sent")
     await faults.fault_point("elsewhere")
     assert killed == [(os.getpid(), signal.SIGKILL)]
+
+
+async def test_a_marked_pause_ends_when_the_test_removes_the_mark(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mark = tmp_path / "paused"
+    monkeypatch.setenv("QMPFD_PAUSE_AT", "detach-sent")
+    monkeypatch.setenv("QMPFD_PAUSE_SECONDS", "60")
+    monkeypatch.setenv("QMPFD_PAUSE_MARK", str(mark))
+    paused = asyncio.create_task(faults.fault_point("detach-sent"))
+    for _ in range(500):
+        if mark.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert mark.exists() and not paused.done()
+    mark.unlink()
+    await asyncio.wait_for(paused, 5)
 
 
 @pytest.mark.parametrize("module", ["qmpfd", "qmpfd.cli"])
