@@ -67,10 +67,12 @@ class Daemon:
         cfg.write_text(f'[daemon]\nsocket = "{self.sock}"\nstate-dir = "{state}"\n'
                        f'log-level = "warning"\n[access]\nqmp-dirs = ["{work.parent}"]\n'
                        f'{extra}')
-        self.proc = subprocess.Popen([sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)],
-                                     stderr=(work / "qmpfd.log").open("wb"))
+        self.proc = subprocess.Popen(self._command(cfg), stderr=(work / "qmpfd.log").open("wb"))
         while not self.sock.exists():
             time.sleep(0.05)
+
+    def _command(self, cfg: Path) -> list[str]:
+        return [sys.executable, "-m", "qmpfd.daemon", "--config", str(cfg)]
 
     def usage(self) -> tuple[int, float]:
         """(RSS bytes, CPU seconds) of the daemon."""

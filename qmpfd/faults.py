@@ -8,6 +8,7 @@
   the seconds run out): a test acts at the point itself instead of guessing with a sleep.
 
 Points: ``attach-begin``, ``attach-step-N`` (after the N-th device_add was accepted),
+``attach-ended`` (the end record submitted, the reply not sent),
 ``detach-recording`` (the slot claimed, its record not yet written), ``detach-begin``
 (journaled, nothing sent), ``detach-sent`` (device_del accepted).
 """

@@ -1,9 +1,32 @@
 """The journal: managed VMs, operations in flight, host functions held, queued functions.
 
-It records intent, not progress: an operation is journaled (and synced) *before* its first QMP
-command, and reconciliation asks QEMU which of its ids exist, which is the truth even when a crash
-fell between a command and a journal write. So an attach needs one synced record ("begin"); its
-"end" need not be synced, because recovery that finds every id present treats it as done.
+It records intent, not progress, and reconciliation asks QEMU which of an operation's ids exist,
+which is the truth even when a crash fell between a command and a journal write.
+
+When a record must be durable (synced) before QEMU is touched. The rule: **only where a crash
+right after that QEMU step could leave a state that recovery cannot read back from QEMU
+itself.** Per operation:
+
+- *Attach of one function*: one ``device_add``; QEMU holds the whole slot or nothing, and the
+  topology read at restart says which. No synced record: its begin record is written behind the
+  request (a crash before it lands leaves either an empty slot or a whole one, both true and
+  both what qmpfd reads back). The reply claims only what QEMU holds.
+- *Attach of 2+ functions*: a crash between its ``device_add`` commands leaves functions without
+  function 0, which QEMU hides from the guest and nobody would take back: the begin record is
+  synced before the first ``device_add`` (recovery rolls them back).
+- *Detach, ACPI (acpi-pcihp)*: a crash after ``device_del`` leaves the slot present in QEMU
+  with the guest's eject pending. Read back after a restart it is a present slot; the eject,
+  when it comes, is a deletion qmpfd follows like any other, and a detach sent again is a second
+  ``device_del``, which ACPI accepts or refuses but never turns into a cancel. No synced record.
+- *Detach, native PCIe and pseries*: a second ``device_del`` within the guest's 5 s window
+  presses the attention button again and cancels the first (pseries: a second unplug request on
+  a DRC already releasing). A restarted qmpfd must know the unplug was sent rather than send it
+  again: the begin record is synced before ``device_del`` and the "sent" record after it.
+- *A rollback's device_del* (an attach undone) is always recorded as sent with a sync: the
+  failed attach's reply claims the slot will be emptied.
+
+Every end record is written unsynced: recovery that finds all ids present (or absent) ends the
+operation the same way.
 
 Memory follows the disk: a durable change is made in memory only once its record is written
 (see :mod:`qmpfd.state.log`). Records that only confirm what already happened (an operation
@@ -45,6 +68,9 @@ class Operation:
     #: why qmpfd is waiting before it can send (the guest is busy with the slot); shown by
     #: query-operations, never journaled
     waiting: str | None = None
+    #: whether a crash after its QEMU step needs this record to be recovered (the module
+    #: docstring); not journaled: an operation read back from the file was durable
+    durable: bool = True
 
     @property
     def ids(self) -> list[str]:
@@ -52,7 +78,7 @@ class Operation:
 
     def record(self) -> r.OpRecord:
         fields = asdict(self)
-        del fields["waiting"]
+        del fields["waiting"], fields["durable"]
         return r.OpRecord.model_validate(fields)
 
 
@@ -190,15 +216,24 @@ class Journal:
 
     # -- operations ----------------------------------------------------------------------
     async def begin(self, op: Operation) -> Operation:
-        """Durable before QEMU is touched: a crash after this leaves a record to reconcile."""
+        """Record an operation before QEMU is touched. A durable one (``op.durable``) returns
+        once its record is on disk; another is written behind the request, which waits for no
+        disk (the module docstring says which is which). Either way a journal that can no
+        longer be written refuses it: StateWriteError, nothing changed."""
         rec = r.OpBegun(t="op+", op=op.record())
-        await self._log.commit(r.encode(rec), lambda: self.ops.__setitem__(op.id, op))
+        if op.durable:
+            await self._log.commit(r.encode(rec), lambda: self.ops.__setitem__(op.id, op))
+            return op
+        self._log.check_writable()
+        self.ops[op.id] = op
+        self._log.settle(r.encode(rec))
         return op
 
     def mark_sent(self, op: Operation) -> None:
-        """device_del was accepted: QEMU has done it, so this never fails the request."""
+        """device_del was accepted: QEMU has done it, so this never fails the request. Synced
+        where a second device_del would cancel the first (``op.durable``) and for a rollback."""
         op.sent = True
-        self._settle(r.OpSent(t="op~", id=op.id), sync=True)
+        self._settle(r.OpSent(t="op~", id=op.id), sync=op.durable or op.kind == "attach")
 
     def end(self, op: Operation) -> None:
         if op.id in self.ops:

@@ -14,18 +14,19 @@ Two kinds of write:
   logged and the record stays first in line until a write succeeds, so later records never
   overtake it.
 
-A single writer task does all I/O, so records reach the file in the order they were submitted.
-It writes on the event loop while the disk is fast: an ``fdatasync`` of a small append takes
-0.1-1 ms here, and handing it to a thread and back costs 0.2-0.4 ms more on a busy 2-core host,
-on the request path of every attach. A sync slower than :data:`INLINE_SYNC_LIMIT` moves the
-writes to a thread (so a stalling disk does not stall events and queries) until syncs are fast
-again. Compaction (a snapshot record in a fresh file, swapped in with rename) always runs in a
-thread, after a batch has been answered, never inside a request's wait.
+The file is written by a thread of its own, never on the event loop: while it waits for the disk
+(an ``fdatasync`` takes 0.1-1.5 ms here, seconds on a stalling disk) every VM's requests, events
+and replies go on. Records reach the file in the order they were submitted: one batch at a time,
+and a batch is everything submitted while the previous one was being written (group commit: one
+``fdatasync`` serves every durable record of the batch, whichever VMs they are for). Compaction
+(a snapshot record in a fresh file, swapped in with rename) runs on the same thread between
+batches, after a batch has been answered, never inside a request's wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -46,7 +47,6 @@ COMPACT_AFTER = 4096      # records since the last snapshot before the log is co
 #: ... or bytes appended since it: large records (queued functions with big properties) queued
 #: and cancelled leave nothing live, and the file must not grow with them
 COMPACT_BYTES = 4 << 20
-INLINE_SYNC_LIMIT = 0.005  # seconds: a slower sync sends the next writes to a thread
 FILE_MODE = 0o600
 
 
@@ -130,8 +130,9 @@ class AppendLog:
         #: Counters for tests and benchmarks (syncs per operation is asserted, not timed).
         self.syncs = 0
         self.writes = 0
-        #: write on the event loop (a fast disk) or in a thread (the last sync was slow)
-        self.inline = True
+        #: the thread that does every write, sync and compaction of this file
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="journal-writer")
         #: why the last write failed, until one succeeds (query-health)
         self.last_error: str | None = None
         self._lost_reported = False     # the journal vanished or was replaced: logged once
@@ -176,14 +177,9 @@ class AppendLog:
             batch, self._queue = self._queue, []
             data = b"".join(e.data for e in batch)
             sync = any(e.sync for e in batch)
+            loop = asyncio.get_running_loop()
             try:
-                started = time.monotonic()
-                if self.inline:
-                    self._write(data, sync)
-                else:
-                    await asyncio.to_thread(self._write, data, sync)
-                if sync:
-                    self.inline = time.monotonic() - started < INLINE_SYNC_LIMIT
+                await loop.run_in_executor(self._thread, self._write, data, sync)
                 self.last_error = None
             except OSError as exc:
                 self.last_error = exc.strerror or str(exc)
@@ -201,7 +197,7 @@ class AppendLog:
             if (self._since_snapshot >= COMPACT_AFTER or grown >= COMPACT_BYTES) \
                     and self.snapshot is not None:
                 with contextlib.suppress(OSError):
-                    await asyncio.to_thread(self._compact, self.snapshot())
+                    await loop.run_in_executor(self._thread, self._compact, self.snapshot())
 
     def _failed(self, batch: list[_Entry], exc: OSError) -> None:
         error = StateWriteError(f"state file {self.path}: cannot write: "
@@ -214,6 +210,15 @@ class AppendLog:
             log.error("journal write failed; will retry", extra={"path": str(self.path),
                                                                  "error": str(exc)})
             self._queue[:0] = retry
+
+    def check_writable(self) -> None:
+        """Raise StateWriteError if the file is known not to take records any more (the last
+        write failed, or the file was removed or replaced): for a record written behind its
+        request, which cannot fail the request later."""
+        problem = self.identity_problem() or self.last_error
+        if problem is not None:
+            raise StateWriteError(f"state file {self.path}: cannot write: {problem}; "
+                                  "nothing was changed")
 
     def identity_problem(self) -> str | None:
         """Why the file open for appending is no longer the journal at :attr:`path` (its
@@ -278,6 +283,7 @@ class AppendLog:
         log.info("journal compacted", extra={"path": str(self.path)})
 
     def close(self) -> None:
+        self._thread.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -94,7 +94,7 @@ async def _claim(vm: VmContext, ids: Sequence[str] | None, bus: str | None, slot
         await fault_point("detach-recording")
         op = await vm.journal.begin(Operation(
             "detach", vm.name, key[0], key[1], {m.id: m.function for m in members},
-            policy.name))
+            policy.name, durable=not policy.repeated_unplug_harmless))
         vm.table.recorded(key, op.id)
     except BaseException:
         done.cancel()

@@ -125,12 +125,13 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
     key = (plan.bus, plan.slot)
     owner = vm.table.claim(key)      # this attach's work on the slot (reserved with the plan)
     op = Operation("attach", vm.name, plan.bus, plan.slot,
-                   {f.id: f.function for f in plan.functions}, plan.policy.name)
+                   {f.id: f.function for f in plan.functions}, plan.policy.name,
+                   durable=len(plan.functions) > 1)
     started = time.monotonic()
     try:
         # The slot is ours (ATTACHING); a slot just emptied waits out its reuse delay.
         await asyncio.sleep(vm.table.held_back(key, started))
-        await vm.journal.begin(op)   # synced before QEMU is touched: a crash leaves a record
+        await vm.journal.begin(op)   # 2+ functions: synced first (qmpfd.state.journal)
         vm.table.recorded(key, op.id)
     except BaseException:
         vm.table.attach_undone(key, [], owner)
@@ -156,6 +157,7 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
         raise
     vm.table.attach_done(key, owner)
     vm.journal.end(op)
+    await fault_point("attach-ended")
     metrics.phase("attach", "qemu", time.monotonic() - started)
     metrics.operation("attach", plan.policy.name, "ok")
     vm.events.attached(plan.bus, plan.slot, plan.ids)

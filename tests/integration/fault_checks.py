@@ -32,24 +32,27 @@ async def settled(c: Client, timeout: float = 60) -> None:
 
 
 async def agreement(c: Client, lab: LabVm, before: set[str], vm: str = "f",
-                    expect_attached: bool = False) -> tuple[str, str, str]:
-    """Check QEMU, guest and qmpfd agree: all 4 functions in one slot, or none anywhere."""
+                    expect_attached: bool = False,
+                    ids: set[str] = IDS) -> tuple[str, str, str]:
+    """Check QEMU, guest and qmpfd agree: all functions (``ids``, function i named ...i) in
+    one slot, or none anywhere."""
     peripheral, in_pci = await qemu_view(lab)
-    in_qemu = IDS & peripheral
-    in_pci_ids = IDS & in_pci
+    in_qemu = ids & peripheral
+    in_pci_ids = ids & in_pci
     slots = await c.execute("query-slots", {"vm": vm})
-    in_qmpfd = {f["id"] for s in slots for f in s["functions"]} & IDS
+    in_qmpfd = {f["id"] for s in slots for f in s["functions"]} & ids
     if expect_attached:
-        seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
+        seen = await asyncio.to_thread(lab.wait_guest_pci,
+                                       lambda s: len(s - before) >= len(ids), 60)
         groups = slot_groups(seen - before)
-        assert list(groups.values()) == [{0, 1, 2, 3}], groups
-        assert in_qemu == in_pci_ids == in_qmpfd == IDS
-        return await observed(c, lab, before, IDS, vm)
+        assert list(groups.values()) == [set(range(len(ids)))], groups
+        assert in_qemu == in_pci_ids == in_qmpfd == ids
+        return await observed(c, lab, before, ids, vm)
     seen = await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
     assert seen == before
     assert not in_qemu and not in_pci_ids, f"left in QEMU: {in_qemu | in_pci_ids}"
     assert not in_qmpfd
-    return await observed(c, lab, before, IDS, vm)
+    return await observed(c, lab, before, ids, vm)
 
 
 async def observed(c: Client, lab: LabVm, before: set[str], ids: set[str],
@@ -78,8 +81,8 @@ async def observed(c: Client, lab: LabVm, before: set[str], ids: set[str],
     return qemu, guest, qmpfd
 
 
-async def cleanup(c: Client, lab: LabVm, before: set[str]) -> None:
-    await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS)})
+async def cleanup(c: Client, lab: LabVm, before: set[str], ids: set[str] = IDS) -> None:
+    await c.execute("device-detach", {"vm": "f", "ids": sorted(ids)})
     await asyncio.to_thread(lab.wait_guest_pci, lambda s: s == before, 30)
 
 

@@ -30,4 +30,4 @@ functions this way is undone and answered as failed.
 from qmpfd.hotplug.policies.base import Policy, PolicyTimeouts
 
 ACPI_PCIHP = Policy(name="acpi-pcihp", timeouts=PolicyTimeouts(plug=10.0, unplug=30.0),
-                    serial_unplug=True)
+                    serial_unplug=True, repeated_unplug_harmless=True)

@@ -48,6 +48,10 @@ class Policy:
     #: Whether an unplug must be the only hotplug event the guest handles on the controller
     #: until it completes (:mod:`qmpfd.qemu.gate`).
     serial_unplug: bool = False
+    #: Whether a second ``device_del`` for a slot already being unplugged is harmless (QEMU
+    #: asks the guest again or refuses it; it never cancels the first). Then a detach needs no
+    #: durable record before its ``device_del``: see :mod:`qmpfd.state.journal`.
+    repeated_unplug_harmless: bool = False
 
     def with_timeouts(self, plug: float | None, unplug: float | None,
                       reuse_delay: float | None = None,
