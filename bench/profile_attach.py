@@ -38,6 +38,12 @@ async def cycles(sock: Path, vm: LabVm, n: int, count: int, daemon: Daemon) -> f
     return cpu / count
 
 
+def user_system(pid: int) -> tuple[int, int]:
+    """utime and stime of a process, in clock ticks (10 ms)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 class ProfiledDaemon(Daemon):
     def __init__(self, work: Path, out: Path, state_dir: Path | None) -> None:
         self.out = out
@@ -66,7 +72,9 @@ async def main() -> None:
     vm.start()
     try:
         plain = Daemon(work / "plain", args.state_dir)
+        ticks0 = user_system(plain.proc.pid)
         per_attach = await cycles(plain.sock, vm, args.functions, args.cycles, plain)
+        ticks = [b - a for a, b in zip(ticks0, user_system(plain.proc.pid), strict=True)]
         plain.stop()
         out = work / "prof.out"
         prof = ProfiledDaemon(work / "prof", out, args.state_dir)
@@ -76,7 +84,8 @@ async def main() -> None:
     finally:
         vm.stop()
     print(f"qmpfd CPU per {args.functions}-function attach (no profiler): "
-          f"{per_attach * 1000:.3f} ms over {args.cycles} cycles")
+          f"{per_attach * 1000:.3f} ms over {args.cycles} cycles; per attach+detach cycle, "
+          f"user {ticks[0] * 10 / args.cycles:.2f} ms, system {ticks[1] * 10 / args.cycles:.2f} ms")
     buf = io.StringIO()
     stats = pstats.Stats(str(out), stream=buf)
     stats.sort_stats("tottime").print_stats(args.top)

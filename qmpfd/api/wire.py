@@ -10,6 +10,11 @@ import time
 from typing import Any
 
 from qmpfd import VERSION_TUPLE
+from qmpfd.api.framing import MAX_DEPTH as MAX_DEPTH
+from qmpfd.api.framing import OVERSIZED as OVERSIZED
+from qmpfd.api.framing import JsonSplitter as JsonSplitter
+from qmpfd.api.framing import Oversized as Oversized
+from qmpfd.api.framing import TooDeep as TooDeep
 from qmpfd.errors import InvalidRequest, QmpfdError
 
 Message = dict[str, Any]
@@ -112,50 +117,6 @@ def check_request(obj: Message) -> tuple[str, dict[str, Any]]:
     return name, args
 
 
-class Oversized:
-    """Marker the splitter yields in place of a message that exceeded the size cap."""
-
-
-OVERSIZED = Oversized()
-
-#: Deepest nesting of objects and arrays a request may have. QMP commands nest a few levels
-#: (blockdev-add through vm-qmp: about 6); a bound keeps a hostile request from exhausting the
-#: parser's recursion, and it is checked while splitting, before anything is parsed.
-MAX_DEPTH = 32
-
-
-class TooDeep:
-    """Marker the splitter yields for a message nested deeper than :data:`MAX_DEPTH`.
-
-    ``prefix`` is the message up to the opening bracket that went too deep, closed again with
-    the brackets still open: valid JSON of bounded depth, so the path to the deep part can be
-    named without parsing the hostile part.
-    """
-
-    def __init__(self, prefix: bytes) -> None:
-        self.prefix = prefix
-
-    def path(self) -> str:
-        """The field at fault, in the contract's notation (``functions[0].properties.x``)."""
-        try:
-            node: Any = json.loads(self.prefix)
-        except (ValueError, RecursionError):
-            return "request"
-        parts: list[str] = []
-        while isinstance(node, dict | list) and node:
-            if isinstance(node, dict):
-                key = list(node)[-1]
-                parts.append(f".{key}")
-                node = node[key]
-            else:
-                parts.append(f"[{len(node) - 1}]")
-                node = node[-1]
-        text = "".join(parts).lstrip(".")
-        if text.startswith("arguments"):
-            text = text.removeprefix("arguments").lstrip(".")
-        return text or "arguments"
-
-
 def find_nul(value: Any, path: str = "") -> str | None:
     """The path of the first string (key or value) holding a NUL byte, or None. No QMP command
     takes one, and a path or id with NUL would fail deep in the OS instead of at the door."""
@@ -176,113 +137,3 @@ def find_nul(value: Any, path: str = "") -> str | None:
             if found is not None:
                 return found
     return None
-
-
-class JsonSplitter:
-    """Cuts a byte stream into JSON messages, as QEMU's json-streamer does.
-
-    QMP does not require newlines: ``qemu.qmp`` sends compact objects back to back, so a message
-    ends where its outermost brace closes. The contract also promises that a malformed line gets an
-    error and leaves the connection usable, so a newline outside a string ends whatever has been
-    gathered so far (a complete object never contains a raw newline in compact form).
-    A message longer than ``limit`` bytes is dropped up to the next newline and reported as
-    :data:`OVERSIZED`, without buffering it.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._buf = bytearray()
-        self._depth = 0
-        self._in_string = False
-        self._escape = False
-        self._discarding = False
-        self._open: list[int] = []          # the brackets open now, innermost last
-        self._too_deep: TooDeep | None = None
-
-    def _reset(self) -> None:
-        self._buf.clear()
-        self._depth = 0
-        self._in_string = False
-        self._escape = False
-        self._open.clear()
-        self._too_deep = None
-
-    def feed(self, data: bytes) -> list[bytes | Oversized | TooDeep]:
-        out: list[bytes | Oversized | TooDeep] = []
-        for byte in data:
-            if self._discarding:
-                if byte == 0x0A:
-                    self._discarding = False
-                continue
-            if self._too_deep is not None:
-                if self._skip_deep(byte, out):
-                    continue
-            self._buf.append(byte)
-            if self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif byte == 0x5C:  # backslash
-                    self._escape = True
-                elif byte == 0x22:  # quote
-                    self._in_string = False
-                elif byte == 0x0A:  # a raw newline cannot be in a JSON string: end of line
-                    out.append(bytes(self._buf))
-                    self._reset()
-                    continue
-            elif byte == 0x22:
-                self._in_string = True
-            elif byte in (0x7B, 0x5B):  # { [
-                self._depth += 1
-                self._open.append(byte)
-                if self._depth > MAX_DEPTH:
-                    closers = bytes(0x7D if b == 0x7B else 0x5D for b in reversed(self._open))
-                    self._too_deep = TooDeep(bytes(self._buf) + closers)
-                    self._buf.clear()
-                    continue
-            elif byte in (0x7D, 0x5D):  # } ]
-                self._depth -= 1
-                if self._open:
-                    self._open.pop()
-                if self._depth <= 0:
-                    out.append(bytes(self._buf))
-                    self._reset()
-                    continue
-            elif byte == 0x0A:
-                if self._buf.strip():
-                    out.append(bytes(self._buf))
-                self._reset()
-                continue
-            if len(self._buf) > self._limit:
-                out.append(OVERSIZED)
-                self._reset()
-                self._discarding = True
-        return out
-
-    def _skip_deep(self, byte: int, out: list[bytes | Oversized | TooDeep]) -> bool:
-        """Past the depth limit: follow strings and brackets without keeping the bytes, and
-        yield the marker where the message ends. True when the byte was consumed."""
-        if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif byte == 0x5C:
-                self._escape = True
-            elif byte == 0x22:
-                self._in_string = False
-            return byte != 0x0A or self._end_deep(out)
-        if byte == 0x22:
-            self._in_string = True
-        elif byte in (0x7B, 0x5B):
-            self._depth += 1
-        elif byte in (0x7D, 0x5D):
-            self._depth -= 1
-            if self._depth <= 0:
-                return self._end_deep(out)
-        elif byte == 0x0A:
-            return self._end_deep(out)
-        return True
-
-    def _end_deep(self, out: list[bytes | Oversized | TooDeep]) -> bool:
-        assert self._too_deep is not None
-        out.append(self._too_deep)
-        self._reset()
-        return True

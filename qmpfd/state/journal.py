@@ -40,7 +40,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,9 @@ class Operation:
         return sorted(self.functions, key=self.functions.__getitem__)
 
     def record(self) -> r.OpRecord:
-        fields = asdict(self)
-        del fields["waiting"], fields["durable"]
-        return r.OpRecord.model_validate(fields)
+        return r.OpRecord(kind=self.kind, vm=self.vm, bus=self.bus,
+                          slot=self.slot, functions=dict(self.functions), policy=self.policy,
+                          id=self.id, started=self.started, sent=self.sent)
 
 
 def _op(rec: r.OpRecord) -> Operation:

@@ -10,9 +10,10 @@ Two kinds of write:
   the write fails the file is cut back to where it was, ``apply`` never runs and the caller gets
   :class:`StateWriteError` naming the file and the cause: nothing changed.
 - :meth:`AppendLog.settle`: a record confirming what QEMU or the host already did (an operation
-  ended, a function given back). Not waited for and never an error to the client: a failure is
-  logged and the record stays first in line until a write succeeds, so later records never
-  overtake it.
+  ended, a function given back, or an operation whose record need not be durable). Not waited
+  for and never an error to the client: a failure is logged and the record stays first in line
+  until a write succeeds, so later records never overtake it. Unless it asks for a sync, it waits
+  up to :data:`LAZY_WRITE_DELAY` for other records to share its write.
 
 The file is written by a thread of its own, never on the event loop: while it waits for the disk
 (an ``fdatasync`` takes 0.1-1.5 ms here, seconds on a stalling disk) every VM's requests, events
@@ -38,7 +39,9 @@ from pathlib import Path
 
 from qmpfd.errors import QmpfdError
 from qmpfd.metrics import JOURNAL_SYNC_SECONDS
-from qmpfd.state.records import BadLine, Record, decode
+from qmpfd.state.logread import JournalDamaged as JournalDamaged
+from qmpfd.state.logread import read_log
+from qmpfd.state.records import Record
 
 log = logging.getLogger("qmpfd.state")
 
@@ -48,18 +51,13 @@ COMPACT_AFTER = 4096      # records since the last snapshot before the log is co
 #: and cancelled leave nothing live, and the file must not grow with them
 COMPACT_BYTES = 4 << 20
 FILE_MODE = 0o600
+#: seconds an unsynced record waits for others to share its write (one hand-off to the writer
+#: thread per batch: the records of an operation's steps, milliseconds apart, go together)
+LAZY_WRITE_DELAY = 0.01
 
 
 class StateWriteError(QmpfdError):
     """The state file could not be written; the request changed nothing."""
-
-
-class JournalDamaged(Exception):
-    """The journal holds a damaged record before its last line: qmpfd will not guess."""
-
-    def __init__(self, path: Path, line: int, cause: str) -> None:
-        super().__init__(f"journal {path} line {line}: {cause}")
-        self.path, self.line, self.cause = path, line, cause
 
 
 @dataclass
@@ -71,52 +69,6 @@ class _Entry:
     settle: bool = False
 
 
-@dataclass
-class LoadResult:
-    records: list[Record]
-    size: int                 # bytes of good records (the file is cut to this)
-    torn: bool = False        # a torn last record was dropped
-    count: int = 0
-
-
-def read_log(path: Path) -> LoadResult:
-    """Every record of the file. A torn last record (a crash mid-write: the start of a record
-    with no newline, or NUL bytes a power loss left) is dropped; any other bad line raises
-    :class:`JournalDamaged`."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return LoadResult([], 0)
-    lines = data.split(b"\n")
-    tail = lines.pop()          # bytes after the last newline: b"" unless a write was cut short
-    # A power loss can leave the file longer than what reached the disk, the rest zeros: lines
-    # of NUL bytes at the end are part of the torn tail.
-    while lines and lines[-1] and not lines[-1].strip(b"\0"):
-        tail = lines.pop() + b"\n" + tail
-    records: list[Record] = []
-    size = 0
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(decode(line))
-        except BadLine as exc:
-            raise JournalDamaged(path, n, exc.cause) from None
-        size += len(line) + 1
-    cut = tail.rstrip(b"\0\n")
-    if cut and (b"\n" in cut or not _torn_prefix(cut)):
-        raise JournalDamaged(path, len(lines) + 1, "not a journal record")
-    return LoadResult(records, size, torn=bool(tail), count=len(records))
-
-
-def _torn_prefix(tail: bytes) -> bool:
-    """Whether bytes after the last newline look like the start of a record cut short by a
-    crash (``CRC32 {...``), rather than something else written into the file."""
-    head = tail[:8]
-    if any(c not in b"0123456789abcdef" for c in head):
-        return False
-    rest = tail[8:]
-    return not rest or rest[:2] in (b" ", b" {")
-
-
 class AppendLog:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -124,6 +76,7 @@ class AppendLog:
         self._size = 0
         self._queue: list[_Entry] = []
         self._writer: asyncio.Task[None] | None = None
+        self._lazy: asyncio.TimerHandle | None = None   # a batch of unsynced records waiting
         self._since_snapshot = 0
         self._snapshot_bytes = 0    # the file's size after the last compaction (0: none yet)
         self.snapshot: Callable[[], bytes] | None = None   # set by the journal
@@ -164,12 +117,26 @@ class AppendLog:
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been attempted (shutdown, tests)."""
+        self._start()
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
     def _submit(self, entry: _Entry) -> None:
+        """Queue a record. A durable one starts the writer at once; an unsynced one waits
+        :data:`LAZY_WRITE_DELAY` for company, unless the writer is busy anyway."""
         self._queue.append(entry)
-        if self._writer is None or self._writer.done():
+        if self._writer is not None and not self._writer.done():
+            return                       # the running writer takes it in its next batch
+        if entry.sync or entry.done is not None:
+            self._start()
+        elif self._lazy is None:
+            self._lazy = asyncio.get_running_loop().call_later(LAZY_WRITE_DELAY, self._start)
+
+    def _start(self) -> None:
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
+        if self._queue and (self._writer is None or self._writer.done()):
             self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
 
     async def _write_loop(self) -> None:

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qmpfd.api import wire
 from qmpfd.errors import InvalidRequest, NotFound, QmpfdError
@@ -107,3 +109,37 @@ def test_greeting_parses_with_qemu_qmps_own_model() -> None:
     from qemu.qmp.models import Greeting
 
     Greeting(wire.greeting())      # raises on a shape qemu.qmp does not accept
+
+
+class _ByteScanner(wire.JsonSplitter):
+    """The splitter without its fast path: the reference the fast path must agree with."""
+
+    def _idle(self) -> bool:
+        return False
+
+
+_PIECES = [b'{"execute":"query-vms"}', b'{"execute": "x", "arguments": {"a": [1, {"b": "}"}]}}',
+           b"\n", b"  ", b'{"s":"a\\"b\\\\"}', b"garbage", b"]", b"{", b'"', b"[[[[", b"}}}}",
+           b'{"x":"\xc3\xa9"}', b"[1,2]", b"{" * 40 + b"}" * 40, b'{"big":"' + b"y" * 300 + b'"}',
+           b'{"nl":"a\nb"}', b"\r\n", b"{}{}"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12), st.lists(st.integers(1, 64),
+                                                                max_size=8))
+def test_the_fast_path_cuts_exactly_as_the_byte_scanner(pieces: list[bytes],
+                                                       cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    chunks, at = [], 0
+    for size in cuts:
+        chunks.append(stream[at:at + size])
+        at += size
+    chunks.append(stream[at:])
+
+    def run(splitter: wire.JsonSplitter) -> list[object]:
+        got: list[object] = []
+        for chunk in chunks:
+            for m in splitter.feed(chunk):
+                got.append(m.prefix if isinstance(m, wire.TooDeep) else m)
+        return got
+    assert run(wire.JsonSplitter(200)) == run(_ByteScanner(200))
