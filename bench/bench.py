@@ -59,7 +59,8 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Daemon:
-    def __init__(self, work: Path, state_dir: Path | None = None, extra: str = "") -> None:
+    def __init__(self, work: Path, state_dir: Path | None = None, extra: str = "",
+                 source: Path | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.sock = work / "qmpfd.sock"
         cfg = work / "qmpfd.toml"
@@ -67,7 +68,10 @@ class Daemon:
         cfg.write_text(f'[daemon]\nsocket = "{self.sock}"\nstate-dir = "{state}"\n'
                        f'log-level = "warning"\n[access]\nqmp-dirs = ["{work.parent}"]\n'
                        f'{extra}')
-        self.proc = subprocess.Popen(self._command(cfg), stderr=(work / "qmpfd.log").open("wb"))
+        # ``source``: another checkout of qmpfd to run (an A/B of two versions)
+        env = {**os.environ, "PYTHONPATH": str(source)} if source else None
+        self.proc = subprocess.Popen(self._command(cfg), stderr=(work / "qmpfd.log").open("wb"),
+                                     cwd=source, env=env)
         while not self.sock.exists():
             time.sleep(0.05)
 
@@ -289,7 +293,7 @@ async def scale_round(count: int, attach: Callable[[int], Awaitable[Any]]) -> di
     return {"rate": count / wall, "latencies": latencies}
 
 
-async def scale(work: Path, sizes: tuple[int, ...] = (50, 100)) -> dict[str, Any]:
+async def scale(work: Path, sizes: tuple[int, ...] = (50, 100, 300)) -> dict[str, Any]:
     """At each size, rounds alternate: qmpfd attaches a 4-function device on every VM at once
     (8 client connections), then raw QMP does the same on every VM's second monitor (one
     connection per VM, slots from the top so the two never meet)."""
