@@ -95,6 +95,8 @@ class UnplugGate:
         task.add_done_callback(self._tasks.discard)
 
     async def _wait(self, ready: Callable[[], bool]) -> None:
+        if ready():              # the common case: no timer, no task
+            return
         try:
             await asyncio.wait_for(self._cond.wait_for(ready), WAIT_LIMIT)
         except TimeoutError:
