@@ -22,10 +22,14 @@ OPERATIONS = Counter(
     ["kind", "policy", "result"], registry=REGISTRY)
 PHASE_SECONDS = Histogram(
     "qmpfd_operation_phase_seconds",
-    "Time per phase of an operation: journal (the synced begin record), qemu (device_add / "
+    "Time per phase of an operation: journal (the begin record; synced only where a crash "
+    "needs it), qemu (device_add / "
     "device_del answered), guest (DEVICE_DELETED from the guest).",
     ["kind", "phase"], registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60))
+JOURNAL_WRITE_FAILURES = Counter(
+    "qmpfd_journal_write_failures", "Journal writes that failed (a full, read-only or vanished "
+    "state directory): each refused a change or delayed a record.", registry=REGISTRY)
 JOURNAL_SYNC_SECONDS = Histogram(
     "qmpfd_journal_sync_seconds", "fdatasync of the journal (one per group commit).",
     registry=REGISTRY,

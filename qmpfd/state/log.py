@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmpfd.errors import QmpfdError
-from qmpfd.metrics import JOURNAL_SYNC_SECONDS
+from qmpfd.metrics import JOURNAL_SYNC_SECONDS, JOURNAL_WRITE_FAILURES
 from qmpfd.state.logread import JournalDamaged as JournalDamaged
 from qmpfd.state.logread import read_log
 from qmpfd.state.records import Record
@@ -167,6 +167,7 @@ class AppendLog:
                     await loop.run_in_executor(self._thread, self._compact, self.snapshot())
 
     def _failed(self, batch: list[_Entry], exc: OSError) -> None:
+        JOURNAL_WRITE_FAILURES.inc()
         error = StateWriteError(f"state file {self.path}: cannot write: "
                                 f"{exc.strerror or exc}; nothing was changed")
         retry = [e for e in batch if e.settle]
