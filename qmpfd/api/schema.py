@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from qmpfd.api import commanddocs
+
 #: JSON type of each builtin QAPI type used here.
 BUILTINS = {"str": "string", "int": "int", "number": "number", "bool": "boolean",
             "any": "value", "null": "null"}
-EVENTS = ("SLOT_ATTACHED", "SLOT_ATTACH_FAILED", "SLOT_DETACHED", "SLOT_DETACH_FAILED",
-          "SLOT_ORPHANED", "SLOT_EJECTED", "FUNCTION_QUEUED", "PENDING_CANCELLED",
-          "PENDING_EXPIRED", "VM_DISCONNECTED", "VM_RECONNECTED")
+EVENTS = tuple(commanddocs.EVENTS)
 
 
 class _Builder:

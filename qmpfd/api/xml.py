@@ -16,8 +16,8 @@ entities, no network or file access from a document.
     </devices>
 
 Every element and attribute libvirt documents for a PCI ``<hostdev>`` either maps to what QEMU
-gets (table :data:`MAPPING`, also in the README) or is refused with InvalidRequest naming it:
-nothing is silently dropped. Numbers parse as libvirt parses them (``strtoul`` with base 0:
+gets (table :data:`MAPPING`, also in docs/host-devices.md) or is refused with InvalidRequest
+naming it: nothing is silently dropped. Numbers parse as libvirt parses them (``strtoul`` with base 0:
 ``0x1f`` hex, ``010`` octal, ``10`` decimal). ``managed`` defaults to ``no``, as in libvirt.
 """
 
@@ -34,7 +34,7 @@ from qmpfd.errors import InvalidRequest
 
 MAX_XML_BYTES = 64 * 1024
 
-#: libvirt element/attribute -> what qmpfd does with it (README's table is this one).
+#: libvirt element/attribute -> what qmpfd does with it (docs/host-devices.md has this table).
 MAPPING: list[tuple[str, str]] = [
     ("hostdev@mode='subsystem' @type='pci'", "a host PCI function (vfio-pci); other kinds refused"),
     ("hostdev@managed", "managed: yes binds to vfio-pci and back; default no, as in libvirt"),

@@ -9,7 +9,7 @@ its connection's close callback tell when the VM or libvirtd went away.
 libvirt's calls block, so they run in threads; its event loop (``virEventRunDefaultImpl``) runs
 in one daemon thread for the whole process, and hands events to asyncio with
 ``call_soon_threadsafe``. libvirt itself does not know about what qmpfd plugs (its domain XML
-will not show the devices); see the README.
+will not show the devices); see docs/operations.md.
 """
 
 from __future__ import annotations

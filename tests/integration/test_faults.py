@@ -2,7 +2,7 @@
 guests that do not answer, each against a real guest. After every fault, QEMU's own view, the
 guest's PCI list and qmpfd's state must agree, and no slot may be half-plugged.
 
-The matrix is printed at the end of the test run (tests/conftest.py) and copied into the README.
+The matrix is printed at the end of the test run (tests/conftest.py) and copied into docs/faults.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ protect the host (a function whose interface is up, a mounted disk, no IOMMU gro
 JSON and the XML forms of device-attach. Nothing may change: not the host's drivers, not QEMU.
 
 The partial assignment itself (binding to vfio-pci inside a guest with an emulated IOMMU) needs the
-nested VFIO lab; see the README.
+nested VFIO lab; see docs/host-devices.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ nothing changed; rollback of a function QEMU refuses; incremental attach; detach
 attach (on native PCIe through QEMU's "guest is busy" refusal, which checks that wording on every
 version); a SIGKILL of qmpfd mid-attach and its recovery; a device_add answered after the plug
 timeout. The referees are QEMU's second monitor and the guest's own PCI list; every row observed
-is printed at the end of the run (the README's version table comes from it).
+is printed at the end of the run (the version tables of README.md and docs/concepts.md come
+from it).
 
 ``QMPFD_QEMU_MATRIX`` (e.g. "trixie sid" or "10.0") narrows the versions; by default all built.
 """

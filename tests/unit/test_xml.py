@@ -6,16 +6,17 @@ import pytest
 from qmpfd.api.xml import parse_devices_xml
 from qmpfd.errors import InvalidRequest
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def readme_xml_examples() -> list[str]:
-    return re.findall(r"```xml\n(.*?)```", README.read_text(), re.S)
+def documented_xml_examples() -> list[str]:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [x for page in pages for x in re.findall(r"```xml\n(.*?)```", page.read_text(), re.S)]
 
 
-def test_every_readme_example_parses() -> None:
-    examples = readme_xml_examples()
-    assert examples, "the README shows XML examples"
+def test_every_documented_xml_example_parses() -> None:
+    examples = documented_xml_examples()
+    assert examples, "the docs show XML examples"
     for text in examples:
         assert parse_devices_xml(text).functions
 
