@@ -25,14 +25,22 @@ class _Strict(BaseModel):
 
 
 class DaemonConfig(_Strict):
+    #: the API socket (under socket activation, systemd's qmpfd.socket decides)
     socket: Path = Path("/run/qmpfd/qmpfd.sock")
+    #: its mode (octal; "0660" as a string too)
     socket_mode: int = Field(0o660, alias="socket-mode")
+    #: the group owning the socket (default: qmpfd's own group)
     socket_group: str | None = Field(None, alias="socket-group")
+    #: the journal, the audit log and the lock
     state_dir: Path = Field(Path("/var/lib/qmpfd"), alias="state-dir")
+    #: debug, info, warning, error or critical
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", alias="log-level")
+    #: json (one object per line, for journald) or text
     log_format: str = Field("json", alias="log-format", pattern="^(json|text)$")
+    #: API sessions at once (tenants together never take the last eighth)
     max_clients: int = Field(64, alias="max-clients", ge=1, le=4096)
+    #: the longest request accepted, in bytes
     max_line_bytes: int = Field(1 << 20, alias="max-line-bytes", ge=1024, le=64 << 20)
     #: events kept for query-events {since} (a reconnecting client replays what it missed)
     event_ring: int = Field(4096, alias="event-ring", ge=16, le=1 << 20)
@@ -49,7 +57,9 @@ class DaemonConfig(_Strict):
 class PolicyTimeouts(_Strict):
     """Per-policy overrides; unset fields keep the policy's own default."""
 
+    #: seconds from the first device_del to the last DEVICE_DELETED
     unplug: Seconds | None = None
+    #: seconds for each device_add
     plug: Seconds | None = None
     #: seconds a slot emptied on this mechanism is kept from new devices (see the policy)
     reuse_delay: Annotated[float, Field(ge=0, le=60)] | None = Field(None, alias="reuse-delay")
@@ -58,10 +68,15 @@ class PolicyTimeouts(_Strict):
 
 
 class TimeoutConfig(_Strict):
+    #: seconds to connect to a VM's QMP socket
     qmp_connect: Seconds = Field(5.0, alias="qmp-connect")
+    #: seconds for any other QMP command
     command: Seconds = 30.0
+    #: seconds for a whole attach
     attach: Seconds = 60.0
+    #: seconds a queued function (function-add) waits for function 0
     pending_expiry: Seconds = Field(300.0, alias="pending-expiry")
+    #: per-policy overrides: [timeouts.policy.acpi-pcihp], .pcie-native, .spapr
     policy: dict[str, PolicyTimeouts] = Field(default_factory=dict)
 
 
@@ -84,6 +99,7 @@ class AccessConfig(_Strict):
 
     #: Peers (SO_PEERCRED) allowed by user name or uid, and by group (primary or supplementary).
     users: list[str | int] = Field(default_factory=lambda: list[str | int](["root"]))
+    #: groups (names or gids) whose members may use the API with full access
     groups: list[str | int] = Field(default_factory=lambda: list[str | int](["qmpfd"]))
     #: vm-add only accepts QMP sockets below these directories (after resolving symlinks).
     qmp_dirs: list[Path] = Field(
@@ -108,10 +124,13 @@ class DenyEntry(_Strict):
 
 
 class HostConfig(_Strict):
+    #: where sysfs is mounted (tests point it at a captured tree)
     sysfs: Path = Path("/sys")
+    #: where procfs is mounted
     proc: Path = Path("/proc")
     #: Let a request with "force" take a function the host is using (interface up, mounted disk).
     allow_force: bool = Field(False, alias="allow-force")
+    #: host functions nobody may assign ([[host.deny]] class or vendor-device, and a reason)
     deny: list[DenyEntry] = Field(default_factory=list)
 
 
@@ -119,6 +138,7 @@ class MetricsConfig(_Strict):
     """The optional Prometheus/OpenMetrics listener: ``unix:/run/qmpfd/metrics.sock`` or a
     loopback ``127.0.0.1:9477`` / ``[::1]:9477``. Off (None) by default."""
 
+    #: unix:/path, or a loopback HOST:PORT
     listen: str | None = None
 
     @field_validator("listen")
@@ -135,7 +155,11 @@ class MetricsConfig(_Strict):
 
 
 class VmEntry(_Strict):
+    """A VM adopted at start-up, as by vm-add (not fatal if it is not running)."""
+
+    #: its name in qmpfd
     name: str = Field(pattern=VM_NAME_PATTERN)
+    #: its QMP socket
     qmp: Path
 
 

@@ -133,7 +133,10 @@ def config_page() -> str:
         out += ["| key | default | what |", "|---|---|---|"]
         for name, f in inner.model_fields.items():
             default = "" if f.is_required() else _default(f)
-            out.append(f"| `{f.alias or name}` | {default} | {docs.get(name, '')} |")
+            if name not in docs:
+                raise SystemExit(f"gen_docs: config key {title} {f.alias or name} has no "
+                                 "#: comment in qmpfd/config.py")
+            out.append(f"| `{f.alias or name}` | {default} | {docs[name]} |")
         out.append("")
     example = (ROOT / "config" / "qmpfd.toml").read_text()
     out += ["## The example config", "", "```toml", example.rstrip(), "```", ""]
@@ -144,6 +147,8 @@ def _default(f: Any) -> str:
     value = f.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "(section)"
+    if f.alias == "socket-mode" and isinstance(value, int):
+        return f"`0{value:o}`"
     if isinstance(value, list):
         value = "[" + ", ".join(f'"{v}"' if isinstance(v, (str, Path)) else str(v)
                                 for v in value) + "]"

@@ -17,8 +17,8 @@ entities, no network or file access from a document.
 
 Every element and attribute libvirt documents for a PCI ``<hostdev>`` either maps to what QEMU
 gets (table :data:`MAPPING`, also in docs/host-devices.md) or is refused with InvalidRequest
-naming it: nothing is silently dropped. Numbers parse as libvirt parses them (``strtoul`` with base 0:
-``0x1f`` hex, ``010`` octal, ``10`` decimal). ``managed`` defaults to ``no``, as in libvirt.
+naming it: nothing is silently dropped. Numbers parse as libvirt parses them (``strtoul`` with
+base 0: ``0x1f`` hex, ``010`` octal, ``10`` decimal). ``managed`` defaults to ``no``, as in libvirt.
 """
 
 from __future__ import annotations
