@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -89,7 +90,8 @@ async def test_every_dashboard_query_returns_data_from_a_real_scrape(
         c = await connect(d.socket)
         await c.execute("vm-add", {"name": "g", "qmp": str(guest.qmp_socket)})
         funcs = [{"id": "pm0", "driver": "e1000"}, {"id": "pm1", "driver": "virtio-rng-pci"}]
-        for _ in range(2):
+        picture = os.environ.get("QMPFD_RENDER_DASHBOARD")   # docs/dashboard.png is made so
+        for _ in range(20 if picture else 2):   # a picture wants a minute of history
             await c.execute("device-attach", {"vm": "g", "functions": funcs})
             await asyncio.to_thread(guest.wait_guest_pci, lambda s: len(s - before) == 2)
             await c.execute("device-detach", {"vm": "g", "ids": ["pm0", "pm1"]})
@@ -115,6 +117,10 @@ async def test_every_dashboard_query_returns_data_from_a_real_scrape(
         failed = await asyncio.to_thread(api, prom_port, "query", query=(
             'sum(qmpfd_operations_total{kind="attach", result!="ok"})'))
         assert float(failed["result"][0]["value"][1]) >= 1, "the failed attach was not counted"
+        if picture:
+            sys.path.insert(0, str(DASHBOARD.parent))
+            from render_panels import render
+            await asyncio.to_thread(render, f"http://127.0.0.1:{prom_port}", Path(picture), 1.5)
         rules = await asyncio.to_thread(api, prom_port, "rules")
         names = {r["name"] for g in rules["groups"] for r in g["rules"]}
         assert names == {"QmpfdOrphanedSlot", "QmpfdJournalWriteFailing", "QmpfdVmLinkDown",
