@@ -199,8 +199,11 @@ class AppendLog:
                     "qmpfd refuses changes until it is restarted")
         except OSError as exc:
             return f"{self.path} cannot be examined: {exc.strerror or exc}"
-        if self._fd >= 0:
-            held = os.fstat(self._fd)
+        try:    # the writer thread may be swapping the file in (compaction) right now
+            held = os.fstat(self._fd) if self._fd >= 0 else None
+        except OSError:
+            held = None
+        if held is not None:
             if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
                 return (f"{self.path} was replaced by another file while qmpfd ran; qmpfd "
                         "refuses changes until it is restarted")
