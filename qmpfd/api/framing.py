@@ -102,9 +102,9 @@ class JsonSplitter:
         i, n = 0, len(text)
         while i < n:
             j = _SPACE.match(data, i).end()    # type: ignore[union-attr]  # always matches
-            if j == n:
-                return b""
             start = data.rfind(b"\n", i, j) + 1 or i    # blanks after a newline: kept
+            if j == n:
+                return data[start:]               # blanks only: the scanner keeps them
             if text[j] not in "{[":
                 return data[start:]
             try:
