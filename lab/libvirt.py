@@ -110,6 +110,18 @@ class LibvirtGuest:
         if self._saved.exists():
             self._saved.rename(self._conf)
 
+    def __enter__(self) -> LibvirtGuest:
+        """Started; stopped again if starting fails half-way (libvirtd up, domain not)."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     # -- the guest's report ------------------------------------------------------------------
     def guest_pci(self) -> set[str] | None:
         return latest_pci_report(self.console)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -209,3 +209,15 @@ def needs_restart(running: Config, new: Config) -> list[str]:
         changed += [f"{section}.{key}" for key in sorted(old_part.keys() | new_part.keys())
                     if old_part.get(key) != new_part.get(key)]
     return [key for key in changed if key not in APPLIED_ON_RELOAD]
+
+
+def config_sections() -> list[tuple[str, type[BaseModel]]]:
+    """Every section of the config file as its TOML heading (``[daemon]``, ``[[vm]]``) and its
+    model, in file order: what the man page and the config reference document."""
+    out: list[tuple[str, type[BaseModel]]] = []
+    for section, field in Config.model_fields.items():
+        model: Any = field.annotation
+        inner: Any = getattr(model, "__args__", (model,))[0] if section == "vm" else model
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            out.append((f"[[{section}]]" if section == "vm" else f"[{section}]", inner))
+    return out

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from qmpfd.api import commanddocs, schema
 from qmpfd.api.commands import Commands
 from qmpfd.api.tenancy import Reach
-from qmpfd.config import Config
+from qmpfd.config import config_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 REACH = {Reach.VM: "tenants, on their own VMs", Reach.READ: "tenants (filtered to their VMs)",
@@ -120,12 +120,7 @@ def config_page() -> str:
            "`systemctl reload qmpfd` re-reads it: log level and format and `[access]` apply at "
            "once, the rest needs a restart (logged). The annotated example shipped with qmpfd "
            "follows the tables.", ""]
-    for section, field in Config.model_fields.items():
-        model: Any = field.annotation
-        inner: Any = getattr(model, "__args__", (model,))[0] if section == "vm" else model
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            continue
-        title = f"[[{section}]]" if section == "vm" else f"[{section}]"
+    for title, inner in config_sections():
         out += [f"## {title}", ""]
         if inner.__doc__:
             out += [" ".join(inner.__doc__.split()), ""]

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qmpfd import __version__
-from qmpfd.config import Config
+from qmpfd.config import config_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 URL = "https://github.com/qmpfd/qmpfd"
@@ -68,12 +68,7 @@ def config_page(out: Path) -> None:
              "(SIGHUP) re-reads the file: log level and format and the access section apply "
              "at once; a file that does not load is refused and the running config kept.",
              ".SH SECTIONS AND KEYS"]
-    for section, field in Config.model_fields.items():
-        model: Any = field.annotation
-        inner: Any = getattr(model, "__args__", (model,))[0] if section == "vm" else model
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            continue
-        title = f"[[{section}]]" if section == "vm" else f"[{section}]"
+    for title, inner in config_sections():
         lines += [".SS " + _esc(title)]
         if inner.__doc__:
             lines.append(_esc(" ".join(inner.__doc__.split())))

@@ -47,20 +47,28 @@ def lab(workdir: Path) -> Iterator[LabVm]:
     vm.stop()
 
 
-@pytest.mark.parametrize("point", ["attach-begin", "attach-step-1", "attach-step-2",
-                                   "attach-step-3", "attach-step-4"])
-async def test_sigkill_during_attach(daemon_proc: DaemonProcess, lab: LabVm, point: str) -> None:
-    before = lab.guest_pci() or set()
-    daemon_proc.start(QMPFD_CRASH_AT=point)
-    c = await adopt(daemon_proc, lab.qmp_socket)
+async def killed_by(daemon_proc: DaemonProcess, c: Client, cmd: str,
+                    args: dict[str, Any]) -> Client:
+    """Send a request the daemon dies in (its QMPFD_CRASH_AT point), start it again on the
+    same state, and return a client once recovery has settled."""
     with pytest.raises(Exception):  # noqa: B017 - the connection dies with the daemon
-        await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
+        await c.execute(cmd, args)
     assert daemon_proc.wait_killed() == -9
     with contextlib.suppress(Exception):
         await c.qmp.disconnect()
     daemon_proc.start()
     c = await connect(daemon_proc.socket)
     await settled(c)
+    return c
+
+
+@pytest.mark.parametrize("point", ["attach-begin", "attach-step-1", "attach-step-2",
+                                   "attach-step-3", "attach-step-4"])
+async def test_sigkill_during_attach(daemon_proc: DaemonProcess, lab: LabVm, point: str) -> None:
+    before = lab.guest_pci() or set()
+    daemon_proc.start(QMPFD_CRASH_AT=point)
+    c = await adopt(daemon_proc, lab.qmp_socket)
+    c = await killed_by(daemon_proc, c, "device-attach", {"vm": "f", "functions": FUNCS})
     complete = point == "attach-step-4"  # function 0 was in: the attach had finished in QEMU
     view = await agreement(c, lab, before, expect_attached=complete)
     record(f"SIGKILL qmpfd at {point}", "completed" if complete else "rolled back", view)
@@ -78,15 +86,8 @@ async def test_sigkill_during_a_one_function_attach(daemon_proc: DaemonProcess, 
     before = lab.guest_pci() or set()
     daemon_proc.start(QMPFD_CRASH_AT=point)
     c = await adopt(daemon_proc, lab.qmp_socket)
-    with pytest.raises(Exception):  # noqa: B017 - the connection dies with the daemon
-        await c.execute("device-attach", {"vm": "f", "functions": [
-            {"id": "one0", "driver": "e1000"}]})
-    assert daemon_proc.wait_killed() == -9
-    with contextlib.suppress(Exception):
-        await c.qmp.disconnect()
-    daemon_proc.start()
-    c = await connect(daemon_proc.socket)
-    await settled(c)
+    c = await killed_by(daemon_proc, c, "device-attach", {"vm": "f", "functions": [
+        {"id": "one0", "driver": "e1000"}]})
     complete = point != "attach-begin"      # device_add was accepted: QEMU has the slot
     view = await agreement(c, lab, before, expect_attached=complete, ids={"one0"})
     record(f"SIGKILL qmpfd at {point} (1 function, no sync)",
@@ -103,14 +104,7 @@ async def test_sigkill_during_detach(daemon_proc: DaemonProcess, lab: LabVm, poi
     c = await adopt(daemon_proc, lab.qmp_socket)
     await c.execute("device-attach", {"vm": "f", "functions": FUNCS})
     await asyncio.to_thread(lab.wait_guest_pci, lambda s: len(s - before) >= 4, 60)
-    with pytest.raises(Exception):  # noqa: B017
-        await c.execute("device-detach", {"vm": "f", "ids": sorted(IDS)})
-    assert daemon_proc.wait_killed() == -9
-    with contextlib.suppress(Exception):
-        await c.qmp.disconnect()
-    daemon_proc.start()
-    c = await connect(daemon_proc.socket)
-    await settled(c)
+    c = await killed_by(daemon_proc, c, "device-detach", {"vm": "f", "ids": sorted(IDS)})
     # ACPI: the detach's record is not synced before device_del (a second ACPI device_del
     # never cancels the first). Killed before device_del, nothing happened: the slot is whole,
     # in QEMU, the guest and qmpfd. Killed after it, the guest's eject completes it.

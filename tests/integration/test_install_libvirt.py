@@ -26,12 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def domain(workdir: Path) -> Iterator[LibvirtGuest]:
-    guest = LibvirtGuest("qmpfd-lab-installed", workdir / "libvirt-installed")
-    try:
-        guest.start()
+    with LibvirtGuest("qmpfd-lab-installed", workdir / "libvirt-installed") as guest:
         yield guest
-    finally:
-        guest.stop()
 
 
 def run(*cmd: str | Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:

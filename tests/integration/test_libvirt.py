@@ -40,12 +40,8 @@ def bridge() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def libvirt_guest(workdir: Path, bridge: str) -> Iterator[LibvirtGuest]:
-    guest = LibvirtGuest("qmpfd-lab-lv", workdir / "libvirt")
-    try:
-        guest.start()
+    with LibvirtGuest("qmpfd-lab-lv", workdir / "libvirt") as guest:
         yield guest
-    finally:
-        guest.stop()
 
 
 async def test_libvirt_run_vm_attach_coexist_detach(tmp_path: Path,

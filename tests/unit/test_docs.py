@@ -22,21 +22,14 @@ def gen_docs() -> ModuleType:
     return module
 
 
-def test_a_command_without_documentation_fails_the_build(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    docs = dict(commanddocs.COMMANDS)
-    del docs["device-detach"]
-    monkeypatch.setattr(commanddocs, "COMMANDS", docs)
-    with pytest.raises(SystemExit, match="device-detach"):
-        gen_docs().api_page()
-
-
-def test_an_event_without_documentation_fails_the_build(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    events = dict(commanddocs.EVENTS)
-    del events["SLOT_EJECTED"]
-    monkeypatch.setattr(commanddocs, "EVENTS", events)
-    with pytest.raises(SystemExit, match="SLOT_EJECTED"):
+@pytest.mark.parametrize("table, name", [("COMMANDS", "device-detach"),
+                                         ("EVENTS", "SLOT_EJECTED")])
+def test_a_command_or_event_without_documentation_fails_the_build(
+        table: str, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = dict(getattr(commanddocs, table))
+    del docs[name]
+    monkeypatch.setattr(commanddocs, table, docs)
+    with pytest.raises(SystemExit, match=name):
         gen_docs().api_page()
 
 
