@@ -36,12 +36,25 @@ JOURNAL_SYNC_SECONDS = Histogram(
     buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1))
 
 
+# The labelled children, looked up once per label set: ``labels()`` takes a lock and builds a
+# key on every call, and these are counted on every request.
+_operations: dict[tuple[str, str, str], Counter] = {}
+_phases: dict[tuple[str, str], Histogram] = {}
+
+
 def operation(kind: str, policy: str, result: str) -> None:
-    OPERATIONS.labels(kind=kind, policy=policy, result=result).inc()
+    key = (kind, policy, result)
+    child = _operations.get(key)
+    if child is None:
+        child = _operations[key] = OPERATIONS.labels(kind=kind, policy=policy, result=result)
+    child.inc()
 
 
 def phase(kind: str, name: str, seconds: float) -> None:
-    PHASE_SECONDS.labels(kind=kind, phase=name).observe(seconds)
+    child = _phases.get((kind, name))
+    if child is None:
+        child = _phases[kind, name] = PHASE_SECONDS.labels(kind=kind, phase=name)
+    child.observe(seconds)
 
 
 class StateCollector(Collector):

@@ -6,9 +6,11 @@ each request is handed to a :class:`Dispatcher`, which returns a value or raises
 :class:`~qmpfd.errors.QmpfdError`.
 
 Requests from one client run one after another, like QEMU's own monitor, so a client that sends
-several commands without ids still reads replies in order. Events are queued per session and written
-by their own task; a client that stops reading loses its events (and is disconnected) rather than
-stalling the daemon or other clients.
+several commands without ids still reads replies in order. Replies and events go out in the order
+they were produced, gathered per event-loop iteration into one write (an operation's last event
+and its reply are one ``send``, not two). A client that stops reading loses its events (and is
+disconnected) once :data:`OUTPUT_BACKLOG_LIMIT` bytes wait for it, rather than stalling the daemon
+or other clients: an event is never waited for.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError
 
 log = logging.getLogger("qmpfd.api")
 
-EVENT_QUEUE_LIMIT = 1024
+#: bytes written to a client and not yet taken by it (beyond the socket buffer) before an event
+#: for it disconnects it as too slow
+OUTPUT_BACKLOG_LIMIT = 256 << 10
 READ_CHUNK = 65536
 
 
@@ -54,32 +58,43 @@ class Session:
         self.peer = peer
         self._max_line = max_line
         self.state = SessionState.GREETING
-        self._events: asyncio.Queue[wire.Message] = asyncio.Queue(EVENT_QUEUE_LIMIT)
         #: events this client may see (a tenant sees its own VMs' events); None: all
         self.event_filter: Callable[[wire.Message], bool] | None = None
-        self._write_lock = asyncio.Lock()
+        self._output: list[bytes] = []     # written at the end of this loop iteration
 
     @property
     def negotiated(self) -> bool:
         return self.state is SessionState.RUNNING
 
     def offer_event(self, msg: wire.Message) -> None:
-        """Queue an event for this client; a client too slow to keep up is dropped."""
+        """Write an event to this client; a client too slow to keep up is dropped."""
         if not self.negotiated or (self.event_filter is not None
                                    and not self.event_filter(msg)):
             return
-        try:
-            self._events.put_nowait(msg)
-        except asyncio.QueueFull:
+        if self._writer.transport.get_write_buffer_size() > OUTPUT_BACKLOG_LIMIT:
             log.warning("client too slow for events; disconnecting", extra={"peer": self.peer})
             self.close()
+            return
+        self._emit(wire.encode(msg))
 
     def close(self) -> None:
         self.state = SessionState.CLOSING
+        self._output.clear()
         self._writer.close()
 
+    def _emit(self, data: bytes) -> None:
+        """Queue bytes for the write at the end of this loop iteration."""
+        if not self._output:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._output.append(data)
+
+    def _flush(self) -> None:
+        if self._output and self.state is not SessionState.CLOSING:
+            data = b"".join(self._output) if len(self._output) > 1 else self._output[0]
+            self._writer.write(data)
+        self._output.clear()
+
     async def run(self) -> None:
-        event_task = asyncio.create_task(self._event_writer())
         splitter = wire.JsonSplitter(self._max_line)
         try:
             await self._send(wire.greeting())
@@ -102,10 +117,8 @@ class Session:
         except ConnectionError:
             pass
         finally:
+            self._flush()
             self.state = SessionState.CLOSING
-            event_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await event_task
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
@@ -137,15 +150,9 @@ class Session:
             return wire.reply_for_error(QmpfdError(f"internal error: {exc}"), request)
 
     async def _send(self, msg: wire.Message) -> None:
-        async with self._write_lock:
-            self._writer.write(wire.encode(msg))
+        """A reply: written after the events produced before it; the next request is read
+        once the client takes its output (its own replies pace it, as before)."""
+        self._emit(wire.encode(msg))
+        if self._writer.transport.get_write_buffer_size() > 0:
+            self._flush()
             await self._writer.drain()
-
-    async def _event_writer(self) -> None:
-        while True:
-            msg = await self._events.get()
-            try:
-                await asyncio.wait_for(self._send(msg), timeout=10)
-            except (ConnectionError, TimeoutError):
-                self.close()
-                return
