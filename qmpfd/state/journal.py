@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from qmpfd.state import records as r
-from qmpfd.state.log import AppendLog, JournalDamaged, fsync_dir
+from qmpfd.state.log import AppendLog, JournalDamaged
+from qmpfd.state.logfile import fsync_dir
 
 log = logging.getLogger("qmpfd.state")
 

@@ -13,7 +13,9 @@ Two kinds of write:
   ended, a function given back, or an operation whose record need not be durable). Not waited
   for and never an error to the client: a failure is logged and the record stays first in line
   until a write succeeds, so later records never overtake it. Unless it asks for a sync, it waits
-  up to :data:`LAZY_WRITE_DELAY` for other records to share its write.
+  up to :data:`LAZY_WRITE_DELAY` for other records to share its write. A batch of nothing but
+  such records is handed to the writer thread and not waited for: nothing comes back to the
+  event loop (a wake-up of the loop costs more CPU here than writing the batch).
 
 The file is written by a thread of its own, never on the event loop: while it waits for the disk
 (an ``fdatasync`` takes 0.1-1.5 ms here, seconds on a stalling disk) every VM's requests, events
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from qmpfd.errors import QmpfdError
 from qmpfd.metrics import JOURNAL_SYNC_SECONDS, JOURNAL_WRITE_FAILURES
+from qmpfd.state.logfile import fsync_dir, identity_problem
 from qmpfd.state.logread import JournalDamaged as JournalDamaged
 from qmpfd.state.logread import read_log
 from qmpfd.state.records import Record
@@ -89,6 +92,8 @@ class AppendLog:
         #: why the last write failed, until one succeeds (query-health)
         self.last_error: str | None = None
         self._lost_reported = False     # the journal vanished or was replaced: logged once
+        #: settle records a failed write left, written first by the next write (thread's)
+        self._unwritten = b""
 
     def open(self) -> list[Record]:
         loaded = read_log(self.path)
@@ -120,6 +125,8 @@ class AppendLog:
         self._start()
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+        # the records handed to the thread without a reply: written once a job behind them is
+        await asyncio.get_running_loop().run_in_executor(self._thread, lambda: None)
 
     def _submit(self, entry: _Entry) -> None:
         """Queue a record. A durable one starts the writer at once; an unsynced one waits
@@ -140,25 +147,27 @@ class AppendLog:
             self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
             data = b"".join(e.data for e in batch)
             sync = any(e.sync for e in batch)
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self._thread, self._write, data, sync)
-                self.last_error = None
-            except OSError as exc:
-                self.last_error = exc.strerror or str(exc)
-                self._failed(batch, exc)
-                if self._queue and all(e.settle for e in self._queue):
-                    await asyncio.sleep(RETRY_DELAY)
-                continue
-            for e in batch:
-                if e.apply is not None:
-                    e.apply()
-                if e.done is not None and not e.done.done():
-                    e.done.set_result(None)
+            if all(e.done is None and e.apply is None for e in batch):
+                # Nobody waits for these records and nothing in memory waits for them: the
+                # thread writes them in submission order and keeps them for a retry if the
+                # write fails. Nothing comes back to the loop (no wake-up per batch).
+                self._thread.submit(self._write_settled, data, sync, loop)
+            else:
+                try:
+                    await loop.run_in_executor(self._thread, self._write_in_order, data, sync)
+                except OSError as exc:
+                    self._failed(batch, exc)
+                    continue
+                for e in batch:
+                    if e.apply is not None:
+                        e.apply()
+                    if e.done is not None and not e.done.done():
+                        e.done.set_result(None)
             self._since_snapshot += len(batch)
             grown = self._size - self._snapshot_bytes
             if (self._since_snapshot >= COMPACT_AFTER or grown >= COMPACT_BYTES) \
@@ -166,18 +175,61 @@ class AppendLog:
                 with contextlib.suppress(OSError):
                     await loop.run_in_executor(self._thread, self._compact, self.snapshot())
 
+    # -- on the writer thread ----------------------------------------------------------------
+    def _write_in_order(self, data: bytes, sync: bool) -> None:
+        """Records not yet written after a failure go first: nothing overtakes them."""
+        try:
+            self._write(self._unwritten + data, sync)
+        except OSError as exc:
+            self.last_error = exc.strerror or str(exc)
+            raise
+        self._unwritten = b""
+        self.last_error = None
+
+    def _write_settled(self, data: bytes, sync: bool, loop: asyncio.AbstractEventLoop) -> None:
+        if not data and not self._unwritten:
+            return
+        try:
+            self._write_in_order(data, sync)
+        except OSError as exc:
+            first = not self._unwritten
+            self._unwritten += data
+            JOURNAL_WRITE_FAILURES.inc()
+            log.error("journal write failed; will retry", extra={"path": str(self.path),
+                                                                 "error": str(exc)})
+            if first:
+                loop.call_soon_threadsafe(self._retry_later, loop)
+
+    def _retry_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: try the records left unwritten again in :data:`RETRY_DELAY` (and
+        then again, until one write succeeds)."""
+        def retry() -> None:
+            with contextlib.suppress(RuntimeError):     # the journal closed meanwhile
+                self._thread.submit(self._retry_unwritten, loop)
+        loop.call_later(RETRY_DELAY, retry)
+
+    def _retry_unwritten(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._unwritten:
+            return
+        try:
+            self._write_in_order(b"", False)
+        except OSError:
+            loop.call_soon_threadsafe(self._retry_later, loop)
+
     def _failed(self, batch: list[_Entry], exc: OSError) -> None:
+        """A batch with durable records failed: each of them fails its caller; its settle
+        records are kept for the next write (first in line)."""
         JOURNAL_WRITE_FAILURES.inc()
         error = StateWriteError(f"state file {self.path}: cannot write: "
                                 f"{exc.strerror or exc}; nothing was changed")
-        retry = [e for e in batch if e.settle]
         for e in batch:
             if e.done is not None and not e.done.done():
                 e.done.set_exception(error)
+        retry = b"".join(e.data for e in batch if e.settle)
         if retry:
             log.error("journal write failed; will retry", extra={"path": str(self.path),
                                                                  "error": str(exc)})
-            self._queue[:0] = retry
+            self._thread.submit(self._write_settled, retry, False, asyncio.get_running_loop())
 
     def check_writable(self) -> None:
         """Raise StateWriteError if the file is known not to take records any more (the last
@@ -189,25 +241,9 @@ class AppendLog:
                                   "nothing was changed")
 
     def identity_problem(self) -> str | None:
-        """Why the file open for appending is no longer the journal at :attr:`path` (its
-        state directory deleted, or the file replaced, under the running daemon); None if it
-        is. Writing on would record state nobody will ever read back."""
-        try:
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            return (f"{self.path} was removed while qmpfd ran (its state directory deleted?); "
-                    "qmpfd refuses changes until it is restarted")
-        except OSError as exc:
-            return f"{self.path} cannot be examined: {exc.strerror or exc}"
-        try:    # the writer thread may be swapping the file in (compaction) right now
-            held = os.fstat(self._fd) if self._fd >= 0 else None
-        except OSError:
-            held = None
-        if held is not None:
-            if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
-                return (f"{self.path} was replaced by another file while qmpfd ran; qmpfd "
-                        "refuses changes until it is restarted")
-        return None
+        """Why the file open for appending is no longer the journal at :attr:`path`; None if
+        it is (:func:`~qmpfd.state.logfile.identity_problem`)."""
+        return identity_problem(self.path, self._fd)
 
     def _write(self, data: bytes, sync: bool) -> None:
         """Write all of ``data`` or nothing (cut back on any failure)."""
@@ -250,6 +286,7 @@ class AppendLog:
         self._fd = new
         self._size = len(snapshot)
         self._snapshot_bytes = len(snapshot)
+        self._unwritten = b""       # what they recorded is in the snapshot
         self._since_snapshot = 1
         log.info("journal compacted", extra={"path": str(self.path)})
 
@@ -258,11 +295,3 @@ class AppendLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
