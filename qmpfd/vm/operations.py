@@ -129,8 +129,7 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
                    durable=len(plan.functions) > 1)
     started = time.monotonic()
     try:
-        # The slot is ours (ATTACHING); a slot just emptied waits out its reuse delay (no
-        # sleep(0) otherwise: a turn of the event loop costs more than the rest of this step).
+        # A slot just emptied waits out its reuse delay (no sleep(0) otherwise: a loop turn).
         if delay := vm.table.held_back(key, started):
             await asyncio.sleep(delay)
         await vm.journal.begin(op)   # 2+ functions: synced first (qmpfd.state.journal)
