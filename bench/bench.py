@@ -405,6 +405,22 @@ def versions() -> dict[str, str]:
             "kernel": platform.release(), "qemu": qemu, "python": platform.python_version()}
 
 
+async def floor(work: Path) -> dict[str, Any]:
+    """qmpfd against the floor relay (bench/floor_relay.py: qemu.qmp behind a Unix socket,
+    nothing else) on one guest, rounds interleaved: CPU ms per 1-function attach and per
+    attach+detach cycle, medians."""
+    from bench.ab_cpu import LATENCY, FloorRelay, RawQmp, compare
+
+    attach, cycle = await compare(work, {"qmpfd": Daemon, "floor": FloorRelay, "raw": RawQmp},
+                                  6, 20)
+    out: dict[str, Any] = {k: {"cpu_ms_per_attach": statistics.median(attach[k]) * 1000,
+                               "cpu_ms_per_cycle": statistics.median(cycle[k]) * 1000,
+                               "attach_ms": statistics.median(LATENCY[k]) * 1000}
+                           for k in ("qmpfd", "floor")}
+    out["raw"] = {"attach_ms": statistics.median(LATENCY["raw"]) * 1000}
+    return out
+
+
 async def main() -> None:
     from bench.report import write_report
 
@@ -425,6 +441,8 @@ async def main() -> None:
             daemon.stop()
         print("bench: libvirt ...", flush=True)
         results["libvirt"] = libvirt(work)
+        print("bench: floor ...", flush=True)
+        results["floor"] = await floor(work / "floor")
         print("bench: scale ...", flush=True)
         results["scale"] = await scale(work)
     print("bench: planner ...", flush=True)

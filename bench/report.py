@@ -39,7 +39,34 @@ def _targets(r: dict[str, Any]) -> list[str]:
     out = ["", "### The performance targets in this run", "", "| target | this run | met |",
            "|---|---|---|"]
     out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
-    return [*out, ""]
+    return [*out, "", *_floor(r.get("floor"))]
+
+
+def _floor(floor: dict[str, Any] | None) -> list[str]:
+    """The floor under the CPU target: what a relay with nothing but qemu.qmp behind a Unix
+    socket costs on this machine, against qmpfd, rounds interleaved on one guest."""
+    if not floor:
+        return []
+    q, f = floor["qmpfd"], floor["floor"]
+    raw = float(floor["raw"]["attach_ms"])
+    return [
+        "### The floor under the CPU target", "",
+        "`bench/floor_relay.py` speaks qmpfd's wire (vm-add, device-attach, device-detach) and",
+        "relays each request to QEMU through qemu.qmp, with no journal, checks, events, audit",
+        "or metrics: no asyncio daemon using qemu.qmp costs less on this machine. qmpfd and it",
+        "take turns on one guest (rounds interleaved); CPU of each process, all threads.", "",
+        "A third arm sends the same device_add by hand on its own monitor (raw QMP): the",
+        "attach's time against it is the latency ratio the targets above ask of qmpfd.", "",
+        "| | CPU ms per 1-function attach | CPU ms per attach+detach cycle | attach returns, "
+        "ms (median) | vs raw QMP |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {x['cpu_ms_per_attach']:.2f} | {x['cpu_ms_per_cycle']:.2f} | "
+          f"{x['attach_ms']:.2f} | {x['attach_ms'] / raw:.2f}x |" for name, x in
+          (("qmpfd", q), ("floor relay", f))),
+        f"| raw QMP | | | {raw:.2f} | 1.00x |",
+        f"| qmpfd / floor | {q['cpu_ms_per_attach'] / f['cpu_ms_per_attach']:.2f}x | "
+        f"{q['cpu_ms_per_cycle'] / f['cpu_ms_per_cycle']:.2f}x | "
+        f"{q['attach_ms'] / f['attach_ms']:.2f}x | |", ""]
 
 
 def _scale_targets(scale: dict[str, Any]) -> list[tuple[str, str, bool]]:

@@ -74,6 +74,8 @@ class Session:
         if self._writer.transport.get_write_buffer_size() > OUTPUT_BACKLOG_LIMIT:
             log.warning("client too slow for events; disconnecting", extra={"peer": self.peer})
             self.close()
+            # What it has not taken is dropped: a graceful close would wait for it to read.
+            self._writer.transport.abort()
             return
         self._emit(wire.encode(msg))
 

@@ -110,6 +110,33 @@ async def test_settle_records_are_retried_in_order(tmp_path: Path,
     assert (await reopened(tmp_path, j)).ops == {}
 
 
+async def test_records_nobody_waits_for_do_not_come_back_to_the_event_loop(
+        tmp_path: Path) -> None:
+    """A batch of settle records is handed to the writer thread and the loop's writer is done
+    at once: while the thread is stuck in the write, the loop owes it nothing (no task, no
+    future waiting); the records are on disk once the thread is let go."""
+    import threading
+    j = Journal.open(tmp_path)
+    o = await j.begin(op(n=1))               # 1 function: not durable, written behind
+    stuck, release = threading.Event(), threading.Event()
+    real = j._log._write
+
+    def slow(data: bytes, sync: bool) -> None:
+        stuck.set()
+        release.wait(10)
+        real(data, sync)
+    j._log._write = slow  # type: ignore[method-assign]
+    j.end(o)
+    await asyncio.sleep(log_mod.LAZY_WRITE_DELAY * 3)
+    assert await asyncio.to_thread(stuck.wait, 5), "the batch never reached the thread"
+    writer = j._log._writer
+    assert writer is not None and writer.done(), "the event loop waits for the thread"
+    release.set()
+    await j.drain()
+    assert o.id.encode() in (tmp_path / "journal.log").read_bytes()
+    assert (await reopened(tmp_path, j)).ops == {}
+
+
 async def test_torn_last_record_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
     j = Journal.open(tmp_path)
     await j.vm_added("vm1", "/x")
@@ -316,3 +343,23 @@ async def test_the_file_stays_bounded_by_live_state_not_by_bytes_written(
     assert (tmp_path / "journal.log").stat().st_size < 2 << 20
     again = await reopened(tmp_path, j)
     assert again.vms == {"v": "/x"} and again.pending == {}
+
+
+def test_identity_problem_names_a_removed_or_replaced_journal(tmp_path: Path) -> None:
+    from qmpfd.state.logfile import identity_problem
+    path = tmp_path / "journal.log"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert identity_problem(path, fd) is None
+        (tmp_path / "other").write_bytes(b"")
+        os.replace(tmp_path / "other", path)          # another file at the same name
+        assert "was replaced by another file" in str(identity_problem(path, fd))
+        path.unlink()
+        assert "was removed while qmpfd ran" in str(identity_problem(path, fd))
+        (tmp_path / "plain").write_bytes(b"")
+        assert "cannot be examined" in str(identity_problem(tmp_path / "plain" / "x", fd))
+        (tmp_path / "again").write_bytes(b"")
+        assert identity_problem(tmp_path / "again", 99999) is None   # no fd to compare with
+    finally:
+        os.close(fd)

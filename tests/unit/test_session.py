@@ -94,3 +94,63 @@ async def test_events_only_after_negotiation(pair: tuple[Session, Wire]) -> None
     await c.recv()
     session.offer_event({"event": "SLOT_ATTACHED", "data": {"vm": "v"}})
     assert (await c.recv())["event"] == "SLOT_ATTACHED"
+
+
+async def test_an_event_and_the_reply_after_it_are_one_write_in_order() -> None:
+    """Output is gathered per loop iteration: the operation's event and its reply reach the
+    socket in one ``write`` (counted), the event first; no task or queue per event."""
+    a, b = socket.socketpair()
+    sr, sw = await asyncio.open_connection(sock=a)
+    cr, cw = await asyncio.open_connection(sock=b)
+    writes: list[bytes] = []
+    real_write = sw.write
+
+    def counting(data: bytes) -> None:
+        writes.append(data)
+        real_write(data)
+    sw.write = counting  # type: ignore[method-assign]
+
+    async def emitting(name: str, args: dict[str, Any], s: Session) -> Any:
+        s.offer_event({"event": "SLOT_ATTACHED", "data": {"vm": "v"}})
+        return {}
+    session = Session(sr, sw, emitting, Peer(pid=1, uid=0, gid=0), max_line=4096)
+    tasks_before = len(asyncio.all_tasks())
+    task = asyncio.create_task(session.run())
+    c = Wire(cr, cw)
+    await c.recv()
+    await c.send({"execute": "qmp_capabilities"})
+    await c.recv()
+    assert len(asyncio.all_tasks()) == tasks_before + 1, "one task per session, none per event"
+    writes.clear()
+    await c.send({"execute": "attach", "id": 7})
+    assert (await c.recv())["event"] == "SLOT_ATTACHED"
+    assert (await c.recv())["id"] == 7
+    assert len(writes) == 1 and writes[0].index(b"SLOT_ATTACHED") < writes[0].index(b'"id"')
+    cw.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_client_that_stops_reading_is_dropped_once_its_backlog_is_full(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import qmpfd.api.session as session_mod
+    monkeypatch.setattr(session_mod, "OUTPUT_BACKLOG_LIMIT", 64 << 10)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sr, sw = await asyncio.open_connection(sock=a)
+    session = Session(sr, sw, dispatch, Peer(pid=1, uid=0, gid=0), max_line=4096)
+    task = asyncio.create_task(session.run())
+    b.sendall(b'{"execute":"qmp_capabilities"}\n')
+    for _ in range(500):                     # up to 5 s
+        if session.negotiated:
+            break
+        await asyncio.sleep(0.01)
+    assert session.negotiated
+    big = {"event": "FUNCTION_QUEUED", "data": {"pad": "x" * 1000}}
+    for _ in range(1000):                    # never read by the client: ~1 MB offered
+        session.offer_event(big)
+        await asyncio.sleep(0)
+        if session.state.value == "closing":
+            break
+    assert session.state.value == "closing", "a client holding 1 MB of events was kept"
+    await asyncio.wait_for(task, 5)
+    b.close()
