@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from qemu.qmp import EventListener, QMPClient  # noqa: E402
 
-from bench.bench import DRIVERS, Daemon, client, raw_plug  # noqa: E402
+from bench.bench import DRIVERS, Daemon, client, raw_plug, raw_unplug  # noqa: E402
 from lab.vm import LabVm, LabVmSpec  # noqa: E402
 
 #: seconds per attach call, per arm, of the last :func:`compare`
@@ -56,13 +56,7 @@ class RawQmp:
         t0 = time.perf_counter()
         await raw_plug(self.qmp, len(ids), ids, "pci.0", 0x11)
         took = time.perf_counter() - t0
-        self.events.clear()
-        await self.qmp.execute("device_del", {"id": ids[0]})
-        pending = set(ids)
-        while pending:
-            ev = await asyncio.wait_for(self.events.get(), 30)
-            if ev["event"] == "DEVICE_DELETED":
-                pending.discard(str(ev["data"].get("device")))   # type: ignore[attr-defined]
+        await raw_unplug(self.qmp, self.events, ids)
         return took
 
 

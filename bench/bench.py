@@ -142,6 +142,17 @@ async def raw_plug(c: QMPClient, n: int, ids: list[str], bus: str, slot: int,
     await c.execute("device_add", args(0))
 
 
+async def raw_unplug(c: QMPClient, events: EventListener, ids: list[str]) -> None:
+    """One device_del of function 0, by hand, and every function's DEVICE_DELETED."""
+    events.clear()
+    await c.execute("device_del", {"id": ids[0]})
+    pending = set(ids)
+    while pending:
+        ev = await asyncio.wait_for(events.get(), 30)
+        if ev["event"] == "DEVICE_DELETED" and ev["data"].get("device"):
+            pending.discard(ev["data"]["device"])
+
+
 async def raw_cycle(c: QMPClient, events: EventListener, vm: LabVm, n: int,
                     tag: str, bus: str, slot: int) -> dict[str, float]:
     """Raw QMP on the VM's second monitor: plug as qmpfd does, one device_del, wait for every
@@ -153,14 +164,8 @@ async def raw_cycle(c: QMPClient, events: EventListener, vm: LabVm, n: int,
     qmp_done = time.perf_counter() - t0
     await guest_sees(vm, lambda s: len(s - before) >= n)
     seen = time.perf_counter() - t0
-    events.clear()
     t1 = time.perf_counter()
-    await c.execute("device_del", {"id": ids[0]})
-    pending = set(ids)
-    while pending:
-        ev = await asyncio.wait_for(events.get(), 30)
-        if ev["event"] == "DEVICE_DELETED" and ev["data"].get("device"):
-            pending.discard(ev["data"]["device"])
+    await raw_unplug(c, events, ids)
     detached = time.perf_counter() - t1
     await guest_sees(vm, lambda s: s == before)
     return {"attach_qmp": qmp_done, "attach_guest": seen, "detach": detached}
