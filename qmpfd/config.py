@@ -44,6 +44,8 @@ class DaemonConfig(_Strict):
     max_line_bytes: int = Field(1 << 20, alias="max-line-bytes", ge=1024, le=64 << 20)
     #: events kept for query-events {since} (a reconnecting client replays what it missed)
     event_ring: int = Field(4096, alias="event-ring", ge=16, le=1 << 20)
+    #: the event loop: auto (uvloop when installed, else Python's own), uvloop, or asyncio
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", alias="event-loop")
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from qmpfd.api.commands import Commands
 from qmpfd.api.server import ApiServer, SocketBusy, socket_in_use, socket_inherited
 from qmpfd.config import Config, load_config, needs_restart
 from qmpfd.errors import QmpfdError
+from qmpfd.eventloop import loop_factory, running_loop_name
 from qmpfd.host.manager import HostDevices
 from qmpfd.state.journal import Journal
 from qmpfd.state.lock import lock_state_dir, prepare_state_dir
@@ -97,6 +98,7 @@ class Daemon:
             problems.append(f"event loop lagged {self.loop_lag_max:.2f} s")
         return {"status": "degraded" if problems else "ok", "problems": problems,
                 "version": __version__, "boot": self.server.events.boot,
+                "event-loop": running_loop_name(),
                 "loop-lag": round(self.loop_lag, 4), "loop-lag-max": round(self.loop_lag_max, 4),
                 "journal": {"path": str(self.journal.path), "syncs": self.journal.syncs,
                             "last-error": self.journal.last_error},
@@ -269,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         await daemon.run()
 
     try:
-        asyncio.run(run())
+        factory, name = loop_factory(config.daemon.event_loop)
+        log.debug("event loop: %s", name)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run())
     except QmpfdError as exc:
         log.error("fatal: %s", exc.desc)
         print(f"qmpfd: {exc.desc}", file=sys.stderr)

@@ -22,7 +22,8 @@ COMMANDS: dict[str, str] = {
         "were lost (the ring overflowed, the daemon restarted, or `since` was never issued)."),
     "query-health": (
         "`ok` or `degraded` with the problems: VMs whose link is down, a journal that cannot be "
-        "written or was removed, an event loop that lagged."),
+        "written or was removed, an event loop that lagged. `event-loop` says which loop runs "
+        "(`uvloop` or `asyncio`, see `[daemon] event-loop`)."),
     "vm-add": (
         "Adopts a running VM by its QMP socket (`qmp`, below `access.qmp-dirs`) or, for a VM "
         "libvirt runs, by its domain name (`libvirt`). qmpfd reads the machine, QEMU version and "

@@ -7,8 +7,9 @@ each request is handed to a :class:`Dispatcher`, which returns a value or raises
 
 Requests from one client run one after another, like QEMU's own monitor, so a client that sends
 several commands without ids still reads replies in order. Replies and events go out in the order
-they were produced, gathered per event-loop iteration into one write (an operation's last event
-and its reply are one ``send``, not two). A client that stops reading loses its events (and is
+they were produced: events gathered per event-loop iteration into one write, a reply written at
+once with the events before it (an operation's last event and its reply are one ``send``, not
+two). A client that stops reading loses its events (and is
 disconnected) once :data:`OUTPUT_BACKLOG_LIMIT` bytes wait for it, rather than stalling the daemon
 or other clients: an event is never waited for.
 """
@@ -130,7 +131,7 @@ class Session:
         try:
             request = wire.parse_request(line)
             name, args = wire.check_request(request)
-            nul = wire.find_nul(args)
+            nul = wire.find_nul(args) if wire.may_hold_nul(line) else None
             if nul is not None:
                 raise InvalidRequest(f"{nul}: contains a NUL byte")
             if not self.negotiated:
@@ -152,9 +153,11 @@ class Session:
             return wire.reply_for_error(QmpfdError(f"internal error: {exc}"), request)
 
     async def _send(self, msg: wire.Message) -> None:
-        """A reply: written after the events produced before it; the next request is read
-        once the client takes its output (its own replies pace it, as before)."""
-        self._emit(wire.encode(msg))
+        """A reply: written at once, in one write with the events produced before it (waiting
+        for the end of the loop iteration would put one more turn between QEMU's answer and
+        the client's); the next request is read once the client takes its output (its own
+        replies pace it, as before)."""
+        self._output.append(wire.encode(msg))   # a flush already scheduled finds nothing left
+        self._flush()
         if self._writer.transport.get_write_buffer_size() > 0:
-            self._flush()
             await self._writer.drain()

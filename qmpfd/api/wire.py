@@ -117,6 +117,14 @@ def check_request(obj: Message) -> tuple[str, dict[str, Any]]:
     return name, args
 
 
+def may_hold_nul(line: bytes) -> bool:
+    """False when no string decoded from ``line`` can hold a NUL, so :func:`find_nul` need not
+    walk the request: JSON writes a NUL only as the escape ``\\u0000`` (the parser refuses a raw
+    control character), and text in UTF-16 or UTF-32, which the parser also reads, has zero
+    bytes of its own."""
+    return b"\\u0000" in line or b"\0" in line
+
+
 def find_nul(value: Any, path: str = "") -> str | None:
     """The path of the first string (key or value) holding a NUL byte, or None. No QMP command
     takes one, and a path or id with NUL would fail deep in the OS instead of at the door."""

@@ -138,6 +138,7 @@ class Health(Reply):
     problems: list[str] = Field(default_factory=list)
     version: str | None = None
     boot: str | None = None
+    event_loop: str | None = Field(None, alias="event-loop")
     loop_lag: float | None = Field(None, alias="loop-lag")
     loop_lag_max: float | None = Field(None, alias="loop-lag-max")
     journal: dict[str, Any] | None = None

@@ -32,7 +32,8 @@ EventHandler = Callable[[dict[str, Any]], None]
 
 
 class _Client(QMPClient):
-    """QMPClient whose message hooks format a message only when it will be logged.
+    """QMPClient whose message hooks format a message only when it will be logged, and which
+    writes a command without a hop through its writer task (:meth:`_issue`).
 
     The library's hooks log every message at debug level with ``str(msg)`` evaluated first,
     i.e. a JSON encoding of every QMP message, logged or not. qom-list and query-pci replies
@@ -45,6 +46,25 @@ class _Client(QMPClient):
 
     def _cb_inbound(self, msg: Message) -> Message:
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    async def _issue(self, msg: Message) -> str | None:
+        """The library's ``_issue``, writing the command at once instead of handing it to its
+        writer task: one event-loop turn less between a request and QEMU (a command's turns
+        are most of what an attach adds to QEMU's own time; bench/profile.md). The order is
+        kept (commands are written in call order, on the loop's thread), so is the matching
+        (the reply's queue exists before the bytes leave), and the bytes go through the
+        library's own send path (``_cb_outbound``, ``_do_send``). A failed write reaches the
+        caller, not the writer task; a lost connection still interrupts every pending reply
+        (the reader task's disconnect)."""
+        msg_id = msg["id"] if "id" in msg else None
+        assert msg_id is None or isinstance(msg_id, str)
+        self._pending[msg_id] = asyncio.Queue(maxsize=1)
+        try:
+            self._do_send(self._cb_outbound(msg))
+        except BaseException:
+            del self._pending[msg_id]
+            raise
+        return msg_id
 
 
 class EventFanout:

@@ -181,3 +181,27 @@ def test_a_failing_subscriber_does_not_starve_the_others() -> None:
     off()                                                # twice: harmless
     fan.deliver({"event": "B"})
     assert got == ["A"]
+
+
+async def test_a_command_is_written_before_the_loop_turns(peer: QmpPeer) -> None:
+    """No hop through the library's writer task: once the command's first step has run, its
+    bytes were handed to the socket (one turn less per command); replies still match their
+    commands when several are in flight."""
+    link = QmpLink("v", peer.path, command_timeout=5)
+    await link.connect(5)
+    client = link._client
+    written: list[bytes] = []
+    real = client._do_send
+
+    def spy(msg: Any) -> None:
+        written.append(bytes(msg))
+        real(msg)
+    client._do_send = spy  # type: ignore[method-assign]
+    peer.replies = {"query-status": {"status": "running"}, "query-name": {"name": "v"}}
+    first = asyncio.create_task(link.execute("query-status"))
+    second = asyncio.create_task(link.execute("query-name"))
+    await asyncio.sleep(0)              # both tasks take their first step, nothing more
+    assert len(written) == 2
+    assert b"query-status" in written[0] and b"query-name" in written[1]
+    assert await second == {"name": "v"} and await first == {"status": "running"}
+    await link.close()

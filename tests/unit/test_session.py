@@ -130,6 +130,39 @@ async def test_an_event_and_the_reply_after_it_are_one_write_in_order() -> None:
     await asyncio.wait_for(task, 5)
 
 
+async def test_a_reply_is_written_before_the_loop_turns() -> None:
+    """The reply leaves in the turn its request's handler returned in: a callback the handler
+    scheduled (it runs at the next turn) already finds it written (one turn less between
+    QEMU's answer and the client's)."""
+    a, b = socket.socketpair()
+    sr, sw = await asyncio.open_connection(sock=a)
+    cr, cw = await asyncio.open_connection(sock=b)
+    writes: list[bytes] = []
+    real_write = sw.write
+
+    def counting(data: bytes) -> None:
+        writes.append(data)
+        real_write(data)
+    sw.write = counting  # type: ignore[method-assign]
+    seen_at_next_turn: list[int] = []
+
+    async def handler(name: str, args: dict[str, Any], s: Session) -> Any:
+        writes.clear()
+        asyncio.get_running_loop().call_soon(lambda: seen_at_next_turn.append(len(writes)))
+        return {}
+    session = Session(sr, sw, handler, Peer(pid=1, uid=0, gid=0), max_line=4096)
+    task = asyncio.create_task(session.run())
+    c = Wire(cr, cw)
+    await c.recv()
+    await c.send({"execute": "qmp_capabilities"})
+    await c.recv()
+    await c.send({"execute": "attach", "id": 3})
+    assert (await c.recv())["id"] == 3
+    assert seen_at_next_turn == [1]
+    cw.close()
+    await asyncio.wait_for(task, 5)
+
+
 async def test_a_client_that_stops_reading_is_dropped_once_its_backlog_is_full(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import qmpfd.api.session as session_mod

@@ -144,3 +144,32 @@ def test_the_fast_path_cuts_exactly_as_the_byte_scanner(pieces: list[bytes],
                 got.append(m.prefix if isinstance(m, wire.TooDeep) else m)
         return got
     assert run(wire.JsonSplitter(200)) == run(_ByteScanner(200))
+
+
+@pytest.mark.parametrize("doc", [
+    {"vm": "a", "functions": [{"id": "x\0y"}]},
+    {"properties": {"k\0": 1}},
+    {"qmp": "\0"},
+])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-32"])
+def test_every_request_holding_a_nul_is_walked(doc: dict[str, object], encoding: str) -> None:
+    """The byte check only ever skips requests without a NUL: every way JSON text can carry
+    one (the escape, in any encoding the parser reads) is caught by it."""
+    line = json.dumps(doc).encode(encoding)
+    assert wire.find_nul(json.loads(line)) is not None
+    assert wire.may_hold_nul(line)
+
+
+def test_a_plain_request_is_not_walked() -> None:
+    assert not wire.may_hold_nul(json.dumps({"vm": "a", "ids": ["b"], "x": "u0000"}).encode())
+    assert wire.may_hold_nul(b'{"vm": "a\\\\u0000"}')   # an escaped backslash: walked, no NUL
+    assert wire.find_nul(json.loads(b'{"vm": "a\\\\u0000"}')) is None
+
+
+@given(st.dictionaries(st.text(), st.recursive(
+    st.text() | st.integers(), lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=8)), st.booleans())
+def test_the_byte_check_never_skips_a_nul(doc: dict[str, object], ascii_only: bool) -> None:
+    line = json.dumps(doc, ensure_ascii=ascii_only).encode()
+    if wire.find_nul(doc) is not None:
+        assert wire.may_hold_nul(line)
