@@ -65,6 +65,12 @@ class AuditLog:
             self._thread.start()
         self._queue.put(_Line(line.encode(), command, outcome))
 
+    def record_soon(self, peer: Peer, command: str, arguments: dict[str, Any],
+                    outcome: str) -> None:
+        """:meth:`record` at the next loop turn: after the reply to the request is written,
+        not on its path (nobody waits for the line)."""
+        asyncio.get_running_loop().call_soon(self.record, peer, command, arguments, outcome)
+
     async def drain(self) -> None:
         """Wait until every queued line has been attempted (shutdown, tests)."""
         await self._mark(stop=False)

@@ -137,7 +137,7 @@ class Commands:
             outcome = "internal-error"
             raise
         finally:
-            self.audit.record(session.peer, name, args, outcome)
+            self.audit.record_soon(session.peer, name, args, outcome)
 
     # -- introspection ---------------------------------------------------------------------
     async def query_version(self, _: m.NoArgs) -> dict[str, Any]:

@@ -77,10 +77,12 @@ class Operation:
     def ids(self) -> list[str]:
         return sorted(self.functions, key=self.functions.__getitem__)
 
-    def record(self) -> r.OpRecord:
+    def record(self, sent: bool | None = None) -> r.OpRecord:
+        """As journaled; ``sent``: as it was when the record was made (default: now)."""
         return r.OpRecord(kind=self.kind, vm=self.vm, bus=self.bus,
                           slot=self.slot, functions=dict(self.functions), policy=self.policy,
-                          id=self.id, started=self.started, sent=self.sent)
+                          id=self.id, started=self.started,
+                          sent=self.sent if sent is None else sent)
 
 
 def _op(rec: r.OpRecord) -> Operation:
@@ -205,7 +207,7 @@ class Journal:
 
     def _settle(self, rec: r.Record, *, sync: bool = False) -> None:
         self._apply(rec)
-        self._log.settle(r.encode(rec), sync=sync)
+        self._log.settle(lambda: r.encode(rec), sync=sync)   # encoded when written
 
     # -- VMs -----------------------------------------------------------------------------
     async def vm_added(self, name: str, qmp: str) -> None:
@@ -221,13 +223,16 @@ class Journal:
         once its record is on disk; another is written behind the request, which waits for no
         disk (the module docstring says which is which). Either way a journal that can no
         longer be written refuses it: StateWriteError, nothing changed."""
-        rec = r.OpBegun(t="op+", op=op.record())
         if op.durable:
+            rec = r.OpBegun(t="op+", op=op.record())
             await self._log.commit(r.encode(rec), lambda: self.ops.__setitem__(op.id, op))
             return op
         self._log.check_writable()
         self.ops[op.id] = op
-        self._log.settle(r.encode(rec))
+        # Encoded when its batch is written (while QEMU works, not before it is asked):
+        # ``sent`` is the one journaled field that changes, so it is taken now.
+        sent = op.sent
+        self._log.settle(lambda: r.encode(r.OpBegun(t="op+", op=op.record(sent))))
         return op
 
     def mark_sent(self, op: Operation) -> None:

@@ -11,11 +11,10 @@ Two kinds of write:
   :class:`StateWriteError` naming the file and the cause: nothing changed.
 - :meth:`AppendLog.settle`: a record confirming what QEMU or the host already did (an operation
   ended, a function given back, or an operation whose record need not be durable). Not waited
-  for and never an error to the client: a failure is logged and the record stays first in line
-  until a write succeeds, so later records never overtake it. Unless it asks for a sync, it waits
-  up to :data:`LAZY_WRITE_DELAY` for other records to share its write. A batch of nothing but
-  such records is handed to the writer thread and not waited for: nothing comes back to the
-  event loop (a wake-up of the loop costs more CPU here than writing the batch).
+  for, never an error to the client: a failure is logged and the record stays first in line
+  until a write succeeds. Unless it asks for a sync, it waits up to :data:`LAZY_WRITE_DELAY` for
+  others to share its write, and it is encoded only then (off the request's path). A batch of
+  nothing but such records goes to the writer thread without a reply to the event loop.
 
 The file is written by a thread of its own, never on the event loop: while it waits for the disk
 (an ``fdatasync`` takes 0.1-1.5 ms here, seconds on a stalling disk) every VM's requests, events
@@ -50,9 +49,7 @@ log = logging.getLogger("qmpfd.state")
 
 RETRY_DELAY = 1.0         # seconds between attempts to write settle records after a failure
 COMPACT_AFTER = 4096      # records since the last snapshot before the log is compacted
-#: ... or bytes appended since it: large records (queued functions with big properties) queued
-#: and cancelled leave nothing live, and the file must not grow with them
-COMPACT_BYTES = 4 << 20
+COMPACT_BYTES = 4 << 20   # ... or bytes since it (big queued records cancelled leave nothing)
 FILE_MODE = 0o600
 #: seconds an unsynced record waits for others to share its write (one hand-off to the writer
 #: thread per batch: the records of an operation's steps, milliseconds apart, go together)
@@ -65,11 +62,17 @@ class StateWriteError(QmpfdError):
 
 @dataclass
 class _Entry:
-    data: bytes
+    #: the record's line, or what makes it (a settle record: encoded when its batch is written)
+    data: bytes | Callable[[], bytes]
     sync: bool
     apply: Callable[[], None] | None = None
     done: asyncio.Future[None] | None = None
     settle: bool = False
+
+    def line(self) -> bytes:
+        if not isinstance(self.data, bytes):
+            self.data = self.data()
+        return self.data
 
 
 class AppendLog:
@@ -116,7 +119,7 @@ class AppendLog:
         self._submit(_Entry(data, True, apply, fut))
         await fut
 
-    def settle(self, data: bytes, *, sync: bool = False) -> None:
+    def settle(self, data: bytes | Callable[[], bytes], *, sync: bool = False) -> None:
         """Append when possible; never fails the caller (see the module docstring)."""
         self._submit(_Entry(data, sync, settle=True))
 
@@ -150,7 +153,7 @@ class AppendLog:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
-            data = b"".join(e.data for e in batch)
+            data = b"".join(e.line() for e in batch)
             sync = any(e.sync for e in batch)
             if all(e.done is None and e.apply is None for e in batch):
                 # Nobody waits for these records and nothing in memory waits for them: the
@@ -225,7 +228,7 @@ class AppendLog:
         for e in batch:
             if e.done is not None and not e.done.done():
                 e.done.set_exception(error)
-        retry = b"".join(e.data for e in batch if e.settle)
+        retry = b"".join(e.line() for e in batch if e.settle)
         if retry:
             log.error("journal write failed; will retry", extra={"path": str(self.path),
                                                                  "error": str(exc)})
@@ -241,8 +244,7 @@ class AppendLog:
                                   "nothing was changed")
 
     def identity_problem(self) -> str | None:
-        """Why the file open for appending is no longer the journal at :attr:`path`; None if
-        it is (:func:`~qmpfd.state.logfile.identity_problem`)."""
+        """:func:`~qmpfd.state.logfile.identity_problem` of this file."""
         return identity_problem(self.path, self._fd)
 
     def _write(self, data: bytes, sync: bool) -> None:

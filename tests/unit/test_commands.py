@@ -104,3 +104,21 @@ async def test_every_reply_matches_its_model(api: Api) -> None:
     assert schema["query-slots"]["ret-type"] == "[Slot]"
     members = {m["name"] for m in schema["Detached"]["members"]}
     assert {"ids", "seconds", "waited-for-guest", "host-released"} <= members
+
+
+async def test_the_audit_line_and_the_counters_wait_for_the_reply(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bookkeeping nobody waits for runs at the loop turn after the reply is in hand, not
+    on its path: the audit line and the attach's counters come after it (in order)."""
+    from qmpfd import metrics
+    order: list[str] = []
+    record = api.commands.audit.record
+    monkeypatch.setattr(api.commands.audit, "record",
+                        lambda *a: (order.append("audit"), record(*a))[1])
+    count = metrics.operation
+    monkeypatch.setattr(metrics, "operation",
+                        lambda *a: (order.append(f"counted {a[2]}"), count(*a))[1])
+    await api("device-attach", {"vm": "v", "functions": FUNCS})
+    order.append("reply")
+    await asyncio.sleep(0)
+    assert order == ["reply", "counted ok", "audit"]

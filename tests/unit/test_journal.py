@@ -363,3 +363,29 @@ def test_identity_problem_names_a_removed_or_replaced_journal(tmp_path: Path) ->
         assert identity_problem(tmp_path / "again", 99999) is None   # no fd to compare with
     finally:
         os.close(fd)
+
+
+async def test_a_record_written_behind_is_encoded_off_the_requests_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1-function attach's begin and end records are encoded when their batch is written
+    (counted), not while the request runs; the begin record says what the operation was when
+    it began (``sent`` changed later is the next record's, not the begin's)."""
+    from qmpfd.state import journal as journal_mod
+    encoded: list[str] = []
+    real = journal_mod.r.encode
+
+    def counting(rec: object) -> bytes:
+        encoded.append(type(rec).__name__)
+        return real(rec)  # type: ignore[arg-type]
+    monkeypatch.setattr(journal_mod.r, "encode", counting)
+    j = Journal.open(tmp_path)
+    one = Operation("attach", "vm1", "pci.0", 5, {"f0": 0}, "acpi-pcihp", durable=False)
+    await j.begin(one)
+    one.sent = True                      # as if a rollback had sent device_del since
+    j.end(one)
+    assert encoded == [], "nothing encoded on the request's path"
+    await j.drain()
+    assert encoded == ["OpBegun", "OpEnded"]
+    begun = next(json.loads(ln.split(b" ", 1)[1]) for ln in
+                 (tmp_path / "journal.log").read_bytes().splitlines() if b'"op+"' in ln)
+    assert begun["op"]["sent"] is False
