@@ -179,7 +179,8 @@ class Daemon:
         systemd.notify("READY=1")
         interval = watchdog_interval()
         watchdog = asyncio.create_task(self._watchdog(interval)) if interval else None
-        log.info("qmpfd ready", extra={"version": __version__})
+        log.info("qmpfd ready", extra={"version": __version__,
+                                       "event_loop": running_loop_name()})
         await self._stop.wait()
         if watchdog is not None:
             watchdog.cancel()
@@ -271,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         await daemon.run()
 
     try:
-        factory, name = loop_factory(config.daemon.event_loop)
-        log.debug("event loop: %s", name)
+        factory, _ = loop_factory(config.daemon.event_loop)
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(run())
     except QmpfdError as exc:
