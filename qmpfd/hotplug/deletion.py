@@ -39,8 +39,15 @@ class DeletionTracker:
         self._recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=REMEMBERED)
 
     def deleted_since(self, mark: int) -> set[str]:
-        """Ids deleted after :attr:`seq` was ``mark``."""
-        return {dev for n, dev in self._recent if n > mark}
+        """Ids deleted after :attr:`seq` was ``mark``: read from the newest back to the mark
+        (asked after every reply to a device_add; usually nothing is newer, and a scan of all
+        :data:`REMEMBERED` would cost each attach more the longer the daemon runs)."""
+        ids: set[str] = set()
+        for n, dev in reversed(self._recent):
+            if n <= mark:
+                break
+            ids.add(dev)
+        return ids
 
     def handle_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")

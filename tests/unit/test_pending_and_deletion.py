@@ -97,3 +97,35 @@ async def test_deletions_are_numbered_and_told_whether_asked() -> None:
     await asyncio.wait_for(done, 1)
     assert heard == [("a", True), ("b", False)]               # "b": nobody asked
     assert t.deleted_since(mark) == {"a", "b"} and t.deleted_since(t.seq) == set()
+
+
+def test_deleted_since_reads_only_what_is_newer_than_the_mark() -> None:
+    """Asked after every device_add's reply: it reads the deletions after the mark and stops
+    (counted), not every one remembered (a long-running daemon remembers thousands)."""
+    import collections
+
+    from qmpfd.hotplug import deletion
+
+    read = [0]
+
+    class Counting(collections.deque):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for item in super().__iter__():
+                read[0] += 1
+                yield item
+
+        def __reversed__(self):  # type: ignore[no-untyped-def]
+            for item in super().__reversed__():
+                read[0] += 1
+                yield item
+    t = DeletionTracker()
+    t._recent = Counting(maxlen=deletion.REMEMBERED)
+    for i in range(deletion.REMEMBERED):
+        t.handle_event({"event": "DEVICE_DELETED", "data": {"device": f"d{i}", "path": "x"}})
+    mark = t.seq
+    assert t.deleted_since(mark) == set() and read[0] <= 1
+    t.handle_event({"event": "DEVICE_DELETED", "data": {"device": "new", "path": "x"}})
+    read[0] = 0
+    assert t.deleted_since(mark) == {"new"} and read[0] <= 2
+    assert t.deleted_since(mark - 2) == {"new", f"d{deletion.REMEMBERED - 1}",
+                                         f"d{deletion.REMEMBERED - 2}"}
