@@ -1,12 +1,22 @@
-"""Structured logging: one JSON object per line (journald and log shippers parse it), or text."""
+"""Structured logging: one JSON object per line (journald and log shippers parse it), or text.
+
+Lines are formatted and written by a thread of their own (the standard library's
+``QueueListener``): on the event loop a log call costs a record and a queue ``put``, and a
+stalled stderr (journald busy, a full pipe) never stops a request. The record's message and any
+exception are rendered by the caller (their objects may change or go away); the thread makes the
+line. The queue is drained at exit and whenever the logging is set up again.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -23,8 +33,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD:
                 out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc"] = record.exc_text
         return json.dumps(out, default=str)
 
 
@@ -46,12 +58,48 @@ def _text(value: Any) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
 
 
-def setup(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _HandOff(logging.handlers.QueueHandler):
+    """Puts a record on the writer thread's queue with its message and exception rendered
+    now; the line itself is made on the thread."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = _EXC.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_EXC = logging.Formatter()
+_listener: logging.handlers.QueueListener | None = None
+
+
+def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Log at ``level`` in ``fmt`` (json or text) to ``stream`` (stderr) through a new writer
+    thread; the previous one, if any, writes what it was given first and stops."""
+    global _listener
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    previous, _listener = _listener, logging.handlers.QueueListener(lines, handler)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_HandOff(lines)]
     root.setLevel(level.upper())
+    if previous is not None:
+        previous.stop()
     # qemu.qmp logs every failed connect at ERROR; qmpfd reports connection state itself
     # (VM_DISCONNECTED, reconnect attempts at debug), so only its critical messages pass.
     logging.getLogger("qemu").setLevel(logging.CRITICAL)
+
+
+def stop() -> None:
+    """Write every line queued so far and stop the writer thread (at exit; before a new setup)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+atexit.register(stop)

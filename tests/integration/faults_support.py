@@ -105,6 +105,16 @@ log-level = "debug"
     def log(self) -> str:
         return (self.workdir / f"qmpfd-{self.runs}.log").read_text()[-3000:]
 
+    def logged(self, text: str, timeout: float = 10) -> bool:
+        """Whether ``text`` shows in the log within ``timeout`` s (the daemon's log thread
+        writes a line a moment after the call that made it)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
 
 class QmpPipe:
     """A Unix-socket pipe between qmpfd and QEMU's QMP socket that a test can cut and restore,
