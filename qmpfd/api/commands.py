@@ -126,7 +126,7 @@ class Commands:
                    session: Session) -> Any:
         if not cmd.changes_state:
             return await cmd.handler(m.parse_args(cmd.model, args))
-        log.info("request", extra={"command": name, "peer_uid": session.peer.uid})
+        log.debug("request", extra={"command": name, "peer_uid": session.peer.uid})
         outcome = "ok"
         try:
             return await cmd.handler(m.parse_args(cmd.model, args))

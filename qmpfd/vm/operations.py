@@ -141,7 +141,7 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
     journaled = time.monotonic()
     loop = asyncio.get_running_loop()     # counted at the next turn: off the request's path
     loop.call_soon(metrics.phase, "attach", "journal", journaled - started)
-    log.info("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
+    log.debug("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
                               "ids": plan.ids})
     try:
         await fault_point("attach-begin")
