@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from qmpfd import eventloop
 from qmpfd.errors import InvalidRequest
 
 VM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -45,7 +46,7 @@ class DaemonConfig(_Strict):
     #: events kept for query-events {since} (a reconnecting client replays what it missed)
     event_ring: int = Field(4096, alias="event-ring", ge=16, le=1 << 20)
     #: the event loop: auto (uvloop when installed, else Python's own), uvloop, or asyncio
-    event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", alias="event-loop")
+    event_loop: eventloop.Choice = Field("auto", alias="event-loop")
 
     @field_validator("socket_mode", mode="before")
     @classmethod

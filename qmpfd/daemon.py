@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         await daemon.run()
 
     try:
-        factory, _ = loop_factory(config.daemon.event_loop)
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(config.daemon.event_loop)) as runner:
             runner.run(run())
     except QmpfdError as exc:
         log.error("fatal: %s", exc.desc)

@@ -21,19 +21,19 @@ Choice = Literal["auto", "uvloop", "asyncio"]
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
-def loop_factory(choice: Choice) -> tuple[LoopFactory, str]:
-    """The factory for ``asyncio.Runner`` and the name of the loop it makes."""
+def loop_factory(choice: Choice) -> LoopFactory:
+    """The factory for ``asyncio.Runner`` (:func:`running_loop_name` names what it made)."""
     if choice == "asyncio":
-        return asyncio.new_event_loop, "asyncio"
+        return asyncio.new_event_loop
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:
         if choice == "uvloop":
             raise InvalidRequest("daemon.event-loop: 'uvloop' is not installed "
                                  "(pip install uvloop, or event-loop = \"auto\")") from None
-        return asyncio.new_event_loop, "asyncio"
+        return asyncio.new_event_loop
     factory: LoopFactory = uvloop.new_event_loop
-    return factory, "uvloop"
+    return factory
 
 
 def running_loop_name() -> str:

@@ -9,9 +9,9 @@ Requests from one client run one after another, like QEMU's own monitor, so a cl
 several commands without ids still reads replies in order. Replies and events go out in the order
 they were produced: events gathered per event-loop iteration into one write, a reply written at
 once with the events before it (an operation's last event and its reply are one ``send``, not
-two). A client that stops reading loses its events (and is
-disconnected) once :data:`OUTPUT_BACKLOG_LIMIT` bytes wait for it, rather than stalling the daemon
-or other clients: an event is never waited for.
+two). A client that stops reading loses its events (and is disconnected) once
+:data:`OUTPUT_BACKLOG_LIMIT` bytes wait for it, rather than stalling the daemon or other
+clients: an event is never waited for.
 """
 
 from __future__ import annotations

@@ -96,9 +96,11 @@ async def test_events_only_after_negotiation(pair: tuple[Session, Wire]) -> None
     assert (await c.recv())["event"] == "SLOT_ATTACHED"
 
 
-async def test_an_event_and_the_reply_after_it_are_one_write_in_order() -> None:
-    """Output is gathered per loop iteration: the operation's event and its reply reach the
-    socket in one ``write`` (counted), the event first; no task or queue per event."""
+async def counted_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                                  tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                                  list[bytes]]:
+    """A connected pair of streams (the session's end, the client's end) and the list of every
+    ``write`` the session's end makes."""
     a, b = socket.socketpair()
     sr, sw = await asyncio.open_connection(sock=a)
     cr, cw = await asyncio.open_connection(sock=b)
@@ -109,6 +111,13 @@ async def test_an_event_and_the_reply_after_it_are_one_write_in_order() -> None:
         writes.append(data)
         real_write(data)
     sw.write = counting  # type: ignore[method-assign]
+    return (sr, sw), (cr, cw), writes
+
+
+async def test_an_event_and_the_reply_after_it_are_one_write_in_order() -> None:
+    """Output is gathered per loop iteration: the operation's event and its reply reach the
+    socket in one ``write`` (counted), the event first; no task or queue per event."""
+    (sr, sw), (cr, cw), writes = await counted_pair()
 
     async def emitting(name: str, args: dict[str, Any], s: Session) -> Any:
         s.offer_event({"event": "SLOT_ATTACHED", "data": {"vm": "v"}})
@@ -134,16 +143,7 @@ async def test_a_reply_is_written_before_the_loop_turns() -> None:
     """The reply leaves in the turn its request's handler returned in: a callback the handler
     scheduled (it runs at the next turn) already finds it written (one turn less between
     QEMU's answer and the client's)."""
-    a, b = socket.socketpair()
-    sr, sw = await asyncio.open_connection(sock=a)
-    cr, cw = await asyncio.open_connection(sock=b)
-    writes: list[bytes] = []
-    real_write = sw.write
-
-    def counting(data: bytes) -> None:
-        writes.append(data)
-        real_write(data)
-    sw.write = counting  # type: ignore[method-assign]
+    (sr, sw), (cr, cw), writes = await counted_pair()
     seen_at_next_turn: list[int] = []
 
     async def handler(name: str, args: dict[str, Any], s: Session) -> Any:
