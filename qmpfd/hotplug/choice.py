@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qmpfd.errors import Conflict, InvalidRequest, Unsupported
-from qmpfd.hotplug.slots import SlotKey, SlotState, SlotTable
+from qmpfd.hotplug.slots import SlotKey, SlotTable
 from qmpfd.qemu.topology import Bus
 
 
@@ -38,13 +38,14 @@ def choose_slot(table: SlotTable, bus: str | None, slot: int | None, from_top: b
             table.check_slot_number(b, slot)
             table.check_free((b.name, slot))
             return b.name, slot
-        order = range(b.slot_count - 1, -1, -1) if from_top else range(b.slot_count)
-        for n in order:
-            if table.state((b.name, n)) is SlotState.EMPTY and b.slot(n).hotpluggable:
-                wait = table.held_back((b.name, n), now)
+        # Empty in QEMU and hotpluggable (the bus's free slots), and claimed by nothing.
+        for n in (reversed(b.free_slots) if from_top else b.free_slots):
+            key = (b.name, n)
+            if table.claim(key) is None:
+                wait = table.held_back(key, now)
                 if not wait:
-                    return b.name, n
-                later.append((wait, (b.name, n)))
+                    return key
+                later.append((wait, key))
     if later:
         return min(later)[1]
     where = f"bus '{bus}'" if bus else "any hotpluggable bus"

@@ -120,6 +120,15 @@ class Bus:
             by.setdefault(d.slot, []).append(Function(d.function, d.id, d.type))
         return {n: tuple(sorted(fs, key=lambda f: f.function)) for n, fs in by.items()}
 
+    @cached_property
+    def free_slots(self) -> tuple[int, ...]:
+        """The slots a device may be plugged into, lowest first: empty ones of a hotpluggable
+        bus (none otherwise). Built once per bus value, so choosing a slot reads a list instead
+        of building a :class:`Slot` per slot of every bus on every attach."""
+        if not self.hotpluggable:
+            return ()
+        return tuple(n for n in range(self.slot_count) if n not in self._by_slot)
+
     def slot(self, number: int) -> Slot:
         functions = self._by_slot.get(number, ())
         # A slot holding a built-in device (the host bridge, the PIIX, anything without an id
@@ -187,8 +196,15 @@ class Topology:
             Bus(r.name, r.path, mechanism_of(r), slot_count_of(r), r.owner_type, r.devices)
             for r in raws))
 
+    @cached_property
+    def _by_name(self) -> dict[str, Bus]:
+        by: dict[str, Bus] = {}
+        for b in self.buses:
+            by.setdefault(b.name, b)      # the first of a name, as a scan in order finds it
+        return by
+
     def bus(self, name: str) -> Bus | None:
-        return next((b for b in self.buses if b.name == name), None)
+        return self._by_name.get(name)
 
     @cached_property
     def _device_ids(self) -> frozenset[str]:
@@ -212,9 +228,14 @@ class Topology:
     def with_devices(self, bus: str, devices: Iterable[RawDevice]) -> Topology:
         """The topology after QEMU accepted ``device_add`` of ``devices`` on ``bus``."""
         added = tuple(devices)
-        return Topology(tuple(
+        new = Topology(tuple(
             replace(b, devices=tuple(sorted(b.devices + added, key=lambda d: d.devfn)))
             if b.name == bus else b for b in self.buses))
+        if "_device_ids" in self.__dict__:
+            # Known already: carried over, not recounted over every device (once per attach).
+            new.__dict__["_device_ids"] = self._device_ids | {
+                i for d in added if (i := d.id) is not None}
+        return new
 
     def without(self, ids: Collection[str]) -> Topology:
         """The topology after QEMU deleted the devices ``ids`` (DEVICE_DELETED), and with
@@ -222,9 +243,19 @@ class Topology:
         paths = [d.path + "/" for b in self.buses for d in b.devices if d.id in ids]
         if not paths:
             return self
-        return Topology(tuple(
-            replace(b, devices=tuple(d for d in b.devices if d.id not in ids))
-            for b in self.buses if not any(b.path.startswith(p) for p in paths)))
+        kept: list[Bus] = []
+        dropped: set[str] = set(ids)
+        for b in self.buses:
+            if any(b.path.startswith(p) for p in paths):     # behind a deleted bridge or port
+                dropped.update(i for d in b.devices if (i := d.id) is not None)
+            elif any(d.id in ids for d in b.devices):
+                kept.append(replace(b, devices=tuple(d for d in b.devices if d.id not in ids)))
+            else:
+                kept.append(b)          # unchanged: its slot lists stay built
+        new = Topology(tuple(kept))
+        if "_device_ids" in self.__dict__:
+            new.__dict__["_device_ids"] = self._device_ids - dropped
+        return new
 
 
     def mechanisms(self) -> list[str]:

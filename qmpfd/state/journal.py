@@ -38,8 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ class Operation:
     slot: int
     functions: dict[str, int]       # id -> guest function number
     policy: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    id: str = field(default_factory=lambda: secrets.token_hex(6))   # 12 random hex digits
     started: float = field(default_factory=time.time)
     #: the device_del commands have been sent (do not press a PCIe button twice).
     sent: bool = False

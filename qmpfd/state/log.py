@@ -40,7 +40,7 @@ from pathlib import Path
 
 from qmpfd.errors import QmpfdError
 from qmpfd.metrics import JOURNAL_SYNC_SECONDS, JOURNAL_WRITE_FAILURES
-from qmpfd.state.logfile import fsync_dir, identity_problem
+from qmpfd.state.logfile import FileIdentity, file_identity, identity_problem, swap_in
 from qmpfd.state.logread import JournalDamaged as JournalDamaged
 from qmpfd.state.logread import read_log
 from qmpfd.state.records import Record
@@ -78,7 +78,10 @@ class _Entry:
 class AppendLog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._path = str(path)          # stat'ed per request: no Path conversion each time
         self._fd = -1
+        #: the identity of the file ``_fd`` holds (two while compaction swaps a new one in)
+        self._held: frozenset[FileIdentity] = frozenset()
         self._size = 0
         self._queue: list[_Entry] = []
         self._writer: asyncio.Task[None] | None = None
@@ -106,6 +109,7 @@ class AppendLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            FILE_MODE)
         os.fchmod(self._fd, FILE_MODE)
+        self._held = frozenset({file_identity(self._fd)})
         if loaded.torn or os.fstat(self._fd).st_size != loaded.size:
             os.ftruncate(self._fd, loaded.size)
             os.fsync(self._fd)
@@ -245,7 +249,7 @@ class AppendLog:
 
     def identity_problem(self) -> str | None:
         """:func:`~qmpfd.state.logfile.identity_problem` of this file."""
-        return identity_problem(self.path, self._fd)
+        return identity_problem(self._path, self._held)
 
     def _write(self, data: bytes, sync: bool) -> None:
         """Write all of ``data`` or nothing (cut back on any failure)."""
@@ -274,18 +278,14 @@ class AppendLog:
 
     def _compact(self, snapshot: bytes) -> None:
         """In a thread: a fresh file holding one snapshot record, swapped in atomically."""
-        tmp = self.path.with_suffix(".compact")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.write(fd, snapshot)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
-        new = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        def swapping(new: FileIdentity) -> None:
+            # Either file is this daemon's while the name moves from one to the other (a
+            # request checking the journal meanwhile is not refused for its own swap).
+            self._held = self._held | {new}
+        fd, identity = swap_in(self.path, snapshot, FILE_MODE, swapping)
         os.close(self._fd)
-        self._fd = new
+        self._fd = fd
+        self._held = frozenset({identity})
         self._size = len(snapshot)
         self._snapshot_bytes = len(snapshot)
         self._unwritten = b""       # what they recorded is in the snapshot

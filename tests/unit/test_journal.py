@@ -346,23 +346,47 @@ async def test_the_file_stays_bounded_by_live_state_not_by_bytes_written(
 
 
 def test_identity_problem_names_a_removed_or_replaced_journal(tmp_path: Path) -> None:
-    from qmpfd.state.logfile import identity_problem
+    from qmpfd.state.logfile import file_identity, identity_problem
     path = tmp_path / "journal.log"
     path.write_bytes(b"")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     try:
-        assert identity_problem(path, fd) is None
+        held = {file_identity(fd)}
+        assert identity_problem(path, held) is None
         (tmp_path / "other").write_bytes(b"")
+        other = os.open(tmp_path / "other", os.O_RDONLY)
         os.replace(tmp_path / "other", path)          # another file at the same name
-        assert "was replaced by another file" in str(identity_problem(path, fd))
+        assert "was replaced by another file" in str(identity_problem(path, held))
+        assert identity_problem(path, held | {file_identity(other)}) is None  # a swap of ours
+        os.close(other)
         path.unlink()
-        assert "was removed while qmpfd ran" in str(identity_problem(path, fd))
+        assert "was removed while qmpfd ran" in str(identity_problem(path, held))
         (tmp_path / "plain").write_bytes(b"")
-        assert "cannot be examined" in str(identity_problem(tmp_path / "plain" / "x", fd))
+        assert "cannot be examined" in str(identity_problem(tmp_path / "plain" / "x", held))
         (tmp_path / "again").write_bytes(b"")
-        assert identity_problem(tmp_path / "again", 99999) is None   # no fd to compare with
+        assert identity_problem(tmp_path / "again", ()) is None   # nothing to compare with
     finally:
         os.close(fd)
+
+
+async def test_checking_the_journal_is_one_stat_per_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: a record written behind its request checks the file with one ``stat`` of its
+    name and no ``fstat`` (the file held is known; it changes only by compaction, which says
+    so), and compaction's own swap never reads as a replacement."""
+    j = Journal.open(tmp_path)
+    calls: list[str] = []
+    real_stat, real_fstat = os.stat, os.fstat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append("stat") or real_stat(*a, **k))
+    monkeypatch.setattr(os, "fstat", lambda *a, **k: calls.append("fstat") or real_fstat(*a, **k))
+    await j.begin(Operation("attach", "v", "pci.0", 3, {"a": 0}, "acpi", durable=False))
+    assert calls == ["stat"]
+    monkeypatch.setattr(os, "stat", real_stat)
+    monkeypatch.setattr(os, "fstat", real_fstat)
+    j._log._compact(b"")            # a new file swapped in under the same name
+    assert j.problem() is None
+    await j.drain()
+    j.close()
 
 
 async def test_a_record_written_behind_is_encoded_off_the_requests_path(

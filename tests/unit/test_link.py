@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import Message
 
 from qmpfd.errors import QemuError, Timeout, VmGone
 from qmpfd.qemu.link import EventFanout, LinkState, QmpLink, nobody_listens
@@ -204,4 +205,32 @@ async def test_a_command_is_written_before_the_loop_turns(peer: QmpPeer) -> None
     assert len(written) == 2
     assert b"query-status" in written[0] and b"query-name" in written[1]
     assert await second == {"name": "v"} and await first == {"status": "running"}
+    await link.close()
+
+
+async def test_a_command_is_made_into_json_once(peer: QmpPeer,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: one serialisation per command sent (the library's execute made three: the
+    message, its copy, and the copy with its id), and the bytes on the wire are what QEMU
+    reads as the command with its id. QEMU's error reply and a reply with neither member
+    still end as the library's errors do (QemuError, VmGone)."""
+    link = QmpLink("v", peer.path, command_timeout=5)
+    await link.connect(5)
+    made: list[bytes] = []
+    real = Message._serialize.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Message], value: object) -> bytes:
+        made.append(real(cls, value))
+        return made[-1]
+    monkeypatch.setattr(Message, "_serialize", classmethod(counted))
+    peer.replies = {"device_add": {}, "bad": {"error": "not an object"}}
+    assert await link.execute("device_add", {"driver": "e1000", "id": "a"}) == {}
+    assert len(made) == 1
+    sent = json.loads(made[0])
+    assert sent["execute"] == "device_add" and sent["arguments"] == {"driver": "e1000", "id": "a"}
+    assert sent["id"].startswith("__qmp#")
+    with pytest.raises(QemuError, match="CommandNotFound"):
+        await link.execute("query-nothing")
+    with pytest.raises(VmGone, match="malformed"):
+        await link.execute("bad")
     await link.close()

@@ -1,6 +1,10 @@
 """The slot table's states and transitions, without QEMU (qmpfd.hotplug.slots)."""
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qmpfd.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from qmpfd.hotplug.choice import choose_slot
@@ -8,7 +12,7 @@ from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.slots import SlotState, SlotStateError, SlotTable
 from qmpfd.hotplug.slotview import view
 from qmpfd.hotplug.spec import FunctionSpec
-from qmpfd.qemu.topology import RawDevice, peripheral
+from qmpfd.qemu.topology import Bus, RawDevice, peripheral
 from tests.unit.topologies import pc_raw, q35_raw, topo
 
 S = SlotState
@@ -263,3 +267,88 @@ def test_recorded_after_the_work_ended_changes_nothing() -> None:
     t.attach_undone(KEY, [])
     t.recorded(KEY, "op-2")                           # the guest emptied it meanwhile
     assert t.claim(KEY) is None and t.state(KEY) is S.EMPTY
+
+
+def _first_free_by_scan(t: SlotTable, from_top: bool, now: float) -> tuple[str, int] | None:
+    """The slot choice as a scan of every slot of every hotpluggable bus (each slot's state
+    and its own hotpluggable flag): the reference the bus's free-slot list must agree with."""
+    later: list[tuple[float, tuple[str, int]]] = []
+    for b in (b for b in t.topology.buses if b.hotpluggable):
+        order = range(b.slot_count - 1, -1, -1) if from_top else range(b.slot_count)
+        for n in order:
+            if t.state((b.name, n)) is S.EMPTY and b.slot(n).hotpluggable:
+                wait = t.held_back((b.name, n), now)
+                if not wait:
+                    return b.name, n
+                later.append((wait, (b.name, n)))
+    return min(later)[1] if later else None
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.sampled_from(["pc", "q35-native", "q35-acpi"]),
+       plugged=st.lists(st.tuples(st.integers(0, 31), st.integers(0, 7)), max_size=40),
+       claimed=st.lists(st.integers(0, 31), max_size=10),
+       held=st.lists(st.tuples(st.integers(0, 31), st.floats(0, 10)), max_size=5),
+       deleted=st.lists(st.integers(0, 40), max_size=10), drop_bridge=st.booleans(),
+       from_top=st.booleans())
+def test_slot_choice_agrees_with_a_scan_of_every_slot(
+        raw: str, plugged: list[tuple[int, int]], claimed: list[int],
+        held: list[tuple[int, float]], deleted: list[int], drop_bridge: bool,
+        from_top: bool) -> None:
+    """Whatever QEMU holds, whatever is claimed or held back: the first free slot read from
+    each bus's free-slot list is the one a scan of every slot finds (or neither finds one).
+    Devices arrive and leave one by one through the table (an attach's device_add, QEMU's
+    DEVICE_DELETED), so each topology is derived from the previous one."""
+    raws = pc_raw() if raw == "pc" else q35_raw(native=raw == "q35-native")
+    t = SlotTable(topo(raws))
+    buses = [b for b in t.topology.buses if b.hotpluggable]
+    for i, (n, fn) in enumerate(plugged):
+        b = buses[i % len(buses)]
+        if n < b.slot_count and b.slot(n).hotpluggable:
+            t.added((b.name, n), [peripheral(f"d{i}", "e1000", n, fn)])
+    for i in deleted:                   # DEVICE_DELETED, some for ids QEMU never had
+        t.deleted(f"d{i}")
+    if drop_bridge:                     # a bridge goes, and the bus behind it with its devices
+        t.deleted("br1")
+    for i, n in enumerate(claimed):
+        b = buses[i % len(buses)]
+        if n < b.slot_count and t.state((b.name, n)) is S.EMPTY:
+            t.reserve((b.name, n), [f"c{i}"])
+    for i, (n, until) in enumerate(held):
+        t.hold_back((buses[i % len(buses)].name, n), until, 0.0)
+    expected = _first_free_by_scan(t, from_top, 1.0)
+    if expected is None:
+        with pytest.raises(Conflict):
+            choose_slot(t, None, None, from_top, now=1.0)
+    else:
+        assert choose_slot(t, None, None, from_top, now=1.0) == expected
+    # the ids carried over from one topology to the next are the ones a recount finds
+    recounted = {d.id for b in t.topology.buses for d in b.devices if d.id is not None}
+    assert t.topology.device_ids() == recounted
+
+
+def test_an_automatic_choice_builds_no_slot_and_recounts_no_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted, not timed: choosing a slot reads the bus's free-slot list (no Slot object per
+    slot of every bus), and a topology after a device_add takes the ids of the one before it
+    plus the new ones (no recount over every device, once per attach)."""
+    t = table()
+    t.check_new_ids([("id", "x")])                  # the ids known, as after the first attach
+    t.added(KEY, [dev("a", 0)])
+    assert "_device_ids" in t.topology.__dict__     # carried over, not computed again
+    t.added(("pci.0", 6), [dev("b", 0, slot=6)])
+    bridge_bus = t.topology.bus("br1")
+    t.deleted("b")
+    assert "_device_ids" in t.topology.__dict__ and t.topology.device_ids() >= {"a", "br1"}
+    assert t.topology.bus("br1") is bridge_bus      # a bus nothing left keeps its slot lists
+    built = 0
+    real = Bus.slot
+
+    def counted(self: Bus, number: int) -> Any:
+        nonlocal built
+        built += 1
+        return real(self, number)
+
+    monkeypatch.setattr(Bus, "slot", counted)
+    assert choose_slot(t, None, None) == ("pci.0", 3)
+    assert built == 0
