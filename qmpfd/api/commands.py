@@ -21,9 +21,9 @@ from qmpfd.api import replies, schema, tenancy, wire
 from qmpfd.api.eventlog import EventLog
 from qmpfd.api.session import Session
 from qmpfd.api.tenancy import AccessDenied
-from qmpfd.api.xml import parse_devices_xml
+from qmpfd.api.xml import libvirt_bus, parse_devices_xml
 from qmpfd.client import models as r
-from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError, Unsupported
+from qmpfd.errors import CommandNotFound, InvalidRequest, QmpfdError, Unsupported
 from qmpfd.host.assign import HostFunctionRequest
 from qmpfd.host.manager import HostDevices
 from qmpfd.vm import removal
@@ -221,8 +221,10 @@ class Commands:
         fields = {f.id: f"functions[{i}]." for i, f in enumerate(a.functions)}
         if not a.has_host:
             specs = await vm.typed(a.specs(), fields)
-            return replies.attached(await vm.attach(specs, bus=a.bus, slot=a.slot,
-                                                    dry_run=a.dry_run, timeout=a.timeout))
+            reply = replies.PreparedAttached(vm.name)
+            return reply.reply(await vm.attach(specs, bus=a.bus, slot=a.slot,
+                                               dry_run=a.dry_run, timeout=a.timeout,
+                                               while_qemu_works=reply.prepare))
         requests = [HostFunctionRequest(f.id, f.host, f.function, f.unassigned, f.managed)
                     for f in a.functions if f.host is not None]
         assignment = await self.host.plan(requests, vm.name, a.force)
@@ -244,7 +246,8 @@ class Commands:
         doc = parse_devices_xml(a.xml)
         args: dict[str, Any] = {"vm": a.vm, "functions": doc.functions,
                                 "dry-run": a.dry_run, "force": a.force}
-        bus = self._xml_bus(a.vm, doc.bus_number) if doc.bus_number is not None else None
+        bus = (libvirt_bus(self.vms.get(a.vm).buses(), doc.bus_number)
+               if doc.bus_number is not None else None)
         for name, given, from_xml in (("bus", a.bus, bus), ("slot", a.slot, doc.slot)):
             if given is not None and from_xml is not None and given != from_xml:
                 raise InvalidRequest(f"{name}: {given} differs from the XML's <address> "
@@ -252,19 +255,6 @@ class Commands:
             if given is not None or from_xml is not None:
                 args[name] = given if given is not None else from_xml
         return await self.device_attach(m.parse_args(m.DeviceAttachArgs, args))
-
-    def _xml_bus(self, vm_name: str, number: int) -> str:
-        """libvirt's guest bus number as a bus of this VM: 0 is the root bus, N is the bus
-        libvirt names pci.N (its controller with index N)."""
-        buses = self.vms.get(vm_name).buses()
-        if number == 0:
-            root = next((b for b in buses if "host" in b.owner_type.lower()), None)
-            if root is not None:
-                return root.name
-        elif any(b.name == f"pci.{number}" for b in buses):
-            return f"pci.{number}"
-        raise NotFound(f"xml: address@bus={number}: this VM has no such bus (libvirt's bus N "
-                       f"is the bus named pci.N; buses here: {', '.join(b.name for b in buses)})")
 
     async def query_host_devices(self, a: m.QueryHostDevicesArgs) -> list[dict[str, Any]]:
         return await self.host.query(a.multifunction_only)

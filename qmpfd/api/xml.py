@@ -23,6 +23,7 @@ base 0: ``0x1f`` hex, ``010`` octal, ``10`` decimal). ``managed`` defaults to ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from xml.etree.ElementTree import Element
@@ -30,7 +31,8 @@ from xml.etree.ElementTree import Element
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
-from qmpfd.errors import InvalidRequest
+from qmpfd.errors import InvalidRequest, NotFound
+from qmpfd.qemu.topology import Bus
 
 MAX_XML_BYTES = 64 * 1024
 
@@ -229,3 +231,16 @@ def parse_devices_xml(text: str) -> XmlRequest:
         raise InvalidRequest("xml: <devices> must hold one or more <hostdev> elements")
     req.functions = [_hostdev(h, i, req) for i, h in enumerate(hostdevs)]
     return req
+
+
+def libvirt_bus(buses: Sequence[Bus], number: int) -> str:
+    """libvirt's guest bus number as a bus of the VM: 0 is the root bus, N is the bus libvirt
+    names pci.N (its controller with index N)."""
+    if number == 0:
+        root = next((b for b in buses if "host" in b.owner_type.lower()), None)
+        if root is not None:
+            return root.name
+    elif any(b.name == f"pci.{number}" for b in buses):
+        return f"pci.{number}"
+    raise NotFound(f"xml: address@bus={number}: this VM has no such bus (libvirt's bus N "
+                   f"is the bus named pci.N; buses here: {', '.join(b.name for b in buses)})")

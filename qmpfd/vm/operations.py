@@ -45,24 +45,32 @@ def plan_and_reserve(vm: VmContext, functions: Sequence[FunctionSpec], bus: str 
     return plan
 
 
+#: told the plan once its first device_adds are written, while QEMU works on them
+WhileQemuWorks = Callable[[Plan], None]
+
+
 async def attach(vm: VmContext, functions: Sequence[FunctionSpec], *, bus: str | None = None,
                  slot: int | None = None, dry_run: bool = False,
                  timeout: float | None = None,
-                 acquire: Callable[[], Awaitable[None]] | None = None) -> AttachResult:
+                 acquire: Callable[[], Awaitable[None]] | None = None,
+                 while_qemu_works: WhileQemuWorks | None = None) -> AttachResult:
     """Attach ``functions`` as one slot. ``acquire``: bind the host functions the attach passes
     through (and journal them as held) first; this operation then gives them back, through the
-    VM's one release path, whenever the attach leaves nothing of them in QEMU."""
+    VM's one release path, whenever the attach leaves nothing of them in QEMU.
+    ``while_qemu_works``: work for the caller in the wait for QEMU's answer (the loop is idle
+    then), such as its reply for the plan: done there, it is off the path from QEMU's answer
+    to the client's."""
     if dry_run:
         async with vm.alloc:
             plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
                                from_top=vm.slots_from_top)
         return AttachResult(vm.name, plan, dry_run=True)
     if acquire is None:
-        return await _attach(vm, functions, bus, slot, timeout)
+        return await _attach(vm, functions, bus, slot, timeout, while_qemu_works)
     await acquire()
     ids = [f.id for f in functions]
     try:
-        return await _attach(vm, functions, bus, slot, timeout)
+        return await _attach(vm, functions, bus, slot, timeout, while_qemu_works)
     except AttachFailed as exc:
         # Still in QEMU (given back once QEMU deletes them), or not known yet (given back by
         # the reconnect's reconcile if nothing of them is there): not now.
@@ -75,11 +83,12 @@ async def attach(vm: VmContext, functions: Sequence[FunctionSpec], *, bus: str |
 
 
 async def _attach(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | None,
-                  slot: int | None, timeout: float | None) -> AttachResult:
+                  slot: int | None, timeout: float | None,
+                  while_qemu_works: WhileQemuWorks | None) -> AttachResult:
     async with vm.alloc:
         plan = plan_and_reserve(vm, functions, bus, slot, timeout)
     try:
-        await run_attach(vm, plan, retry_if_stale=True)
+        await run_attach(vm, plan, retry_if_stale=True, while_qemu_works=while_qemu_works)
     except AttachFailed as exc:
         if not _may_be_stale(exc):
             raise
@@ -92,7 +101,7 @@ async def _attach(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | N
             log.info("QEMU's view differed from qmpfd's; planning again on what QEMU holds",
                      extra={"vm": vm.name, "error": exc.desc})
             plan = plan_and_reserve(vm, functions, bus, slot, timeout)
-        await run_attach(vm, plan)
+        await run_attach(vm, plan, while_qemu_works=while_qemu_works)
     return AttachResult(vm.name, plan)
 
 
@@ -115,34 +124,25 @@ async def _view_was_stale(vm: VmContext, plan: Plan) -> bool:
             or bool(topology.device_ids() & set(plan.ids)))
 
 
-async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False) -> None:
+async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False,
+                     while_qemu_works: WhileQemuWorks | None = None) -> None:
     """Execute a reserved plan: journal, plug, and settle the slot's state either way.
 
     ``retry_if_stale``: the caller plans again if QEMU refused because qmpfd's view was stale,
     so a fully undone refusal is not announced here: the caller announces it if it does not
-    retry (the client sees one outcome).
+    retry (the client sees one outcome). ``while_qemu_works``: see :func:`attach`.
     """
     key = (plan.bus, plan.slot)
     owner = vm.table.claim(key)      # this attach's work on the slot (reserved with the plan)
-    op = Operation("attach", vm.name, plan.bus, plan.slot,
-                   {f.id: f.function for f in plan.functions}, plan.policy.name,
-                   durable=len(plan.functions) > 1)
-    started = time.monotonic()
-    try:
-        # A slot just emptied waits out its reuse delay (no sleep(0) otherwise: a loop turn).
-        if delay := vm.table.held_back(key, started):
-            await asyncio.sleep(delay)
-        await vm.journal.begin(op)   # 2+ functions: synced first (qmpfd.state.journal)
-        vm.table.recorded(key, op.id)
-    except BaseException:
-        vm.table.attach_undone(key, [], owner)
-        metrics.operation("attach", plan.policy.name, "refused")
-        raise
+    op = await _journaled(vm, plan, owner)
     journaled = time.monotonic()
-    loop = asyncio.get_running_loop()     # counted at the next turn: off the request's path
-    loop.call_soon(metrics.phase, "attach", "journal", journaled - started)
+    loop = asyncio.get_running_loop()
     log.debug("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
                               "ids": plan.ids})
+    if while_qemu_works is not None:
+        # Runs at the loop's next turn: after the first device_adds are written (the
+        # executor writes before it first waits), long before QEMU's answer can be read.
+        loop.call_soon(while_qemu_works, plan)
     try:
         await fault_point("attach-begin")
         await execute_attach(plan, vm.link, vm.tracker, vm.table,
@@ -165,6 +165,30 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False)
     if any(creates_bus(str(s.arguments["driver"])) for s in plan.steps):
         async with vm.alloc:
             await vm.refresh()   # a bridge or port brings a bus qmpfd must learn
+
+
+async def _journaled(vm: VmContext, plan: Plan, owner: Slot | None) -> Operation:
+    """The attach's operation, recorded (after the slot's reuse delay); the slot given back
+    if it cannot be."""
+    key = (plan.bus, plan.slot)
+    op = Operation("attach", vm.name, plan.bus, plan.slot,
+                   {f.id: f.function for f in plan.functions}, plan.policy.name,
+                   durable=len(plan.functions) > 1)
+    started = time.monotonic()
+    try:
+        # A slot just emptied waits out its reuse delay (no sleep(0) otherwise: a loop turn).
+        if delay := vm.table.held_back(key, started):
+            await asyncio.sleep(delay)
+        await vm.journal.begin(op)   # 2+ functions: synced first (qmpfd.state.journal)
+        vm.table.recorded(key, op.id)
+    except BaseException:
+        vm.table.attach_undone(key, [], owner)
+        metrics.operation("attach", plan.policy.name, "refused")
+        raise
+    # counted at the next turn: off the request's path
+    asyncio.get_running_loop().call_soon(metrics.phase, "attach", "journal",
+                                         time.monotonic() - started)
+    return op
 
 
 def _count_attach(policy: str, qemu_seconds: float) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound
+from qmpfd.errors import CommandNotFound, InvalidRequest, NotFound, QmpfdError
 from tests.unit.harness import FUNCS, Api
 
 
@@ -122,3 +122,35 @@ async def test_the_audit_line_and_the_counters_wait_for_the_reply(
     order.append("reply")
     await asyncio.sleep(0)
     assert order == ["reply", "counted ok", "audit"]
+
+
+@pytest.mark.parametrize("functions", [FUNCS[:1], FUNCS])
+async def test_the_attach_reply_is_made_while_qemu_works(
+        api: Api, monkeypatch: pytest.MonkeyPatch, functions: list[dict[str, Any]]) -> None:
+    """The success reply is built once, in the wait for QEMU's answer to the first
+    device_adds (none of them answered yet), not after it; what is sent is the same as a reply
+    built after the fact. A refused attach answers with its error, not with the prepared
+    reply."""
+    from qmpfd.api import replies
+    from tests.unit.scripted_qemu import REFUSE
+    made: list[set[str]] = []
+    results: list[Any] = []
+    real = replies.attached
+    real_reply = replies.PreparedAttached.reply
+
+    def counted(result: Any) -> Any:
+        made.append(set(api.h.qemu.added))        # what QEMU had answered by then
+        return real(result)
+
+    def kept(self: replies.PreparedAttached, result: Any) -> Any:
+        results.append(result)
+        return real_reply(self, result)
+    monkeypatch.setattr(replies, "attached", counted)
+    monkeypatch.setattr(replies.PreparedAttached, "reply", kept)
+    placed = await api("device-attach", {"vm": "v", "functions": functions})
+    assert made == [set()]
+    assert placed == real(results[0])
+    api.h.qemu.script[("device_add", "x0")] = REFUSE
+    with pytest.raises(QmpfdError):
+        await api("device-attach", {"vm": "v", "functions": [{"id": "x0",
+                                                             "driver": "virtio-rng-pci"}]})

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from qmpfd.errors import (
 from qmpfd.hotplug.executor import AttachFailed
 from qmpfd.hotplug.plan import FunctionSpec
 from qmpfd.hotplug.policies.acpi_pcihp import ACPI_PCIHP
-from qmpfd.hotplug.slots import SlotState
+from qmpfd.hotplug.slots import SlotState, SlotTable
 from qmpfd.qemu.topology import peripheral
 from qmpfd.vm import queues, removal
 from qmpfd.vm.managed import ManagedVm
@@ -297,3 +298,38 @@ async def test_an_attach_whose_slot_recovery_took_over_is_not_a_conflict(h: Harn
         await attach
     assert isinstance(err.value.cause, VmGone) and "not known yet" in err.value.desc
     assert h.vm.table.state(work.key) is SlotState.UNPLUGGING    # still recovery's
+
+
+def test_a_buss_policy_is_decided_once_per_mechanism(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: every attach asks for the policy of every bus; each mechanism's is decided once
+    (not a policy object per bus per request), and decided again when what it depends on
+    changes: the VM's identity (a reconnect reads it again) or the configured overrides."""
+    from types import SimpleNamespace
+
+    from qmpfd.qemu.introspect import VmIdentity
+    from qmpfd.vm import buspolicy
+    from tests.unit.topologies import pc_raw, topo
+
+    decided: list[str | None] = []
+    real = buspolicy.policy_for
+
+    def counted(*args: Any) -> Any:
+        decided.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(buspolicy, "policy_for", counted)
+    table = SlotTable(topo(pc_raw()))
+    owner = SimpleNamespace(identity=VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0)),
+                            table=table)
+    policies = buspolicy.BusPolicies(owner, None)
+    first = policies.all()
+    for _ in range(5):
+        assert policies.all() == first
+        assert policies.of("pci.0") is first["pci.0"]
+    mechanisms = {b.mechanism for b in table.topology.buses}
+    assert len(decided) == len(mechanisms)
+    owner.identity = VmIdentity("x86_64", "pc-i440fx-7.2", "7.2.0", (7, 2, 0))
+    policies.all()
+    assert len(decided) == 2 * len(mechanisms)
+    policies.overrides = {}
+    policies.all()
+    assert len(decided) == 3 * len(mechanisms)
