@@ -122,12 +122,31 @@ class Bus:
 
     @cached_property
     def free_slots(self) -> tuple[int, ...]:
-        """The slots a device may be plugged into, lowest first: empty ones of a hotpluggable
-        bus (none otherwise). Built once per bus value, so choosing a slot reads a list instead
-        of building a :class:`Slot` per slot of every bus on every attach."""
+        """The empty slots of a hotpluggable bus (none otherwise), lowest first: choosing a
+        slot reads them instead of building a :class:`Slot` per slot of every bus."""
         if not self.hotpluggable:
             return ()
         return tuple(n for n in range(self.slot_count) if n not in self._by_slot)
+
+    def holding(self, devices: tuple[RawDevice, ...], changed: Collection[int]) -> Bus:
+        """This bus with ``devices`` instead of its own, where only the slots ``changed``
+        differ: slot lists already built are carried over, only those slots built again (an
+        attach or a detach changes one slot of one bus)."""
+        new = replace(self, devices=devices)
+        if "_by_slot" not in self.__dict__:
+            return new
+        rebuilt: dict[int, list[Function]] = {}
+        for d in devices:
+            if d.slot in changed:
+                rebuilt.setdefault(d.slot, []).append(Function(d.function, d.id, d.type))
+        by = {n: fs for n, fs in self._by_slot.items() if n not in changed}
+        by.update((n, tuple(sorted(fs, key=lambda f: f.function))) for n, fs in rebuilt.items())
+        new.__dict__["_by_slot"] = by
+        if "free_slots" in self.__dict__:
+            new.__dict__["free_slots"] = tuple(sorted(
+                {n for n in self.free_slots if n not in by}
+                | {n for n in changed if n not in by and self.hotpluggable}))
+        return new
 
     def slot(self, number: int) -> Slot:
         functions = self._by_slot.get(number, ())
@@ -229,7 +248,8 @@ class Topology:
         """The topology after QEMU accepted ``device_add`` of ``devices`` on ``bus``."""
         added = tuple(devices)
         new = Topology(tuple(
-            replace(b, devices=tuple(sorted(b.devices + added, key=lambda d: d.devfn)))
+            b.holding(tuple(sorted(b.devices + added, key=lambda d: d.devfn)),
+                      {d.slot for d in added})
             if b.name == bus else b for b in self.buses))
         if "_device_ids" in self.__dict__:
             # Known already: carried over, not recounted over every device (once per attach).
@@ -249,14 +269,14 @@ class Topology:
             if any(b.path.startswith(p) for p in paths):     # behind a deleted bridge or port
                 dropped.update(i for d in b.devices if (i := d.id) is not None)
             elif any(d.id in ids for d in b.devices):
-                kept.append(replace(b, devices=tuple(d for d in b.devices if d.id not in ids)))
+                kept.append(b.holding(tuple(d for d in b.devices if d.id not in ids),
+                                      {d.slot for d in b.devices if d.id in ids}))
             else:
                 kept.append(b)          # unchanged: its slot lists stay built
         new = Topology(tuple(kept))
         if "_device_ids" in self.__dict__:
             new.__dict__["_device_ids"] = self._device_ids - dropped
         return new
-
 
     def mechanisms(self) -> list[str]:
         """Mechanisms in use, most common first (the VM's headline policy)."""

@@ -325,6 +325,10 @@ def test_slot_choice_agrees_with_a_scan_of_every_slot(
     # the ids carried over from one topology to the next are the ones a recount finds
     recounted = {d.id for b in t.topology.buses for d in b.devices if d.id is not None}
     assert t.topology.device_ids() == recounted
+    for b in t.topology.buses:          # slot lists carried over = built from scratch
+        fresh = Bus(b.name, b.path, b.mechanism, b.slot_count, b.owner_type, b.devices)
+        assert b.free_slots == fresh.free_slots
+        assert {n: b.slot(n) for n in range(32)} == {n: fresh.slot(n) for n in range(32)}
 
 
 def test_an_automatic_choice_builds_no_slot_and_recounts_no_ids(
@@ -334,6 +338,7 @@ def test_an_automatic_choice_builds_no_slot_and_recounts_no_ids(
     plus the new ones (no recount over every device, once per attach)."""
     t = table()
     t.check_new_ids([("id", "x")])                  # the ids known, as after the first attach
+    choose_slot(t, None, None)                      # and the free slots
     t.added(KEY, [dev("a", 0)])
     assert "_device_ids" in t.topology.__dict__     # carried over, not computed again
     t.added(("pci.0", 6), [dev("b", 0, slot=6)])
@@ -341,6 +346,7 @@ def test_an_automatic_choice_builds_no_slot_and_recounts_no_ids(
     t.deleted("b")
     assert "_device_ids" in t.topology.__dict__ and t.topology.device_ids() >= {"a", "br1"}
     assert t.topology.bus("br1") is bridge_bus      # a bus nothing left keeps its slot lists
+    assert "free_slots" in t.topology.bus("pci.0").__dict__   # the changed one: carried over
     built = 0
     real = Bus.slot
 
