@@ -98,6 +98,13 @@ class Slot:
         return not self.functions
 
 
+def _functions_by_slot(devices: Iterable[RawDevice]) -> dict[int, tuple[Function, ...]]:
+    by: dict[int, list[Function]] = {}
+    for d in devices:
+        by.setdefault(d.slot, []).append(Function(d.function, d.id, d.type))
+    return {n: tuple(sorted(fs, key=lambda f: f.function)) for n, fs in by.items()}
+
+
 @dataclass(frozen=True)
 class Bus:
     name: str
@@ -115,10 +122,7 @@ class Bus:
     def _by_slot(self) -> dict[int, tuple[Function, ...]]:
         """The functions of each occupied slot, built once: the planner asks for every slot
         of every bus, and scanning the devices per slot made that quadratic."""
-        by: dict[int, list[Function]] = {}
-        for d in self.devices:
-            by.setdefault(d.slot, []).append(Function(d.function, d.id, d.type))
-        return {n: tuple(sorted(fs, key=lambda f: f.function)) for n, fs in by.items()}
+        return _functions_by_slot(self.devices)
 
     @cached_property
     def free_slots(self) -> tuple[int, ...]:
@@ -135,12 +139,8 @@ class Bus:
         new = replace(self, devices=devices)
         if "_by_slot" not in self.__dict__:
             return new
-        rebuilt: dict[int, list[Function]] = {}
-        for d in devices:
-            if d.slot in changed:
-                rebuilt.setdefault(d.slot, []).append(Function(d.function, d.id, d.type))
         by = {n: fs for n, fs in self._by_slot.items() if n not in changed}
-        by.update((n, tuple(sorted(fs, key=lambda f: f.function))) for n, fs in rebuilt.items())
+        by.update(_functions_by_slot(d for d in devices if d.slot in changed))
         new.__dict__["_by_slot"] = by
         if "free_slots" in self.__dict__:
             new.__dict__["free_slots"] = tuple(sorted(
