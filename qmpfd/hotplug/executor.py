@@ -60,16 +60,15 @@ async def _send(link: Link, steps: Sequence[Step], timeout: float
                 ) -> tuple[list[Step], list[Step], tuple[Step, QmpfdError] | None]:
     """Send ``steps`` together; (accepted, unanswered in time, first refusal or loss)."""
     results: list[object]
-    if len(steps) == 1:      # the common single-function plug: no gather, no extra task
+    if len(steps) == 1:      # the common single-function plug
         try:
             results = [await link.execute(steps[0].execute, dict(steps[0].arguments),
                                           timeout=timeout)]
         except QmpfdError as exc:
             results = [exc]
-    else:
-        results = await asyncio.gather(
-            *(link.execute(s.execute, dict(s.arguments), timeout=timeout) for s in steps),
-            return_exceptions=True)
+    else:                    # written together, replies read in order: no task per function
+        results = await link.execute_batch([(s.execute, dict(s.arguments)) for s in steps],
+                                           timeout=timeout)
     accepted: list[Step] = []
     late: list[Step] = []
     failure: tuple[Step, QmpfdError] | None = None

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from qmpfd.errors import Timeout
-from qmpfd.qemu.link import EventHandler, Link, LinkState
+from qmpfd.qemu.link import Command, EventHandler, Link, LinkState
 
 #: Seconds the controller must be quiet before a device_del (the guest's method run for the
 #: last event has read the bits by then; it runs in its own ACPI work queue, not behind hotplug).
@@ -58,15 +58,28 @@ class UnplugGate:
             return await self._plug(send)
         return await self._unplug(str(args.get("id")), send)
 
-    async def _plug(self, send: Callable[[], Awaitable[Any]]) -> Any:
+    async def execute_batch(self, commands: Sequence[Command],
+                            send: Callable[[], Awaitable[list[object]]]) -> list[object]:
+        """A batch of device_adds (one slot's functions) passes as that many plugs at once; a
+        device_del is never batched (it holds the gate alone until its DEVICE_DELETED)."""
+        gated = [cmd for cmd, args in commands
+                 if cmd in ("device_add", "device_del") and self._applies(cmd, args)]
+        if not gated:
+            return await send()
+        if "device_del" in gated:
+            raise ValueError("device_del is sent alone through the unplug gate, not in a batch")
+        outcomes: list[object] = await self._plug(send, len(gated))
+        return outcomes
+
+    async def _plug(self, send: Callable[[], Awaitable[Any]], count: int = 1) -> Any:
         async with self._cond:
             await self._wait(lambda: self._holder is None and not self._unplugs_waiting)
-            self._plugs += 1
+            self._plugs += count
         try:
             return await send()
         finally:
             async with self._cond:
-                self._plugs -= 1
+                self._plugs -= count
                 self._last = time.monotonic()
                 self._cond.notify_all()
 
@@ -174,3 +187,8 @@ class GatedLink:
                       timeout: float | None = None) -> Any:
         return await self.gate.execute(cmd, args or {},
                                        lambda: self.inner.execute(cmd, args, timeout=timeout))
+
+    async def execute_batch(self, commands: Sequence[Command],
+                            timeout: float | None = None) -> list[object]:
+        return await self.gate.execute_batch(
+            commands, lambda: self.inner.execute_batch(commands, timeout=timeout))

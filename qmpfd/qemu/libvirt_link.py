@@ -19,11 +19,11 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from qmpfd.errors import QemuError, Timeout, VmGone
-from qmpfd.qemu.link import EventFanout, EventHandler, LinkState
+from qmpfd.qemu.link import Command, EventFanout, EventHandler, LinkState, execute_together
 
 log = logging.getLogger("qmpfd.qemu")
 
@@ -192,6 +192,10 @@ class LibvirtLink:
             raise QemuError(f"{err.get('class', 'GenericError')}: {err.get('desc', '')}",
                             str(err.get("class", "GenericError")))
         return reply.get("return")
+
+    async def execute_batch(self, commands: Sequence[Command],
+                            timeout: float | None = None) -> list[object]:
+        return await execute_together(self.execute, commands, timeout)
 
     def _command(self, request: str) -> dict[str, Any]:
         import libvirt

@@ -16,83 +16,22 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, Runstate
+from qemu.qmp import EventListener, ExecuteError, Message, Runstate
 from qemu.qmp.error import QMPError
-from qemu.qmp.models import ErrorResponse
-from qemu.qmp.qmp_client import BadReplyError
 
-from qmpfd.errors import QemuError, Timeout, VmGone
+from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
+from qmpfd.qemu.direct import DirectClient
 from qmpfd.qemu.socketfile import nothing_listens, socket_identity_problem
 
 log = logging.getLogger("qmpfd.vm")
 
 EventHandler = Callable[[dict[str, Any]], None]
-
-
-class _Client(QMPClient):
-    """QMPClient whose message hooks format a message only when it will be logged, which
-    makes a command's JSON once (:meth:`execute`) and writes it without a hop through its
-    writer task (:meth:`_issue`).
-
-    The library's hooks log every message at debug level with ``str(msg)`` evaluated first,
-    i.e. a JSON encoding of every QMP message, logged or not. qom-list and query-pci replies
-    are large: with 100 VMs that was a sixth of qmpfd's CPU time (bench/, scale). The hooks
-    are the library's documented extension points for subclasses.
-    """
-
-    def _cb_outbound(self, msg: Message) -> Message:
-        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-    def _cb_inbound(self, msg: Message) -> Message:
-        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
-                      oob: bool = False) -> object:
-        """The library's ``execute``, with the command made into JSON once. The library builds
-        a Message (serialised), copies it in ``execute_msg`` (serialised again, through the
-        Mapping interface) and serialises it a third time to send it once the id is set: about
-        two thirds of a command's cost before it leaves (bench/profile.md). Same checks, same
-        errors: not connected is the library's own StateError, QEMU's error reply an
-        ExecuteError, a reply with neither member a BadReplyError."""
-        if self.runstate is not Runstate.RUNNING:
-            return await super().execute(cmd, arguments, oob)
-        msg = Message({"exec-oob" if oob else "execute": cmd}, eager=False)
-        if arguments is not None:
-            msg["arguments"] = arguments
-        msg["id"] = self._get_exec_id()
-        reply = await self._reply(await self._issue(msg))
-        if "error" in reply:
-            try:
-                error = ErrorResponse(reply)
-            except (KeyError, TypeError) as err:
-                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
-            raise ExecuteError(error, msg, reply)
-        if "return" not in reply:
-            raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply, msg)
-        return reply["return"]
-
-    async def _issue(self, msg: Message) -> str | None:
-        """The library's ``_issue``, writing the command at once instead of handing it to its
-        writer task: one event-loop turn less between a request and QEMU (a command's turns
-        are most of what an attach adds to QEMU's own time; bench/profile.md). The order is
-        kept (commands are written in call order, on the loop's thread), so is the matching
-        (the reply's queue exists before the bytes leave), and the bytes go through the
-        library's own send path (``_cb_outbound``, ``_do_send``). A failed write reaches the
-        caller, not the writer task; a lost connection still interrupts every pending reply
-        (the reader task's disconnect)."""
-        msg_id = msg["id"] if "id" in msg else None
-        assert msg_id is None or isinstance(msg_id, str)
-        self._pending[msg_id] = asyncio.Queue(maxsize=1)
-        try:
-            self._do_send(self._cb_outbound(msg))
-        except BaseException:
-            del self._pending[msg_id]
-            raise
-        return msg_id
+#: A QMP command and its arguments.
+Command = tuple[str, dict[str, Any]]
 
 
 class EventFanout:
@@ -139,6 +78,25 @@ class Link(Protocol):
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any: ...
 
+    async def execute_batch(self, commands: Sequence[Command],
+                            timeout: float | None = None) -> list[object]:
+        """Send ``commands`` in this order, together, and collect their outcomes in the same
+        order: each the command's return value, or the QmpfdError it ended in (QemuError,
+        Timeout, VmGone), returned, not raised. ``timeout`` bounds the whole batch."""
+        ...
+
+
+async def execute_together(execute: Callable[..., Awaitable[Any]], commands: Sequence[Command],
+                           timeout: float | None = None) -> list[object]:
+    """:meth:`Link.execute_batch` for a link that cannot write several commands itself: one
+    ``execute`` each, concurrently (QEMU still runs them in the order they were sent)."""
+    results = await asyncio.gather(*(execute(cmd, args, timeout=timeout)
+                                     for cmd, args in commands), return_exceptions=True)
+    for res in results:
+        if isinstance(res, BaseException) and not isinstance(res, QmpfdError):
+            raise res
+    return list(results)
+
 
 class LinkState(enum.Enum):
     NEW = "new"              # not connected yet
@@ -152,7 +110,7 @@ class QmpLink:
         self.name = name
         self.socket_path = socket_path
         self.command_timeout = command_timeout
-        self._client = _Client(f"qmpfd-{name}")
+        self._client = DirectClient(f"qmpfd-{name}")
         self._listener = EventListener()
         self._client.register_listener(self._listener)
         self._events = EventFanout(name)
@@ -215,19 +173,59 @@ class QmpLink:
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
         if not self.connected:
-            raise VmGone(f"VM '{self.name}' is not connected (QMP socket {self.socket_path})")
+            raise self._not_connected()
         limit = self.command_timeout if timeout is None else timeout
         self.commands_sent += 1
         try:
             async with asyncio.timeout(limit):   # no extra task per command (wait_for makes one)
                 return await self._client.execute(cmd, args)
-        except ExecuteError as exc:
-            raise QemuError(f"{exc.error_class}: {exc}", exc.error_class) from exc
+        except (ExecuteError, TimeoutError, QMPError, OSError, EOFError) as exc:
+            raise self._failure(exc, cmd, limit) from exc
+
+    async def execute_batch(self, commands: Sequence[Command],
+                            timeout: float | None = None) -> list[object]:
+        """Every command written first, in order, then the replies read in that order (QEMU
+        answers a monitor's commands in the order they came): no task per command, and
+        replies that arrived together are taken in one wake-up."""
+        if not self.connected:
+            raise self._not_connected()
+        limit = self.command_timeout if timeout is None else timeout
+        self.commands_sent += len(commands)
+        sent: list[Message] = []
+        try:
+            for cmd, args in commands:
+                sent.append(self._client.send_now(cmd, args))
+        except (QMPError, OSError) as exc:
+            for msg in sent:
+                self._client.forget(msg)
+            return [self._failure(exc, cmd, limit) for cmd, _ in commands]
+        outcomes: list[object] = []
+        try:
+            async with asyncio.timeout(limit):
+                for msg, (cmd, _) in zip(sent, commands, strict=True):
+                    try:
+                        outcomes.append(await self._client.returned(msg))
+                    except (ExecuteError, QMPError, OSError, EOFError) as exc:
+                        outcomes.append(self._failure(exc, cmd, limit))
         except TimeoutError as exc:
-            raise Timeout(f"VM '{self.name}': QEMU did not answer {cmd} within {limit:g} s") \
-                from exc
-        except (QMPError, OSError, EOFError) as exc:
-            raise VmGone(f"VM '{self.name}': QMP connection lost during {cmd}: {exc}") from exc
+            # The one being awaited was dropped by the library; QEMU answers in order, so
+            # none after it has an answer either.
+            for msg, (cmd, _) in zip(sent[len(outcomes):], commands[len(outcomes):],
+                                     strict=True):
+                self._client.forget(msg)
+                outcomes.append(self._failure(exc, cmd, limit))
+        return outcomes
+
+    def _not_connected(self) -> VmGone:
+        return VmGone(f"VM '{self.name}' is not connected (QMP socket {self.socket_path})")
+
+    def _failure(self, exc: BaseException, cmd: str, limit: float) -> QmpfdError:
+        """What a command's exception from the library means to qmpfd."""
+        if isinstance(exc, ExecuteError):
+            return QemuError(f"{exc.error_class}: {exc}", exc.error_class)
+        if isinstance(exc, TimeoutError):
+            return Timeout(f"VM '{self.name}': QEMU did not answer {cmd} within {limit:g} s")
+        return VmGone(f"VM '{self.name}': QMP connection lost during {cmd}: {exc}")
 
     async def _pump_events(self) -> None:
         async for event in self._listener:

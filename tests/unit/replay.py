@@ -4,12 +4,12 @@ lab/record_qmp.py into tests/unit/fixtures/) and hands hotplug commands to the s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from qmpfd.errors import QemuError
-from qmpfd.qemu.link import EventHandler, LinkState
+from qmpfd.qemu.link import Command, EventHandler, LinkState, execute_together
 from tests.unit.scripted_qemu import ScriptedQemu
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -58,3 +58,7 @@ class ReplayLink:
                 raise QemuError(answer["error"])
             return answer["return"]
         return await self.qemu.execute(cmd, args, timeout)
+
+    async def execute_batch(self, commands: Sequence[Command],
+                            timeout: float | None = None) -> list[object]:
+        return await execute_together(self.execute, commands, timeout)

@@ -4,11 +4,13 @@ and reports DEVICE_DELETED a moment after a device_del (the whole slot where ACP
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmpfd.errors import QemuError, Timeout, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
+from qmpfd.qemu.link import Command, execute_together
 
 # What a scripted command does, keyed by (command, device id).
 ACCEPT, REFUSE, LATE, LOST, GONE, NO_EVENT = "accept", "refuse", "late", "lost", "gone", "no-event"
@@ -53,6 +55,11 @@ class ScriptedQemu:
         if action == LATE:
             raise Timeout(f"QEMU did not answer {cmd} within {timeout} s")
         return result
+
+    async def execute_batch(self, commands: Sequence[Command],
+                            timeout: float | None = None) -> list[object]:
+        """Each through :meth:`execute` (where tests intercept commands)."""
+        return await execute_together(self.execute, commands, timeout)
 
     def device_list_properties(self, args: dict[str, Any], _: str) -> list[dict[str, Any]]:
         if args["typename"] == "vfio-pci":

@@ -96,3 +96,23 @@ async def test_waiting_for_the_gate_is_bounded(monkeypatch: pytest.MonkeyPatch) 
     await g.execute("device_del", {"id": "b"}, r.send("del b"))
     with pytest.raises(gate_mod.Timeout, match="still holds it"):
         await g.execute("device_add", {"id": "c"}, r.send("add c"))
+
+
+async def test_a_batch_of_device_adds_counts_as_that_many_plugs() -> None:
+    """An unplug waits until the whole batch is answered; a device_del is never batched."""
+    g = UnplugGate(ALL, hold_limit=10, quiet=0)
+    r = Recorder()
+    batch = asyncio.create_task(g.execute_batch(
+        [("device_add", {"id": "a1"}), ("device_add", {"id": "a2"})],
+        r.send("add a1 a2", 0.1)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    unplug = asyncio.create_task(g.execute("device_del", {"id": "b"}, r.send("del b")))
+    await asyncio.wait_for(unplug, 2)
+    assert r.log == ["start add a1 a2", "end add a1 a2", "start del b", "end del b"]
+    assert await batch == "add a1 a2"
+    passed = await g.execute_batch([("device_add", {"id": "native1"})], r.send("other"))  # type: ignore[arg-type]
+    assert passed == "other", "a batch on another mechanism's bus passes straight through"
+    with pytest.raises(ValueError, match="device_del is sent alone"):
+        await g.execute_batch([("device_add", {"id": "c"}), ("device_del", {"id": "b"})],
+                              r.send("never"))  # type: ignore[arg-type]
+    assert "start never" not in r.log

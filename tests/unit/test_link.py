@@ -234,3 +234,67 @@ async def test_a_command_is_made_into_json_once(peer: QmpPeer,
     with pytest.raises(VmGone, match="malformed"):
         await link.execute("bad")
     await link.close()
+
+
+async def test_a_batch_is_written_at_once_and_read_in_order_without_a_task_per_command(
+        peer: QmpPeer) -> None:
+    """Counted: every command of a batch is on the socket before the batch waits for the first
+    reply, and no task is made for any of them (a gather made one per command). Each outcome
+    sits in its command's place: a value, or QEMU's refusal as a QemuError, returned."""
+    link = QmpLink("v", peer.path, command_timeout=5)
+    await link.connect(5)
+    written: list[bytes] = []
+    real = link._client._do_send
+
+    def spy(msg: Any) -> None:
+        written.append(bytes(msg))
+        real(msg)
+    link._client._do_send = spy  # type: ignore[method-assign]
+    peer.replies = {"device_add": {}, "query-name": {"name": "v"},
+                    "device_del": {"error": {"class": "DeviceNotFound", "desc": "no 'x'"}}}
+    loop = asyncio.get_running_loop()
+    made: list[object] = []
+    factory = loop.get_task_factory()
+    loop.set_task_factory(lambda lp, coro, **kw: made.append(coro) or asyncio.Task(
+        coro, loop=lp, **kw))
+    try:
+        batch = asyncio.create_task(link.execute_batch(
+            [("device_add", {"id": "a"}), ("device_del", {"id": "x"}), ("query-name", {})]))
+        await asyncio.sleep(0)           # the batch's first step: it now waits for a reply
+        assert len(written) == 3, "all three written before any reply was awaited"
+        assert [json.loads(w)["execute"] for w in written] == \
+            ["device_add", "device_del", "query-name"]
+        outcomes = await batch
+    finally:
+        loop.set_task_factory(factory)
+    assert len(made) == 1, "no task per command (the one made is the batch's own)"
+    assert outcomes[0] == {} and outcomes[2] == {"name": "v"}
+    assert isinstance(outcomes[1], QemuError) and outcomes[1].qemu_class == "DeviceNotFound"
+    assert link.commands_sent == 3
+    await link.close()
+
+
+async def test_a_batch_that_runs_out_of_time_or_loses_qemu_ends_each_command(
+        peer: QmpPeer) -> None:
+    """QEMU answers the first and goes silent: the first keeps its value, the rest end as
+    Timeout and nothing stays waiting for them (a late reply is dropped). A closed socket ends
+    the rest as VmGone. A device_del never goes in a batch through the unplug gate."""
+    link = QmpLink("v", peer.path, command_timeout=5)
+    await link.connect(5)
+    peer.replies = {"query-name": {"name": "v"}, "query-pci": None}
+    first, second, third = await link.execute_batch(
+        [("query-name", {}), ("query-pci", {}), ("query-pci", {})], timeout=0.2)
+    assert first == {"name": "v"}
+    assert isinstance(second, Timeout) and isinstance(third, Timeout)
+    assert "did not answer query-pci within 0.2 s" in second.desc
+    assert not link._client._pending, "no reply is still awaited"
+    peer.replies = {"query-pci": None}
+    pending = asyncio.create_task(link.execute_batch([("query-pci", {}), ("query-pci", {})]))
+    await asyncio.sleep(0.05)
+    for w in peer.writers:
+        w.close()
+    outcomes = await asyncio.wait_for(pending, 5)
+    assert [type(o) for o in outcomes] == [VmGone, VmGone]
+    with pytest.raises(VmGone, match="not connected"):
+        await link.execute_batch([("query-pci", {})])
+    await link.close()

@@ -1,0 +1,94 @@
+"""qemu.qmp's ``QMPClient`` with the cost taken off a command's path: a message formatted only
+when it will be logged, a command made into JSON once and written at once (no hop through the
+library's writer task), and the write and the wait for its reply as two calls, so several
+commands can be written before the first reply is awaited (:meth:`QmpLink.execute_batch
+<qmpfd.qemu.link.QmpLink.execute_batch>`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
+from qemu.qmp.models import ErrorResponse
+from qemu.qmp.qmp_client import BadReplyError
+
+
+class DirectClient(QMPClient):
+    """QMPClient whose message hooks format a message only when it will be logged, which
+    makes a command's JSON once (:meth:`execute`) and writes it without a hop through its
+    writer task (:meth:`_issue`).
+
+    The library's hooks log every message at debug level with ``str(msg)`` evaluated first,
+    i.e. a JSON encoding of every QMP message, logged or not. qom-list and query-pci replies
+    are large: with 100 VMs that was a sixth of qmpfd's CPU time (bench/, scale). The hooks
+    are the library's documented extension points for subclasses.
+    """
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
+                      oob: bool = False) -> object:
+        """The library's ``execute``, with the command made into JSON once. The library builds
+        a Message (serialised), copies it in ``execute_msg`` (serialised again, through the
+        Mapping interface) and serialises it a third time to send it once the id is set: about
+        two thirds of a command's cost before it leaves (bench/profile.md). Same checks, same
+        errors: not connected is the library's own StateError, QEMU's error reply an
+        ExecuteError, a reply with neither member a BadReplyError."""
+        if self.runstate is not Runstate.RUNNING or oob:
+            return await super().execute(cmd, arguments, oob)
+        return await self.returned(self.send_now(cmd, arguments))
+
+    def send_now(self, cmd: str, arguments: Mapping[str, object] | None) -> Message:
+        """Write one command at once (the caller checked the runstate); its reply waits in
+        its queue until :meth:`returned` (or :meth:`forget`)."""
+        msg = Message({"execute": cmd}, eager=False)
+        if arguments is not None:
+            msg["arguments"] = arguments
+        msg["id"] = self._get_exec_id()
+        self._write(msg)
+        return msg
+
+    async def returned(self, msg: Message) -> object:
+        """The return value of the command ``msg`` (sent by :meth:`send_now`)."""
+        reply = await self._reply(str(msg["id"]))
+        if "error" in reply:
+            try:
+                error = ErrorResponse(reply)
+            except (KeyError, TypeError) as err:
+                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
+            raise ExecuteError(error, msg, reply)
+        if "return" not in reply:
+            raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply, msg)
+        return reply["return"]
+
+    def forget(self, msg: Message) -> None:
+        """Stop waiting for ``msg``'s reply (its time ran out): a late one is dropped."""
+        self._pending.pop(str(msg["id"]), None)
+
+    async def _issue(self, msg: Message) -> str | None:
+        """The library's ``_issue``, writing the command at once instead of handing it to its
+        writer task: one event-loop turn less between a request and QEMU (a command's turns
+        are most of what an attach adds to QEMU's own time; bench/profile.md). The order is
+        kept (commands are written in call order, on the loop's thread), so is the matching
+        (the reply's queue exists before the bytes leave), and the bytes go through the
+        library's own send path (``_cb_outbound``, ``_do_send``). A failed write reaches the
+        caller, not the writer task; a lost connection still interrupts every pending reply
+        (the reader task's disconnect)."""
+        return self._write(msg)
+
+    def _write(self, msg: Message) -> str | None:
+        msg_id = msg["id"] if "id" in msg else None
+        assert msg_id is None or isinstance(msg_id, str)
+        self._pending[msg_id] = asyncio.Queue(maxsize=1)
+        try:
+            self._do_send(self._cb_outbound(msg))
+        except BaseException:
+            del self._pending[msg_id]
+            raise
+        return msg_id
