@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qmpfd.state import log as log_mod
+from qmpfd.state import logwriter
 from qmpfd.state.journal import Journal, Operation
 from qmpfd.state.log import JournalDamaged, StateWriteError
 
@@ -94,7 +95,7 @@ async def test_failed_write_changes_nothing_and_names_the_file(tmp_path: Path) -
 
 async def test_settle_records_are_retried_in_order(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(log_mod, "RETRY_DELAY", 0.05)
+    monkeypatch.setattr(logwriter, "RETRY_DELAY", 0.05)
     j = Journal.open(tmp_path)
     o = await j.begin(op())
     real = j._log._fd
@@ -129,8 +130,7 @@ async def test_records_nobody_waits_for_do_not_come_back_to_the_event_loop(
     j.end(o)
     await asyncio.sleep(log_mod.LAZY_WRITE_DELAY * 3)
     assert await asyncio.to_thread(stuck.wait, 5), "the batch never reached the thread"
-    writer = j._log._writer
-    assert writer is not None and writer.done(), "the event loop waits for the thread"
+    assert not j._log._in_flight, "the event loop waits for the thread"
     release.set()
     await j.drain()
     assert o.id.encode() in (tmp_path / "journal.log").read_bytes()
@@ -413,3 +413,35 @@ async def test_a_record_written_behind_is_encoded_off_the_requests_path(
     begun = next(json.loads(ln.split(b" ", 1)[1]) for ln in
                  (tmp_path / "journal.log").read_bytes().splitlines() if b'"op+"' in ln)
     assert begun["op"]["sent"] is False
+
+
+async def test_a_durable_record_costs_no_task_and_one_answer_from_the_thread(
+        tmp_path: Path) -> None:
+    """Counted: a durable begin (2+ functions) hands its batch to the writer thread and the
+    thread answers with one callback on the loop; no task is made (the writer task and its
+    future chained across threads were two loop turns on every multifunction attach). Records
+    submitted while it is on the thread go together in the next batch (group commit)."""
+    j = Journal.open(tmp_path)
+    loop = asyncio.get_running_loop()
+    made: list[object] = []
+    factory = loop.get_task_factory()
+    loop.set_task_factory(lambda lp, coro, **kw: made.append(coro) or asyncio.Task(
+        coro, loop=lp, **kw))
+    answers: list[object] = []
+    real = loop.call_soon_threadsafe
+
+    def spy(callback: object, *args: object, **kw: object) -> object:
+        answers.append(callback)
+        return real(callback, *args, **kw)  # type: ignore[arg-type]
+    loop.call_soon_threadsafe = spy  # type: ignore[method-assign]
+    try:
+        await j.begin(op(n=2))
+    finally:
+        loop.set_task_factory(factory)
+        del loop.call_soon_threadsafe
+    assert made == [], "no task for a durable record"
+    assert len(answers) == 1, "one callback from the thread"
+    writes, syncs = j._log.writes, j.syncs
+    await asyncio.gather(j.begin(op(n=2)), j.begin(op(n=3)), j.begin(op(n=2)))
+    assert j.syncs - syncs <= 2 and j._log.writes - writes <= 2, "the later two share a write"
+    assert len(j.ops) == 4
