@@ -12,6 +12,7 @@ bus, whatever the guest has done.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -45,9 +46,10 @@ class RawDevice:
     type: str
     devfn: int
 
-    @property
+    @cached_property
     def id(self) -> str | None:
-        """The user-given id (devices under /machine/peripheral); None for built-in devices."""
+        """The user-given id (devices under /machine/peripheral); None for built-in devices
+        (worked out once: every change of the topology asks it of every device)."""
         prefix = "/machine/peripheral/"
         if self.path.startswith(prefix) and "/" not in self.path[len(prefix):]:
             return self.path[len(prefix):]
@@ -234,11 +236,7 @@ class Topology:
         return self._device_ids
 
     def find_device(self, dev_id: str) -> tuple[Bus, RawDevice] | None:
-        for b in self.buses:
-            for d in b.devices:
-                if d.id == dev_id:
-                    return b, d
-        return None
+        return next(((b, d) for b in self.buses for d in b.devices if d.id == dev_id), None)
 
     def slots(self) -> list[Slot]:
         return [s for b in self.buses for s in b.slots()]
@@ -280,16 +278,15 @@ class Topology:
 
     def mechanisms(self) -> list[str]:
         """Mechanisms in use, most common first (the VM's headline policy)."""
-        counts: dict[str, int] = {}
-        for b in self.buses:
-            if b.mechanism:
-                counts[b.mechanism] = counts.get(b.mechanism, 0) + 1
-        return sorted(counts, key=lambda m: -counts[m])
+        return [m for m, _ in Counter(b.mechanism for b in self.buses if b.mechanism)
+                .most_common()]
 
 
 def peripheral(dev_id: str, driver: str, slot: int, function: int) -> RawDevice:
     """The device QEMU creates for ``device_add`` with an id (under /machine/peripheral)."""
-    return RawDevice(f"/machine/peripheral/{dev_id}", driver, slot << 3 | function)
+    device = RawDevice(f"/machine/peripheral/{dev_id}", driver, slot << 3 | function)
+    device.__dict__["id"] = dev_id      # known: not worked out again from the path
+    return device
 
 
 #: device_add of these creates a new bus, which qmpfd learns only by reading QOM again.

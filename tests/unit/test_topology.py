@@ -106,3 +106,33 @@ def test_qemu_older_than_the_minimum_is_refused_naming_it(version: tuple[int, in
             check_supported(ident)
     else:
         check_supported(ident)
+
+
+def test_a_device_id_is_worked_out_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: attaches and detaches ask every device for its id; each device works it out
+    from its QOM path once (a device qmpfd plugged never: its id is known), and the answers
+    are the same as before."""
+    from functools import cached_property
+
+    from qmpfd.qemu.topology import peripheral
+    worked: list[str] = []
+    real = RawDevice.id.func  # type: ignore[attr-defined]
+
+    def counting(self: RawDevice) -> str | None:
+        worked.append(self.path)
+        return real(self)  # type: ignore[no-any-return]
+    prop = cached_property(counting)
+    prop.__set_name__(RawDevice, "id")
+    monkeypatch.setattr(RawDevice, "id", prop)
+    t = topo(pc_raw())
+    read = {d.path for b in t.buses for d in b.devices}      # as read from QEMU
+    for n in range(5):
+        t = t.with_devices("pci.0", [peripheral(f"d{n}", "virtio-rng-pci", 10 + n, 0)])
+        assert t.find_device(f"d{n}") is not None and f"d{n}" in t.device_ids()
+        t = t.without([f"d{n}"])
+        assert t.find_device(f"d{n}") is None
+    assert len(worked) == len(set(worked)), "no device worked its id out twice"
+    assert set(worked) <= read, "the plugged devices' ids were known"
+    assert RawDevice("/machine/peripheral/x", "t", 0).id == "x"
+    assert RawDevice("/machine/peripheral/x/y", "t", 0).id is None
+    assert RawDevice("/machine/i440fx/pci.0", "t", 0).id is None
