@@ -176,8 +176,14 @@ class ApiServer:
     def broadcast(self, name: str, data: dict[str, Any]) -> None:
         msg = self.events.record(name, data)
         log.info("event %s", name, extra={"event": name, "data": msg["data"]})
+        made: list[bytes] = []
+
+        def encoded() -> bytes:     # once, by the first client that takes it, not per client
+            if not made:
+                made.append(wire.encode(msg))
+            return made[0]
         for session in list(self._sessions):
-            session.offer_event(msg)
+            session.offer_event(msg, encoded)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -67,8 +67,10 @@ class Session:
     def negotiated(self) -> bool:
         return self.state is SessionState.RUNNING
 
-    def offer_event(self, msg: wire.Message) -> None:
-        """Write an event to this client; a client too slow to keep up is dropped."""
+    def offer_event(self, msg: wire.Message,
+                    encoded: Callable[[], bytes] | None = None) -> None:
+        """Write an event to this client; a client too slow to keep up is dropped.
+        ``encoded``: the event's bytes, made once for every client that takes it."""
         if not self.negotiated or (self.event_filter is not None
                                    and not self.event_filter(msg)):
             return
@@ -78,7 +80,7 @@ class Session:
             # What it has not taken is dropped: a graceful close would wait for it to read.
             self._writer.transport.abort()
             return
-        self._emit(wire.encode(msg))
+        self._emit(encoded() if encoded is not None else wire.encode(msg))
 
     def close(self) -> None:
         self.state = SessionState.CLOSING

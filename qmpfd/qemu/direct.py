@@ -9,10 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.models import ErrorResponse
 from qemu.qmp.qmp_client import BadReplyError
+
+_NONE = object()
+
+
+class Sent(NamedTuple):
+    """A command written by :meth:`DirectClient.send_now`, its reply not read yet."""
+
+    msg: Message
+    id: str
 
 
 class DirectClient(QMPClient):
@@ -44,32 +54,36 @@ class DirectClient(QMPClient):
             return await super().execute(cmd, arguments, oob)
         return await self.returned(self.send_now(cmd, arguments))
 
-    def send_now(self, cmd: str, arguments: Mapping[str, object] | None) -> Message:
+    def send_now(self, cmd: str, arguments: Mapping[str, object] | None) -> Sent:
         """Write one command at once (the caller checked the runstate); its reply waits in
         its queue until :meth:`returned` (or :meth:`forget`)."""
-        msg = Message({"execute": cmd}, eager=False)
+        msg_id = self._get_exec_id()
+        body: dict[str, object] = {"execute": cmd, "id": msg_id}
         if arguments is not None:
-            msg["arguments"] = arguments
-        msg["id"] = self._get_exec_id()
-        self._write(msg)
-        return msg
+            body["arguments"] = arguments
+        msg = Message(body, eager=False)       # built whole: no item set through the Mapping
+        self._write(msg, msg_id)
+        return Sent(msg, msg_id)
 
-    async def returned(self, msg: Message) -> object:
-        """The return value of the command ``msg`` (sent by :meth:`send_now`)."""
-        reply = await self._reply(str(msg["id"]))
+    async def returned(self, sent: Sent) -> object:
+        """The return value of the command ``sent`` (by :meth:`send_now`): one look into the
+        reply on success (each look into a Message goes through the Mapping interface)."""
+        reply = await self._reply(sent.id)
+        value = reply.get("return", _NONE)
+        if value is not _NONE:
+            return value
         if "error" in reply:
             try:
                 error = ErrorResponse(reply)
             except (KeyError, TypeError) as err:
-                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
-            raise ExecuteError(error, msg, reply)
-        if "return" not in reply:
-            raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply, msg)
-        return reply["return"]
+                raise BadReplyError("QMP error reply is malformed", reply, sent.msg) from err
+            raise ExecuteError(error, sent.msg, reply)
+        raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply,
+                            sent.msg)
 
-    def forget(self, msg: Message) -> None:
-        """Stop waiting for ``msg``'s reply (its time ran out): a late one is dropped."""
-        self._pending.pop(str(msg["id"]), None)
+    def forget(self, sent: Sent) -> None:
+        """Stop waiting for ``sent``'s reply (its time ran out): a late one is dropped."""
+        self._pending.pop(sent.id, None)
 
     async def _issue(self, msg: Message) -> str | None:
         """The library's ``_issue``, writing the command at once instead of handing it to its
@@ -80,11 +94,11 @@ class DirectClient(QMPClient):
         library's own send path (``_cb_outbound``, ``_do_send``). A failed write reaches the
         caller, not the writer task; a lost connection still interrupts every pending reply
         (the reader task's disconnect)."""
-        return self._write(msg)
-
-    def _write(self, msg: Message) -> str | None:
         msg_id = msg["id"] if "id" in msg else None
         assert msg_id is None or isinstance(msg_id, str)
+        return self._write(msg, msg_id)
+
+    def _write(self, msg: Message, msg_id: str | None) -> str | None:
         self._pending[msg_id] = asyncio.Queue(maxsize=1)
         try:
             self._do_send(self._cb_outbound(msg))

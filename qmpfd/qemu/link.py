@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import EventListener, ExecuteError, Message, Runstate
+from qemu.qmp import EventListener, ExecuteError, Runstate
 from qemu.qmp.error import QMPError
 
 from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
-from qmpfd.qemu.direct import DirectClient
+from qmpfd.qemu.direct import DirectClient, Sent
 from qmpfd.qemu.socketfile import nothing_listens, socket_identity_problem
 
 log = logging.getLogger("qmpfd.vm")
@@ -191,7 +191,7 @@ class QmpLink:
             raise self._not_connected()
         limit = self.command_timeout if timeout is None else timeout
         self.commands_sent += len(commands)
-        sent: list[Message] = []
+        sent: list[Sent] = []
         try:
             for cmd, args in commands:
                 sent.append(self._client.send_now(cmd, args))

@@ -180,3 +180,36 @@ async def test_one_qemu_is_managed_once_whatever_monitor_reaches_it(served: Serv
     finally:
         for s in monitors:
             s.close()
+
+
+async def test_an_event_is_made_into_json_once_for_every_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: an event broadcast to several clients is encoded once (it was once per
+    client), and every negotiated client reads the same event."""
+    import json
+
+    from qmpfd.api import wire
+    async def nothing(*_: object) -> None:
+        return None
+    server = ApiServer(nothing, max_clients=8, max_line=1024)  # type: ignore[arg-type]
+    path = tmp_path / "api.sock"
+    await server.listen(path, 0o600, None)
+    clients = []
+    try:
+        for _ in range(4):
+            r, w = await asyncio.open_unix_connection(str(path))
+            await asyncio.wait_for(r.readline(), 5)
+            w.write(b'{"execute":"qmp_capabilities"}\n')
+            await asyncio.wait_for(r.readline(), 5)
+            clients.append((r, w))
+        encodes: list[object] = []
+        real = wire.encode
+        monkeypatch.setattr(wire, "encode", lambda msg: encodes.append(msg) or real(msg))
+        server.broadcast("SLOT_ATTACHED", {"vm": "v", "bus": "pci.0", "slot": 5})
+        seen = [json.loads(await asyncio.wait_for(r.readline(), 5)) for r, _ in clients]
+        assert len(encodes) == 1, "one encoding for four clients"
+        assert all(e["event"] == "SLOT_ATTACHED" and e["data"]["slot"] == 5 for e in seen)
+        for _, w in clients:
+            w.close()
+    finally:
+        await server.close()
