@@ -97,17 +97,22 @@ async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table
         else [list(plan.steps)]
     added: list[str] = []
     late: list[str] = []
+    unrecorded: list[Step] = []     # QEMU has (or may have) them; the slot table not yet
     start = tracker.seq
     for batch in batches:
         ok, unanswered, failure = await _send(link, batch, timeout)
+        unrecorded += (*ok, *unanswered)
         # A DEVICE_DELETED read before the reply it follows: never record what QEMU dropped.
         gone = tracker.deleted_since(start)
-        table.added(key, [peripheral(s.id, str(s.arguments["driver"]), plan.slot, s.function)
-                          for s in (*ok, *unanswered) if s.id not in gone])
         added += [s.id for s in ok]
         late += [s.id for s in unanswered]
         if failure is None:
             failure = _ejected(batch, set(added) & gone)
+        if failure is not None or batch is batches[-1]:
+            # One change of the table per attach (each builds the VM's topology anew), before
+            # any rollback: the slot is this attach's meanwhile, nothing else reads its functions.
+            table.added(key, [peripheral(s.id, str(s.arguments["driver"]), plan.slot,
+                                         s.function) for s in unrecorded if s.id not in gone])
         if failure is not None:
             added = [i for i in added if i not in gone]
             step, exc = failure

@@ -10,6 +10,8 @@ check what a client is told against what the scripted QEMU holds at the end.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from qmpfd.hotplug.executor import AttachFailed, execute_attach, execute_unplug
 from qmpfd.hotplug.plan import FunctionSpec, Plan, plan_attach
 from qmpfd.hotplug.policies import policy_for
 from qmpfd.hotplug.slots import SlotTable
+from qmpfd.qemu.topology import RawDevice
 from tests.unit.scripted_qemu import (
     GONE,
     LATE,
@@ -65,6 +68,35 @@ async def test_plug_is_pipelined_function_zero_last() -> None:
     assert len(qemu.sent) == 4                       # nothing read back
     assert set(qemu.devices) == {"d0", "d1", "d2", "d3"}
     assert {"d0", "d1", "d2", "d3"} <= table.topology.device_ids()
+
+
+async def test_a_multifunction_plug_changes_the_slot_table_once() -> None:
+    """Counted: the table (a new topology per change) learns every function of the slot in
+    one change after the last reply, not one per batch of device_adds; when function 0 is
+    refused the functions QEMU took are in the table before the rollback deletes them."""
+    plan, table, qemu, tracker = setup()
+    changes: list[list[str]] = []
+    real = table.added
+
+    def counted(key: tuple[str, int], devs: Iterable[RawDevice]) -> None:
+        devs = list(devs)
+        changes.append(sorted(str(d.id) for d in devs))
+        real(key, devs)
+    table.added = counted  # type: ignore[method-assign]
+    assert await run(plan, table, qemu, tracker) is None
+    assert changes == [["d0", "d1", "d2", "d3"]]
+    plan, table, qemu, tracker = setup()
+    seen: list[bool] = []
+    qemu.script[("device_add", "d0")] = REFUSE
+    real_del = qemu.device_del
+
+    def device_del(args: dict[str, Any], action: str) -> dict[str, Any]:
+        seen.append({"d1", "d2", "d3"} <= table.topology.device_ids())
+        return real_del(args, action)
+    qemu.device_del = device_del  # type: ignore[method-assign]
+    exc = await run(plan, table, qemu, tracker)
+    assert exc is not None and exc.rollback.left == [] and seen and all(seen)
+    assert not {"d1", "d2", "d3"} & table.topology.device_ids()
 
 
 @pytest.mark.parametrize("machine", ["pc", "q35-native"])
