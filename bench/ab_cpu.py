@@ -4,12 +4,14 @@ threads) over its own attaches. The machine's speed varies 2x between runs; a ra
 run does not.
 
     .venv/bin/python -m bench.ab_cpu --a /path/to/old/checkout --b . [--rounds 10] [--per-round 20]
-        [--floor]
+        [--floor] [--bare]
 
 Reported per arm: CPU per attach (from the request to its reply) and per attach+detach cycle
 (everything the daemon did in a round, its threads' deferred writes included, over the round's
 cycles). ``--floor`` adds a third arm, bench/floor_relay.py (qemu.qmp behind a Unix socket and
-nothing else): the least an asyncio relay costs per attach on this machine.
+nothing else): the least an asyncio relay through qemu.qmp costs per attach on this machine;
+``--bare`` one more, bench/bare_relay.py (no QMP library, a protocol per socket, no task): the
+least any Python relay costs.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class FloorRelay(Daemon):
         return [sys.executable, str(ROOT / "bench" / "floor_relay.py"), str(self.sock)]
 
 
+class BareRelay(Daemon):
+    """bench/bare_relay.py in place of qmpfd."""
+
+    def _command(self, cfg: Path) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(self.sock)]
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", type=Path, required=True)
@@ -75,12 +84,18 @@ async def main() -> None:
     ap.add_argument("--per-round", type=int, default=20)
     ap.add_argument("--functions", type=int, default=1)
     ap.add_argument("--floor", action="store_true")
+    ap.add_argument("--bare", action="store_true")
+    ap.add_argument("--raw", action="store_true", help="an arm sending QMP by hand (latency)")
     args = ap.parse_args()
-    arms: dict[str, Callable[[Path], Daemon]] = {
+    arms: dict[str, Callable[[Path], Daemon | RawQmp]] = {
         "A": lambda w: Daemon(w, source=args.a.resolve()),
         "B": lambda w: Daemon(w, source=args.b.resolve())}
     if args.floor:
         arms["floor"] = FloorRelay
+    if args.bare:
+        arms["bare"] = BareRelay
+    if args.raw:
+        arms["raw"] = RawQmp
     attach, cycle = await compare(Path(tempfile.mkdtemp(prefix="qmpfd-ab-")), arms,
                                   args.rounds, args.per_round, args.functions)
     report(args.functions, attach, cycle)
@@ -145,13 +160,15 @@ async def compare(work: Path, make: dict[str, Callable[[Path], Daemon | RawQmp]]
 def report(functions: int, attach: dict[str, list[float]],
            cycle: dict[str, list[float]]) -> None:
     for what, values in (("attach", attach), ("attach+detach cycle", cycle)):
-        med = {k: statistics.median(v) * 1000 for k, v in values.items()}
-        floor = f", floor relay {med['floor']:.3f}" if "floor" in med else ""
+        med = {k: statistics.median(v) * 1000 for k, v in values.items() if v}
+        floor = "".join(f", {k} relay {med[k]:.3f}" for k in ("floor", "bare") if k in med)
         print(f"{functions}-function {what}, CPU ms (median of {len(values['A'])}): "
               f"A {med['A']:.3f}, B {med['B']:.3f}, B/A {med['B'] / med['A']:.2f}{floor}")
     lat = {k: statistics.median(v) * 1000 for k, v in LATENCY.items()}
     print(f"{functions}-function attach returns, ms (median): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()) + f", B/A {lat['B'] / lat['A']:.2f}")
+          + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()) + f", B/A {lat['B'] / lat['A']:.2f}"
+          + (", vs raw: " + ", ".join(f"{k} {v / lat['raw']:.2f}x" for k, v in lat.items())
+             if "raw" in lat else ""))
 
 
 if __name__ == "__main__":
