@@ -4,7 +4,7 @@ threads) over its own attaches. The machine's speed varies 2x between runs; a ra
 run does not.
 
     .venv/bin/python -m bench.ab_cpu --a /path/to/old/checkout --b . [--rounds 10] [--per-round 20]
-        [--floor] [--bare]
+        [--floor] [--bare] [--raw]
 
 Reported per arm: CPU per attach (from the request to its reply) and per attach+detach cycle
 (everything the daemon did in a round, its threads' deferred writes included, over the round's
@@ -65,15 +65,16 @@ class RawQmp:
 class FloorRelay(Daemon):
     """bench/floor_relay.py in place of qmpfd."""
 
+    script = "floor_relay.py"
+
     def _command(self, cfg: Path) -> list[str]:
-        return [sys.executable, str(ROOT / "bench" / "floor_relay.py"), str(self.sock)]
+        return [sys.executable, str(ROOT / "bench" / self.script), str(self.sock)]
 
 
-class BareRelay(Daemon):
+class BareRelay(FloorRelay):
     """bench/bare_relay.py in place of qmpfd."""
 
-    def _command(self, cfg: Path) -> list[str]:
-        return [sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(self.sock)]
+    script = "bare_relay.py"
 
 
 async def main() -> None:
