@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
 from qmpfd.client import errors, models
@@ -57,8 +57,9 @@ class Client:
     def __init__(self, path: str, qmp: QMPClient) -> None:
         self.path = path
         self._qmp = qmp
-        self._listener = EventListener()
-        qmp.register_listener(self._listener)
+        # The library's own all-events listener: a second one would hold every event twice,
+        # the first copy never read.
+        self._listener = qmp.events
 
     @classmethod
     async def open(cls, path: str, name: str = "qmpfd-client") -> Client:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 from qemu.qmp.models import ErrorResponse
 from qemu.qmp.qmp_client import BadReplyError
+
+from qmpfd.qemu.router import route_directly
 
 _NONE = object()
 
@@ -34,7 +36,38 @@ class DirectClient(QMPClient):
     i.e. a JSON encoding of every QMP message, logged or not. qom-list and query-pci replies
     are large: with 100 VMs that was a sixth of qmpfd's CPU time (bench/, scale). The hooks
     are the library's documented extension points for subclasses.
+
+    Once the session runs, QEMU's messages are routed in the socket's callback
+    (:mod:`qmpfd.qemu.router`): a reply straight into its command's queue, an event straight
+    to :attr:`on_event`. Events never reach the library's listeners, so its default
+    ``events`` listener, which nobody reads here, no longer keeps every event of the
+    connection's life.
     """
+
+    #: Called with every QEMU event, in the order QEMU sent it.
+    on_event: Callable[[dict[str, Any]], None] | None = None
+
+    async def _establish_session(self) -> None:
+        await super()._establish_session()
+        assert self._writer is not None
+        route_directly(self._writer, self._route)
+
+    async def _on_message(self, msg: Message) -> None:
+        """What the library's reader task still reads (messages that came with the
+        negotiation, and what the router passed on) is routed the same way first."""
+        if not self._route(dict(msg)):
+            await super()._on_message(msg)
+
+    def _route(self, msg: dict[str, Any]) -> bool:
+        if "event" in msg:
+            if self.on_event is not None:
+                self.on_event(msg)
+            return True
+        queue = self._pending.get(msg.get("id"))
+        if queue is None or queue.full():
+            return False            # the library's own routing: dropped, or a protocol error
+        queue.put_nowait(msg)       # type: ignore[arg-type]  # read as a Mapping, like Message
+        return True
 
     def _cb_outbound(self, msg: Message) -> Message:
         return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg

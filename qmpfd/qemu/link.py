@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import EventListener, ExecuteError, Runstate
+from qemu.qmp import ExecuteError, Runstate
 from qemu.qmp.error import QMPError
 
 from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
@@ -111,10 +111,9 @@ class QmpLink:
         self.socket_path = socket_path
         self.command_timeout = command_timeout
         self._client = DirectClient(f"qmpfd-{name}")
-        self._listener = EventListener()
-        self._client.register_listener(self._listener)
         self._events = EventFanout(name)
-        self._pump: asyncio.Task[None] | None = None
+        # Delivered in the socket's callback, in QEMU's order (no task between).
+        self._client.on_event = self._events.deliver
         self._watch: asyncio.Task[None] | None = None
         self.on_disconnect: Callable[[], None] | None = None
 
@@ -130,7 +129,7 @@ class QmpLink:
         runstate = self._client.runstate
         if runstate is Runstate.RUNNING:
             return LinkState.UP
-        return LinkState.NEW if runstate is Runstate.IDLE and self._pump is None \
+        return LinkState.NEW if runstate is Runstate.IDLE and self._watch is None \
             and not self._failed else LinkState.DOWN
 
     @property
@@ -154,16 +153,14 @@ class QmpLink:
             self._failed = True
             raise VmGone(f"VM '{self.name}': cannot connect to QMP socket "
                          f"{self.socket_path}: {exc}") from exc
-        self._pump = asyncio.create_task(self._pump_events(), name=f"events-{self.name}")
         self._watch = asyncio.create_task(self._watch_runstate(), name=f"watch-{self.name}")
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._pump, self._watch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch
         with contextlib.suppress(Exception):
             await self._client.disconnect()
 
@@ -226,10 +223,6 @@ class QmpLink:
         if isinstance(exc, TimeoutError):
             return Timeout(f"VM '{self.name}': QEMU did not answer {cmd} within {limit:g} s")
         return VmGone(f"VM '{self.name}': QMP connection lost during {cmd}: {exc}")
-
-    async def _pump_events(self) -> None:
-        async for event in self._listener:
-            self._events.deliver(dict(event))
 
     async def _watch_runstate(self) -> None:
         while True:
