@@ -27,6 +27,31 @@ class Sent(NamedTuple):
     id: str
 
 
+class ReplySlot:
+    """Where one command's reply waits: what the library's per-command
+    ``asyncio.Queue(maxsize=1)`` is used for, with the calls it makes on one (``put_nowait``
+    by the router and by the library's disconnect, ``put``, ``get``, ``full``), as one future
+    (a queue also makes two deques, an event and a counter per command)."""
+
+    __slots__ = ("_reply",)
+
+    def __init__(self) -> None:
+        self._reply: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    def full(self) -> bool:
+        return self._reply.done()
+
+    def put_nowait(self, item: object) -> None:
+        if not self._reply.done():    # a reply already here stays (a disconnect came after it)
+            self._reply.set_result(item)
+
+    async def put(self, item: object) -> None:
+        self.put_nowait(item)
+
+    async def get(self) -> object:
+        return await self._reply
+
+
 class DirectClient(QMPClient):
     """QMPClient whose message hooks format a message only when it will be logged, which
     makes a command's JSON once (:meth:`execute`) and writes it without a hop through its
@@ -132,7 +157,7 @@ class DirectClient(QMPClient):
         return self._write(msg, msg_id)
 
     def _write(self, msg: Message, msg_id: str | None) -> str | None:
-        self._pending[msg_id] = asyncio.Queue(maxsize=1)
+        self._pending[msg_id] = ReplySlot()  # type: ignore[assignment]
         try:
             self._do_send(self._cb_outbound(msg))
         except BaseException:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from qmpfd.errors import VmGone
+from qmpfd.qemu.direct import ReplySlot
 from qmpfd.qemu.link import QmpLink
 from qmpfd.qemu.router import MessageRouter
 from tests.unit.test_link import QmpPeer
@@ -85,6 +86,11 @@ async def test_replies_and_events_skip_the_library_reader_and_its_listeners(
         await real(msg)
     client._on_message = spy  # type: ignore[method-assign]
     peer.replies = {"query-status": {"status": "running"}}
+    waiting = asyncio.create_task(link.execute("query-status"))
+    await asyncio.sleep(0)
+    assert [type(w) for w in client._pending.values()] == [ReplySlot], \
+        "a future per command, not an asyncio.Queue"
+    assert await waiting == {"status": "running"}
     for n in range(3):
         peer.send({"event": "DEVICE_DELETED", "data": {"device": f"d{n}", "path": "/x"},
                    "timestamp": {"seconds": 1, "microseconds": 0}})
