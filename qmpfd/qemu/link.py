@@ -2,12 +2,13 @@
 
 It adds what the daemon needs above the library: an explicit :class:`LinkState`, every command
 bounded by a timeout, QEMU's error replies turned into :class:`~qmpfd.errors.QemuError`, a closed
-socket turned into :class:`~qmpfd.errors.VmGone`, and QEMU's events handed to subscribers (the
-slot table and the deletion tracker follow ``DEVICE_DELETED`` through it).
+socket turned into :class:`~qmpfd.errors.VmGone`, and QEMU's events handed to subscribers as they
+are read, in QEMU's order (the slot table and the deletion tracker follow ``DEVICE_DELETED``
+through it).
 
-Commands may be issued concurrently: the library matches replies to requests by id, and QEMU
-runs a monitor's commands in the order they arrive. The executor relies on that order: a
-``device_del`` sent after a ``device_add`` whose reply is late still finds the device.
+Commands may be issued concurrently: replies are matched to requests by id (in the socket's
+callback, :mod:`qmpfd.qemu.router`), and QEMU runs a monitor's commands in the order they
+arrive. The executor relies on that order: a ``device_del`` sent after a ``device_add`` whose reply is late still finds the device.
 """
 
 from __future__ import annotations
