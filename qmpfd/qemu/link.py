@@ -8,7 +8,8 @@ through it).
 
 Commands may be issued concurrently: replies are matched to requests by id (in the socket's
 callback, :mod:`qmpfd.qemu.router`), and QEMU runs a monitor's commands in the order they
-arrive. The executor relies on that order: a ``device_del`` sent after a ``device_add`` whose reply is late still finds the device.
+arrive. The executor relies on that order: a ``device_del`` sent after a ``device_add`` whose
+reply is late still finds the device.
 """
 
 from __future__ import annotations
