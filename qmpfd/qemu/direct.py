@@ -75,7 +75,8 @@ class DirectClient(QMPClient):
     async def _establish_session(self) -> None:
         await super()._establish_session()
         assert self._writer is not None
-        route_directly(self._writer, self._route)
+        # The library's read limit (10 MiB; an attribute since qemu.qmp 0.0.4, fixed before).
+        route_directly(self._writer, self._route, getattr(self, "readbuflen", 10 << 20))
 
     async def _on_message(self, msg: Message) -> None:
         """What the library's reader task still reads (messages that came with the

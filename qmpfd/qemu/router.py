@@ -27,21 +27,44 @@ Route = Callable[[dict[str, Any]], bool]
 class MessageRouter(asyncio.Protocol):
     """The socket's protocol while a session runs: ``route`` gets each message QEMU sends
     (QEMU ends each with CRLF, as the library's ``readline`` expects); ``stream`` (the
-    library's ``StreamReaderProtocol``) gets the rest, and everything about the connection."""
+    library's ``StreamReaderProtocol``) gets the rest, and everything about the connection.
+    A message longer than ``limit`` (the library's read limit) is the library's to refuse:
+    it and all that follows go to ``stream``, which ends the session as it always did."""
 
-    def __init__(self, stream: asyncio.BaseProtocol, route: Route) -> None:
+    def __init__(self, stream: asyncio.BaseProtocol, route: Route, limit: int) -> None:
         self._stream = stream
         self._route = route
-        self._partial = b""
+        self._limit = limit
+        self._partial: list[bytes] = []     # a message's pieces until its end arrives
+        self._partial_size = 0
+        self._passing_on = False
 
     def data_received(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n") if self._partial else data.split(b"\n")
-        self._partial = lines.pop()
+        if self._passing_on:
+            self._stream.data_received(data)  # type: ignore[attr-defined]
+            return
+        if b"\n" not in data:              # a large reply comes in pieces: joined once
+            self._partial.append(data)
+            self._partial_size += len(data)
+            if self._partial_size > self._limit:
+                self._passing_on = True
+                self._flush()
+            return
+        if self._partial:
+            data = b"".join([*self._partial, data])
+            self._partial.clear()
+            self._partial_size = 0
+        lines = data.split(b"\n")
+        if rest := lines.pop():
+            self._partial.append(rest)
+            self._partial_size = len(rest)
         for line in lines:
             if line.strip() and not self._routed(line):
                 self._stream.data_received(line + b"\n")  # type: ignore[attr-defined]
 
     def _routed(self, line: bytes) -> bool:
+        if len(line) > self._limit:
+            return False
         try:
             msg = json.loads(line)
         except ValueError:
@@ -63,13 +86,15 @@ class MessageRouter(asyncio.Protocol):
         self._stream.resume_writing()
 
     def _flush(self) -> None:
-        """A last line without its end goes to the library, which reads it as it would."""
+        """A message without its end goes to the library, which reads it as it would."""
         if self._partial:
-            partial, self._partial = self._partial, b""
+            partial = b"".join(self._partial)
+            self._partial.clear()
+            self._partial_size = 0
             self._stream.data_received(partial)  # type: ignore[attr-defined]
 
 
-def route_directly(writer: asyncio.StreamWriter, route: Route) -> None:
+def route_directly(writer: asyncio.StreamWriter, route: Route, limit: int) -> None:
     """Put a :class:`MessageRouter` between ``writer``'s socket and its stream protocol."""
     transport = writer.transport
-    transport.set_protocol(MessageRouter(transport.get_protocol(), route))
+    transport.set_protocol(MessageRouter(transport.get_protocol(), route, limit))

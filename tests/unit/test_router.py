@@ -52,7 +52,8 @@ class Stream(asyncio.Protocol):
 def test_whole_lines_are_routed_split_ones_wait_and_the_rest_goes_to_the_library() -> None:
     routed: list[dict[str, Any]] = []
     stream = Stream()
-    router = MessageRouter(stream, lambda m: routed.append(m) or m.get("id") != "unknown")
+    router = MessageRouter(stream, lambda m: routed.append(m) or m.get("id") != "unknown",
+                           limit=1000)
     router.data_received(b'{"return": {}, "id": "a"}\r\n{"event": "X", "da')
     assert routed == [{"return": {}, "id": "a"}] and stream.data == b""
     router.data_received(b'ta": {}}\r\n\r\n{"return": 1, "id": "unknown"}\r\nnot json\r\n[1]\r\n')
@@ -65,6 +66,25 @@ def test_whole_lines_are_routed_split_ones_wait_and_the_rest_goes_to_the_library
     router.connection_lost(None)
     assert stream.data.endswith(b'[1]\r\n{"return": {}, "i')
     assert stream.calls == ["pause", "resume", "eof", "lost None"]
+
+
+def test_a_message_over_the_limit_and_all_after_it_are_the_library_s() -> None:
+    """The library refuses a message longer than its read limit and ends the session: the
+    router leaves that to it, and a large message within the limit is joined once."""
+    routed: list[dict[str, Any]] = []
+    stream = Stream()
+    router = MessageRouter(stream, lambda m: routed.append(m) or True, limit=100)
+    big = b'{"return": "' + b"x" * 70 + b'", "id": "a"}'
+    for piece in (big[:30], big[30:60], big[60:]):
+        router.data_received(piece)
+    router.data_received(b"\r\n")
+    assert routed == [{"return": "x" * 70, "id": "a"}] and stream.data == b""
+    router.data_received(b'{"return": "' + b"y" * 60)
+    router.data_received(b"y" * 60)                      # over the limit, no end yet
+    router.data_received(b'", "id": "b"}\r\n{"return": {}, "id": "c"}\r\n')
+    assert len(routed) == 1
+    assert stream.data == b'{"return": "' + b"y" * 120 + b'", "id": "b"}\r\n' \
+        b'{"return": {}, "id": "c"}\r\n'
 
 
 async def test_replies_and_events_skip_the_library_reader_and_its_listeners(
