@@ -63,7 +63,7 @@ class DirectClient(QMPClient):
     are the library's documented extension points for subclasses.
 
     Once the session runs, QEMU's messages are routed in the socket's callback
-    (:mod:`qmpfd.qemu.router`): a reply straight into its command's queue, an event straight
+    (:mod:`qmpfd.qemu.router`): a reply straight into its command's slot, an event straight
     to :attr:`on_event`. Events never reach the library's listeners, so its default
     ``events`` listener, which nobody reads here, no longer keeps every event of the
     connection's life.
@@ -75,7 +75,7 @@ class DirectClient(QMPClient):
     async def _establish_session(self) -> None:
         await super()._establish_session()
         assert self._writer is not None
-        # The library's read limit (10 MiB; an attribute since qemu.qmp 0.0.4, fixed before).
+        # The library's read limit (its default, 10 MiB, if a release has no such attribute).
         route_directly(self._writer, self._route, getattr(self, "readbuflen", 10 << 20))
 
     async def _on_message(self, msg: Message) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.unit.qmp_peer import QmpPeer
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +24,12 @@ def logging_restored() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.getLogger("qemu").setLevel(qemu_level)
+
+
+@pytest.fixture
+async def peer(tmp_path: Path) -> AsyncIterator[QmpPeer]:
+    """A scripted QMP peer on a Unix socket (tests/unit/qmp_peer.py)."""
+    p = QmpPeer(tmp_path / "qmp.sock")
+    await p.start()
+    yield p
+    await p.stop()

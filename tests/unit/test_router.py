@@ -4,8 +4,6 @@ everything about the connection, passed on to the library's stream unchanged."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,15 +12,7 @@ from qmpfd.errors import VmGone
 from qmpfd.qemu.direct import ReplySlot
 from qmpfd.qemu.link import QmpLink
 from qmpfd.qemu.router import MessageRouter
-from tests.unit.test_link import QmpPeer
-
-
-@pytest.fixture
-async def peer(tmp_path: Path) -> AsyncIterator[QmpPeer]:
-    p = QmpPeer(tmp_path / "qmp.sock")
-    await p.start()
-    yield p
-    await p.stop()
+from tests.unit.qmp_peer import QmpPeer
 
 
 class Stream(asyncio.Protocol):
