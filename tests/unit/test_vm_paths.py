@@ -181,7 +181,9 @@ async def test_vm_remove_refused_while_an_attach_runs_and_forced_settles_it(
         return await real(cmd, args, timeout)
     h.qemu.execute = slow  # type: ignore[method-assign]
     attach = asyncio.create_task(h.vm.attach(SPECS))
-    await until(lambda: removal.in_flight(h.vm), "attach in flight")
+    # Journaled and waiting for QEMU (the slot is claimed a little before its record is
+    # written: a flight seen in between names no operation yet).
+    await until(lambda: any(f.operation for f in removal.in_flight(h.vm)), "attach journaled")
     flights = removal.in_flight(h.vm)
     refused = removal.refusal("v", flights)
     assert "attach operation" in refused.desc and "force: true" in refused.desc
