@@ -19,7 +19,7 @@ from qmpfd.access.policy import AccessPolicy
 from qmpfd.api import models as m
 from qmpfd.api import replies, schema, tenancy, wire
 from qmpfd.api.eventlog import EventLog
-from qmpfd.api.session import Session
+from qmpfd.api.session import Session, early_reply
 from qmpfd.api.tenancy import AccessDenied
 from qmpfd.api.xml import libvirt_bus, parse_devices_xml
 from qmpfd.client import models as r
@@ -99,6 +99,8 @@ class Commands:
         scope = self.access.scope(session.peer)
         if scope is None:
             return await self._run(cmd, name, args, session)
+        if (early := early_reply()) is not None:
+            early.allowed = False      # a tenant's reply is its view of the value (below)
         try:
             tenancy.check(scope, cmd.reach, name, args, self.vms)
             if self._in_flight.get(scope.rule, 0) >= scope.requests:
@@ -224,7 +226,9 @@ class Commands:
             reply = replies.PreparedAttached(vm.name)
             return reply.reply(await vm.attach(specs, bus=a.bus, slot=a.slot,
                                                dry_run=a.dry_run, timeout=a.timeout,
-                                               while_qemu_works=reply.prepare))
+                                               while_qemu_works=reply.prepare,
+                                               on_plugged=(reply.plugged if reply.answers_early
+                                                           else None)))
         requests = [HostFunctionRequest(f.id, f.host, f.function, f.unassigned, f.managed)
                     for f in a.functions if f.host is not None]
         assignment = await self.host.plan(requests, vm.name, a.force)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from qmpfd.api.eventlog import Replay
+from qmpfd.api.session import early_reply
 from qmpfd.client import models as m
 from qmpfd.hotplug.pending import PendingSlot
 from qmpfd.hotplug.plan import Plan
@@ -75,16 +76,31 @@ def attached(result: AttachResult) -> dict[str, Any]:
 class PreparedAttached:
     """An attach's success reply, made while QEMU works on its device_adds (the event loop
     waits idle then: about 1.6 ms for one function here) instead of after QEMU's answer, on
-    the path to the client's. Used only for the plan it was made for; a plan made again (a
-    retry on a fresh view) or no preparation at all: made on the spot, as before."""
+    the path to the client's, and written to the client (:class:`~qmpfd.api.session.EarlyReply`)
+    in the callback that read QEMU's acceptance (:meth:`plugged`). Used only for the plan it
+    was made for; a plan made again (a retry on a fresh view) or no preparation at all: made
+    on the spot, as before."""
 
     def __init__(self, vm: str) -> None:
         self._vm = vm
         self._for: Plan | None = None
         self._reply: dict[str, Any] = {}
+        self._early = early_reply()
 
     def prepare(self, plan: Plan) -> None:
         self._for, self._reply = plan, attached(AttachResult(self._vm, plan))
+        if self._early is not None:
+            self._early.prepare(self._reply)
+
+    @property
+    def answers_early(self) -> bool:
+        """Whether :meth:`plugged` can answer the client (a client's request, not a tenant's)."""
+        return self._early is not None and self._early.allowed
+
+    def plugged(self, plan: Plan) -> None:
+        """QEMU accepted the plan's last device_add: the client is answered now."""
+        if self._early is not None and self._for is plan:
+            self._early.send()
 
     def reply(self, result: AttachResult) -> dict[str, Any]:
         if self._for is result.plan and not result.dry_run:

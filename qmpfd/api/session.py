@@ -9,7 +9,8 @@ Requests from one client run one after another, like QEMU's own monitor, so a cl
 several commands without ids still reads replies in order. Replies and events go out in the order
 they were produced: events gathered per event-loop iteration into one write, a reply written at
 once with the events before it (an operation's last event and its reply are one ``send``, not
-two). A client that stops reading loses its events (and is disconnected) once
+two). An attach's reply is produced earlier, once QEMU accepted it (:class:`EarlyReply`): its
+event then follows it. A client that stops reading loses its events (and is disconnected) once
 :data:`OUTPUT_BACKLOG_LIMIT` bytes wait for it, rather than stalling the daemon or other
 clients: an event is never waited for.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 from collections.abc import Awaitable, Callable
@@ -36,6 +38,48 @@ READ_CHUNK = 65536
 
 
 Dispatcher = Callable[[str, dict[str, Any], "Session"], Awaitable[Any]]
+
+
+class EarlyReply:
+    """A request's success reply, written before its handler returns: from the callback that
+    read QEMU's answer, once what the reply claims holds in QEMU (an attach's last
+    ``device_add`` accepted). The handler's bookkeeping after that point (the slot's state,
+    its journal end, its event) then runs after the reply instead of before it; it runs
+    before this client's next request is read and before any other input is handled (the
+    handler's wake-up is already queued), so nobody observes the difference but the clock.
+
+    ``prepare`` makes the reply's bytes (while QEMU works); ``send`` writes them, once. The
+    handler's own return value is then not sent again, and a failure it raises after that
+    point is logged, not sent: QEMU carried the request out."""
+
+    __slots__ = ("_data", "_request", "_session", "allowed", "sent")
+
+    def __init__(self, session: Session, request: wire.Message) -> None:
+        self._session = session
+        self._request = request
+        self._data: bytes | None = None
+        self.sent = False
+        #: False where the reply is changed after the handler returns (a tenant's view)
+        self.allowed = True
+
+    def prepare(self, value: Any) -> None:
+        if self.allowed:
+            self._data = wire.encode(wire.return_reply(value, self._request))
+
+    def send(self) -> None:
+        if self._data is not None and self.allowed and not self.sent:
+            self.sent = True
+            self._session._write_now(self._data)
+
+
+#: the request being handled in this task, whose reply may be written early
+_early_reply: contextvars.ContextVar[EarlyReply | None] = contextvars.ContextVar(
+    "qmpfd_early_reply", default=None)
+
+
+def early_reply() -> EarlyReply | None:
+    """The current request's :class:`EarlyReply` (None outside a client's request)."""
+    return _early_reply.get()
 
 
 class SessionState(enum.Enum):
@@ -108,6 +152,7 @@ class Session:
                 if not data:
                     break
                 for message in splitter.feed(data):
+                    reply: wire.Message | None
                     if isinstance(message, wire.Oversized):
                         reply = wire.error_reply(
                             "GenericError",
@@ -118,7 +163,10 @@ class Session:
                             None)
                     else:
                         reply = await self._handle(message)
-                    await self._send(reply)
+                    if reply is not None:
+                        await self._send(reply)
+                    elif self._writer.transport.get_write_buffer_size() > 0:
+                        await self._writer.drain()    # the reply went early: same pacing
         except ConnectionError:
             pass
         finally:
@@ -128,8 +176,10 @@ class Session:
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
 
-    async def _handle(self, line: bytes) -> wire.Message:
+    async def _handle(self, line: bytes) -> wire.Message | None:
+        """The reply to send, or None when it was written already (:class:`EarlyReply`)."""
         request: wire.Message | None = None
+        early: EarlyReply | None = None
         try:
             request = wire.parse_request(line)
             name, args = wire.check_request(request)
@@ -146,12 +196,22 @@ class Session:
             if name == "qmp_capabilities":
                 raise CommandNotFound("Capabilities negotiation is already complete, command "
                                       "ignored")
-            value = await self._dispatch(name, args, self)
-            return wire.return_reply(value, request)
+            early = EarlyReply(self, request)
+            token = _early_reply.set(early)
+            try:
+                value = await self._dispatch(name, args, self)
+            finally:
+                _early_reply.reset(token)
+            return None if early.sent else wire.return_reply(value, request)
         except QmpfdError as exc:
+            if early is not None and early.sent:
+                log.error("a request failed after its success was answered: %s", exc.desc)
+                return None
             return wire.reply_for_error(exc, request)
         except Exception as exc:  # a bug must not take the connection down with it
             log.exception("internal error handling a request")
+            if early is not None and early.sent:
+                return None
             return wire.reply_for_error(QmpfdError(f"internal error: {exc}"), request)
 
     async def _send(self, msg: wire.Message) -> None:
@@ -159,7 +219,10 @@ class Session:
         for the end of the loop iteration would put one more turn between QEMU's answer and
         the client's); the next request is read once the client takes its output (its own
         replies pace it, as before)."""
-        self._output.append(wire.encode(msg))   # a flush already scheduled finds nothing left
-        self._flush()
+        self._write_now(wire.encode(msg))
         if self._writer.transport.get_write_buffer_size() > 0:
             await self._writer.drain()
+
+    def _write_now(self, data: bytes) -> None:
+        self._output.append(data)   # a flush already scheduled finds nothing left
+        self._flush()

@@ -21,14 +21,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from qmpfd.errors import GuestEjected, QemuError, QmpfdError, Timeout, VmGone
 from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.plan import Plan, Step
 from qmpfd.hotplug.policies.base import is_transient
 from qmpfd.hotplug.slots import SlotTable
+from qmpfd.qemu.direct import OnReturn
 from qmpfd.qemu.link import Link
-from qmpfd.qemu.topology import peripheral
+from qmpfd.qemu.topology import RawDevice, peripheral
 
 log = logging.getLogger("qmpfd.hotplug")
 
@@ -56,14 +58,17 @@ def _where(step: Step) -> str:
     return f"function {step.function} ('{step.id}', {step.arguments.get('driver')})"
 
 
-async def _send(link: Link, steps: Sequence[Step], timeout: float
+async def _send(link: Link, steps: Sequence[Step], timeout: float,
+                on_return: OnReturn | None = None
                 ) -> tuple[list[Step], list[Step], tuple[Step, QmpfdError] | None]:
-    """Send ``steps`` together; (accepted, unanswered in time, first refusal or loss)."""
+    """Send ``steps`` together; (accepted, unanswered in time, first refusal or loss).
+    ``on_return``: for a batch of one, see :meth:`Link.execute <qmpfd.qemu.link.Link.execute>`."""
     results: list[object]
     if len(steps) == 1:      # the common single-function plug
+        extra = {"on_return": on_return} if on_return is not None else {}
         try:
             results = [await link.execute(steps[0].execute, dict(steps[0].arguments),
-                                          timeout=timeout)]
+                                          timeout=timeout, **extra)]
         except QmpfdError as exc:
             results = [exc]
     else:                    # written together, replies read in order: no task per function
@@ -87,10 +92,36 @@ async def _send(link: Link, steps: Sequence[Step], timeout: float
     return accepted, late, failure
 
 
+class _LastReply:
+    """The ``on_return`` of an attach's last ``device_add``: unless QEMU deleted one of the
+    slot's functions before that reply, tells ``on_plugged`` and records the slot's
+    functions in the table, all in the callback that read the reply."""
+
+    def __init__(self, plan: Plan, steps: Sequence[Step], table: SlotTable,
+                 tracker: DeletionTracker, start: int, on_plugged: Callable[[], None]) -> None:
+        self._plan, self._steps, self._table = plan, steps, table
+        self._tracker, self._start, self._on_plugged = tracker, start, on_plugged
+        self.seen = False
+
+    def __call__(self) -> None:
+        if {s.id for s in self._steps} & self._tracker.deleted_since(self._start):
+            return                   # the executor decides, as without the callback
+        self._on_plugged()
+        plan = self._plan
+        self._table.added((plan.bus, plan.slot), [_device(plan, s) for s in self._steps])
+        self.seen = True
+
+
 async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table: SlotTable,
-                         after_step: Callable[[int], Awaitable[None]] | None = None) -> None:
+                         after_step: Callable[[int], Awaitable[None]] | None = None,
+                         on_plugged: Callable[[], None] | None = None) -> None:
     """Plug the plan's functions (non-zero together, then function 0), and roll back on any
-    failure. ``after_step(n)`` runs once n device_adds have been accepted (fault injection)."""
+    failure. ``after_step(n)`` runs once n device_adds have been accepted (fault injection).
+
+    ``on_plugged``: called in the callback that read QEMU's acceptance of the last
+    ``device_add`` (nothing of the slot deleted by then), before the slot table records it and
+    before anything QEMU sent after that reply is handled: the attach has succeeded in QEMU
+    there, and whatever follows (a guest's eject) is the slot's next change, not part of it."""
     key = (plan.bus, plan.slot)
     timeout = plan.policy.timeouts.plug
     batches = [list(plan.steps[:-1]), [plan.steps[-1]]] if len(plan.steps) > 1 \
@@ -100,7 +131,13 @@ async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table
     unrecorded: list[Step] = []     # QEMU has (or may have) them; the slot table not yet
     start = tracker.seq
     for batch in batches:
-        ok, unanswered, failure = await _send(link, batch, timeout)
+        last = (_LastReply(plan, [*unrecorded, *batch], table, tracker, start, on_plugged)
+                if on_plugged is not None and batch is batches[-1] else None)
+        ok, unanswered, failure = await _send(link, batch, timeout, last)
+        if last is not None and last.seen:   # its reply arrived, whatever a timer says
+            if after_step is not None:
+                await after_step(len(added) + 1)
+            return
         unrecorded += (*ok, *unanswered)
         # A DEVICE_DELETED read before the reply it follows: never record what QEMU dropped.
         gone = tracker.deleted_since(start)
@@ -111,18 +148,10 @@ async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table
         if failure is not None or batch is batches[-1]:
             # One change of the table per attach (each builds the VM's topology anew), before
             # any rollback: the slot is this attach's meanwhile, nothing else reads its functions.
-            table.added(key, [peripheral(s.id, str(s.arguments["driver"]), plan.slot,
-                                         s.function) for s in unrecorded if s.id not in gone])
+            table.added(key, [_device(plan, s) for s in unrecorded if s.id not in gone])
         if failure is not None:
-            added = [i for i in added if i not in gone]
-            step, exc = failure
-            if isinstance(exc, VmGone):
-                raise AttachFailed(exc, f"{_where(step)}: {exc.desc}",
-                                   RollbackResult(left=added + late)) from exc
-            result = await rollback(plan, added, late, link, tracker, table)
-            tail = "; rolled back" if not result.left else (
-                f"; rollback still waiting for the guest to release {', '.join(result.left)}")
-            raise AttachFailed(exc, f"{_where(step)}: {exc.desc}{tail}", result) from exc
+            await _undo(plan, failure, [i for i in added if i not in gone], late, link,
+                        tracker, table)
         if after_step is not None:
             for n in range(len(added) - len(ok) + 1, len(added) + 1):
                 await after_step(n)
@@ -133,6 +162,25 @@ async def execute_attach(plan: Plan, link: Link, tracker: DeletionTracker, table
         raise AttachFailed(GuestEjected(_ejected_desc(ejected)),
                            _ejected_desc(ejected) + ("; rolled back" if not result.left else
                                                      "; rollback still waiting"), result)
+
+
+async def _undo(plan: Plan, failure: tuple[Step, QmpfdError], added: list[str],
+                late: list[str], link: Link, tracker: DeletionTracker,
+                table: SlotTable) -> NoReturn:
+    """A step failed: take back what QEMU has (``added``) or may have (``late``), and raise
+    the attach's failure."""
+    step, exc = failure
+    if isinstance(exc, VmGone):
+        raise AttachFailed(exc, f"{_where(step)}: {exc.desc}",
+                           RollbackResult(left=added + late)) from exc
+    result = await rollback(plan, added, late, link, tracker, table)
+    tail = "; rolled back" if not result.left else (
+        f"; rollback still waiting for the guest to release {', '.join(result.left)}")
+    raise AttachFailed(exc, f"{_where(step)}: {exc.desc}{tail}", result) from exc
+
+
+def _device(plan: Plan, step: Step) -> RawDevice:
+    return peripheral(step.id, str(step.arguments["driver"]), plan.slot, step.function)
 
 
 def _ejected_desc(ids: set[str]) -> str:

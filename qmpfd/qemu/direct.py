@@ -18,6 +18,11 @@ from qemu.qmp.qmp_client import BadReplyError
 from qmpfd.qemu.router import route_directly
 
 _NONE = object()
+log = logging.getLogger("qmpfd.vm")
+
+#: Called once, in the socket's callback that read a command's successful reply, before the
+#: command's caller resumes (and before any later message from QEMU is routed).
+OnReturn = Callable[[], None]
 
 
 class Sent(NamedTuple):
@@ -33,17 +38,24 @@ class ReplySlot:
     by the router and by the library's disconnect, ``put``, ``get``, ``full``), as one future
     (a queue also makes two deques, an event and a counter per command)."""
 
-    __slots__ = ("_reply",)
+    __slots__ = ("_on_return", "_reply")
 
-    def __init__(self) -> None:
+    def __init__(self, on_return: OnReturn | None = None) -> None:
         self._reply: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._on_return = on_return
 
     def full(self) -> bool:
         return self._reply.done()
 
     def put_nowait(self, item: object) -> None:
-        if not self._reply.done():    # a reply already here stays (a disconnect came after it)
-            self._reply.set_result(item)
+        if self._reply.done():        # a reply already here stays (a disconnect came after it)
+            return
+        if self._on_return is not None and isinstance(item, Mapping) and "return" in item:
+            try:
+                self._on_return()
+            except Exception:         # the waiting command still gets its reply
+                log.exception("a command's on_return failed")
+        self._reply.set_result(item)
 
     async def put(self, item: object) -> None:
         self.put_nowait(item)
@@ -102,18 +114,20 @@ class DirectClient(QMPClient):
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
     async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
-                      oob: bool = False) -> object:
+                      oob: bool = False, on_return: OnReturn | None = None) -> object:
         """The library's ``execute``, with the command made into JSON once. The library builds
         a Message (serialised), copies it in ``execute_msg`` (serialised again, through the
         Mapping interface) and serialises it a third time to send it once the id is set: about
         two thirds of a command's cost before it leaves (bench/profile.md). Same checks, same
         errors: not connected is the library's own StateError, QEMU's error reply an
-        ExecuteError, a reply with neither member a BadReplyError."""
+        ExecuteError, a reply with neither member a BadReplyError. ``on_return``: see
+        :data:`OnReturn` (not called on the library's own path, before a session runs)."""
         if self.runstate is not Runstate.RUNNING or oob:
             return await super().execute(cmd, arguments, oob)
-        return await self.returned(self.send_now(cmd, arguments))
+        return await self.returned(self.send_now(cmd, arguments, on_return))
 
-    def send_now(self, cmd: str, arguments: Mapping[str, object] | None) -> Sent:
+    def send_now(self, cmd: str, arguments: Mapping[str, object] | None,
+                 on_return: OnReturn | None = None) -> Sent:
         """Write one command at once (the caller checked the runstate); its reply waits in
         its queue until :meth:`returned` (or :meth:`forget`)."""
         msg_id = self._get_exec_id()
@@ -121,7 +135,7 @@ class DirectClient(QMPClient):
         if arguments is not None:
             body["arguments"] = arguments
         msg = Message(body, eager=False)       # built whole: no item set through the Mapping
-        self._write(msg, msg_id)
+        self._write(msg, msg_id, on_return)
         return Sent(msg, msg_id)
 
     async def returned(self, sent: Sent) -> object:
@@ -157,8 +171,9 @@ class DirectClient(QMPClient):
         assert msg_id is None or isinstance(msg_id, str)
         return self._write(msg, msg_id)
 
-    def _write(self, msg: Message, msg_id: str | None) -> str | None:
-        self._pending[msg_id] = ReplySlot()  # type: ignore[assignment]
+    def _write(self, msg: Message, msg_id: str | None,
+               on_return: OnReturn | None = None) -> str | None:
+        self._pending[msg_id] = ReplySlot(on_return)  # type: ignore[assignment]
         try:
             self._do_send(self._cb_outbound(msg))
         except BaseException:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from qmpfd.errors import Timeout
+from qmpfd.qemu.direct import OnReturn
 from qmpfd.qemu.link import Command, EventHandler, Link, LinkState
 
 #: Seconds the controller must be quiet before a device_del (the guest's method run for the
@@ -184,9 +185,10 @@ class GatedLink:
         return self.inner.subscribe(handler)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
-        return await self.gate.execute(cmd, args or {},
-                                       lambda: self.inner.execute(cmd, args, timeout=timeout))
+                      timeout: float | None = None, on_return: OnReturn | None = None
+                      ) -> Any:
+        return await self.gate.execute(cmd, args or {}, lambda: self.inner.execute(
+            cmd, args, timeout=timeout, on_return=on_return))
 
     async def execute_batch(self, commands: Sequence[Command],
                             timeout: float | None = None) -> list[object]:

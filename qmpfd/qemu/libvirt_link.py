@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qmpfd.errors import QemuError, Timeout, VmGone
+from qmpfd.qemu.direct import OnReturn
 from qmpfd.qemu.link import Command, EventFanout, EventHandler, LinkState, execute_together
 
 log = logging.getLogger("qmpfd.qemu")
@@ -175,7 +176,8 @@ class LibvirtLink:
         return self._events.subscribe(handler)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None, on_return: OnReturn | None = None
+                      ) -> Any:
         if not self.connected:
             raise VmGone(f"VM '{self.name}' is not connected (libvirt domain "
                          f"'{self.domain_name}')")
@@ -191,6 +193,8 @@ class LibvirtLink:
             err = reply["error"]
             raise QemuError(f"{err.get('class', 'GenericError')}: {err.get('desc', '')}",
                             str(err.get("class", "GenericError")))
+        if on_return is not None:      # libvirt answers from its own thread: called here
+            on_return()
         return reply.get("return")
 
     async def execute_batch(self, commands: Sequence[Command],

@@ -26,7 +26,7 @@ from qemu.qmp import ExecuteError, Runstate
 from qemu.qmp.error import QMPError
 
 from qmpfd.errors import QemuError, QmpfdError, Timeout, VmGone
-from qmpfd.qemu.direct import DirectClient, Sent
+from qmpfd.qemu.direct import DirectClient, OnReturn, Sent
 from qmpfd.qemu.socketfile import nothing_listens, socket_identity_problem
 
 log = logging.getLogger("qmpfd.vm")
@@ -78,7 +78,12 @@ class Link(Protocol):
     def subscribe(self, handler: EventHandler) -> Callable[[], None]: ...
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any: ...
+                      timeout: float | None = None, on_return: OnReturn | None = None
+                      ) -> Any:
+        """The command's return value; QemuError, Timeout or VmGone raised. ``on_return``:
+        called once QEMU returned success, before the caller resumes and before anything
+        QEMU sent after that reply is handled (:data:`~qmpfd.qemu.direct.OnReturn`)."""
+        ...
 
     async def execute_batch(self, commands: Sequence[Command],
                             timeout: float | None = None) -> list[object]:
@@ -170,14 +175,15 @@ class QmpLink:
         return self._events.subscribe(handler)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None, on_return: OnReturn | None = None
+                      ) -> Any:
         if not self.connected:
             raise self._not_connected()
         limit = self.command_timeout if timeout is None else timeout
         self.commands_sent += 1
         try:
             async with asyncio.timeout(limit):   # no extra task per command (wait_for makes one)
-                return await self._client.execute(cmd, args)
+                return await self._client.execute(cmd, args, on_return=on_return)
         except (ExecuteError, TimeoutError, QMPError, OSError, EOFError) as exc:
             raise self._failure(exc, cmd, limit) from exc
 

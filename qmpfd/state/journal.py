@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,10 @@ from qmpfd.state.log import AppendLog, JournalDamaged
 from qmpfd.state.logfile import fsync_dir
 
 log = logging.getLogger("qmpfd.state")
+
+#: Operation ids: 48 random bits each, from a generator seeded by the OS once (an id names an
+#: operation; it guards nothing), not a getrandom call per operation on the request's path
+_ids = random.Random(os.urandom(16))
 
 LOG_NAME = "journal.log"
 LEGACY_NAME = "state.json"   # format 1: one JSON document (migrated on first start)
@@ -62,7 +66,7 @@ class Operation:
     slot: int
     functions: dict[str, int]       # id -> guest function number
     policy: str
-    id: str = field(default_factory=lambda: secrets.token_hex(6))   # 12 random hex digits
+    id: str = field(default_factory=lambda: f"{_ids.getrandbits(48):012x}")  # 12 hex digits
     started: float = field(default_factory=time.time)
     #: the device_del commands have been sent (do not press a PCIe button twice).
     sent: bool = False

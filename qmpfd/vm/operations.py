@@ -1,14 +1,17 @@
 """Attach of one VM's slot: plan under the allocation lock, journal, execute, and move the slot
 through its states (:mod:`qmpfd.hotplug.slots`). Detach is :mod:`qmpfd.vm.detach`.
 
-Each operation is journaled (synced) before QEMU is touched; the journal's "end" is not waited
-for. Host functions held for an attach are given back once, by whoever sees the slot's functions
-leave QEMU (:class:`~qmpfd.vm.unplug.Unplug`).
+Each operation is journaled before QEMU is touched, synced where a crash could leave a state
+QEMU cannot tell (:mod:`qmpfd.state.journal`); the journal's "end" is not waited for. The
+client may be answered from the callback that read QEMU's acceptance (``on_plugged``), before
+the slot's bookkeeping here. Host functions held for an attach are given back once, by whoever
+sees the slot's functions leave QEMU (:class:`~qmpfd.vm.unplug.Unplug`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,30 +50,34 @@ def plan_and_reserve(vm: VmContext, functions: Sequence[FunctionSpec], bus: str 
 
 #: told the plan once its first device_adds are written, while QEMU works on them
 WhileQemuWorks = Callable[[Plan], None]
+#: told the plan in the callback that read QEMU's acceptance of its last device_add: the
+#: attach has succeeded in QEMU, before anything else runs (see :func:`run_attach`)
+OnPlugged = Callable[[Plan], None]
 
 
 async def attach(vm: VmContext, functions: Sequence[FunctionSpec], *, bus: str | None = None,
                  slot: int | None = None, dry_run: bool = False,
                  timeout: float | None = None,
                  acquire: Callable[[], Awaitable[None]] | None = None,
-                 while_qemu_works: WhileQemuWorks | None = None) -> AttachResult:
+                 while_qemu_works: WhileQemuWorks | None = None,
+                 on_plugged: OnPlugged | None = None) -> AttachResult:
     """Attach ``functions`` as one slot. ``acquire``: bind the host functions the attach passes
     through (and journal them as held) first; this operation then gives them back, through the
     VM's one release path, whenever the attach leaves nothing of them in QEMU.
     ``while_qemu_works``: work for the caller in the wait for QEMU's answer (the loop is idle
     then), such as its reply for the plan: done there, it is off the path from QEMU's answer
-    to the client's."""
+    to the client's. ``on_plugged``: see :func:`run_attach`."""
     if dry_run:
         async with vm.alloc:
             plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
                                from_top=vm.slots_from_top)
         return AttachResult(vm.name, plan, dry_run=True)
     if acquire is None:
-        return await _attach(vm, functions, bus, slot, timeout, while_qemu_works)
+        return await _attach(vm, functions, bus, slot, timeout, while_qemu_works, on_plugged)
     await acquire()
     ids = [f.id for f in functions]
     try:
-        return await _attach(vm, functions, bus, slot, timeout, while_qemu_works)
+        return await _attach(vm, functions, bus, slot, timeout, while_qemu_works, on_plugged)
     except AttachFailed as exc:
         # Still in QEMU (given back once QEMU deletes them), or not known yet (given back by
         # the reconnect's reconcile if nothing of them is there): not now.
@@ -84,11 +91,13 @@ async def attach(vm: VmContext, functions: Sequence[FunctionSpec], *, bus: str |
 
 async def _attach(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | None,
                   slot: int | None, timeout: float | None,
-                  while_qemu_works: WhileQemuWorks | None) -> AttachResult:
+                  while_qemu_works: WhileQemuWorks | None,
+                  on_plugged: OnPlugged | None) -> AttachResult:
     async with vm.alloc:
         plan = plan_and_reserve(vm, functions, bus, slot, timeout)
     try:
-        await run_attach(vm, plan, retry_if_stale=True, while_qemu_works=while_qemu_works)
+        await run_attach(vm, plan, retry_if_stale=True, while_qemu_works=while_qemu_works,
+                         on_plugged=on_plugged)
     except AttachFailed as exc:
         if not _may_be_stale(exc):
             raise
@@ -101,7 +110,7 @@ async def _attach(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | N
             log.info("QEMU's view differed from qmpfd's; planning again on what QEMU holds",
                      extra={"vm": vm.name, "error": exc.desc})
             plan = plan_and_reserve(vm, functions, bus, slot, timeout)
-        await run_attach(vm, plan, while_qemu_works=while_qemu_works)
+        await run_attach(vm, plan, while_qemu_works=while_qemu_works, on_plugged=on_plugged)
     return AttachResult(vm.name, plan)
 
 
@@ -125,12 +134,19 @@ async def _view_was_stale(vm: VmContext, plan: Plan) -> bool:
 
 
 async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False,
-                     while_qemu_works: WhileQemuWorks | None = None) -> None:
+                     while_qemu_works: WhileQemuWorks | None = None,
+                     on_plugged: OnPlugged | None = None) -> None:
     """Execute a reserved plan: journal, plug, and settle the slot's state either way.
 
     ``retry_if_stale``: the caller plans again if QEMU refused because qmpfd's view was stale,
     so a fully undone refusal is not announced here: the caller announces it if it does not
     retry (the client sees one outcome). ``while_qemu_works``: see :func:`attach`.
+
+    ``on_plugged``: told the plan in the socket's callback that read QEMU's acceptance of the
+    last device_add, where the attach has succeeded in QEMU (the caller answers its client
+    there: the slot's bookkeeping, its journal end and its event follow, before any request
+    that answer could prompt is read). Not for a plan that brings a bus: that bus is read
+    from QEMU before the attach returns.
     """
     key = (plan.bus, plan.slot)
     owner = vm.table.claim(key)      # this attach's work on the slot (reserved with the plan)
@@ -143,10 +159,14 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False,
         # Runs at the loop's next turn: after the first device_adds are written (the
         # executor writes before it first waits), long before QEMU's answer can be read.
         loop.call_soon(while_qemu_works, plan)
+    brings_bus = any(creates_bus(str(s.arguments["driver"])) for s in plan.steps)
     try:
         await fault_point("attach-begin")
         await execute_attach(plan, vm.link, vm.tracker, vm.table,
-                             after_step=lambda n: fault_point(f"attach-step-{n}"))
+                             after_step=lambda n: fault_point(f"attach-step-{n}"),
+                             on_plugged=(functools.partial(on_plugged, plan)
+                                         if on_plugged is not None and not brings_bus
+                                         else None))
     except AttachFailed as exc:
         failure = _failed(vm, plan, op, exc, owner,
                           announce=not (retry_if_stale and _may_be_stale(exc)))
@@ -157,14 +177,20 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False,
         vm.table.attach_undone(key, [], owner)
         vm.journal.end(op)
         raise
-    vm.table.attach_done(key, owner)
-    vm.journal.end(op)
-    await fault_point("attach-ended")
-    loop.call_soon(_count_attach, plan.policy.name, time.monotonic() - journaled)
-    vm.events.attached(plan.bus, plan.slot, plan.ids)
-    if any(creates_bus(str(s.arguments["driver"])) for s in plan.steps):
+    await _succeeded(vm, plan, op, owner, journaled)
+    if brings_bus:
         async with vm.alloc:
             await vm.refresh()   # a bridge or port brings a bus qmpfd must learn
+
+
+async def _succeeded(vm: VmContext, plan: Plan, op: Operation, owner: Slot | None,
+                     journaled: float) -> None:
+    vm.table.attach_done((plan.bus, plan.slot), owner)
+    vm.journal.end(op)
+    await fault_point("attach-ended")
+    asyncio.get_running_loop().call_soon(_count_attach, plan.policy.name,
+                                         time.monotonic() - journaled)
+    vm.events.attached(plan.bus, plan.slot, plan.ids)
 
 
 async def _journaled(vm: VmContext, plan: Plan, owner: Slot | None) -> Operation:

@@ -48,11 +48,18 @@ def lab(workdir: Path) -> Iterator[LabVm]:
 
 
 async def killed_by(daemon_proc: DaemonProcess, c: Client, cmd: str,
-                    args: dict[str, Any]) -> Client:
+                    args: dict[str, Any], *, answered: bool = False) -> Client:
     """Send a request the daemon dies in (its QMPFD_CRASH_AT point), start it again on the
-    same state, and return a client once recovery has settled."""
-    with pytest.raises(Exception):  # noqa: B017 - the connection dies with the daemon
-        await c.execute(cmd, args)
+    same state, and return a client once recovery has settled. ``answered``: the point comes
+    after QEMU carried the request out, where qmpfd has answered it already (an attach is
+    answered when QEMU accepts its last device_add): the success reply must arrive before
+    the connection dies; elsewhere no reply may."""
+    if answered:
+        assert await c.execute(cmd, args), "QEMU carried it out: the client was told so"
+        await asyncio.to_thread(daemon_proc.wait_killed)
+    else:
+        with pytest.raises(Exception):  # noqa: B017 - the connection dies with the daemon
+            await c.execute(cmd, args)
     assert daemon_proc.wait_killed() == -9
     with contextlib.suppress(Exception):
         await c.qmp.disconnect()
@@ -68,8 +75,9 @@ async def test_sigkill_during_attach(daemon_proc: DaemonProcess, lab: LabVm, poi
     before = lab.guest_pci() or set()
     daemon_proc.start(QMPFD_CRASH_AT=point)
     c = await adopt(daemon_proc, lab.qmp_socket)
-    c = await killed_by(daemon_proc, c, "device-attach", {"vm": "f", "functions": FUNCS})
     complete = point == "attach-step-4"  # function 0 was in: the attach had finished in QEMU
+    c = await killed_by(daemon_proc, c, "device-attach", {"vm": "f", "functions": FUNCS},
+                        answered=complete)
     view = await agreement(c, lab, before, expect_attached=complete)
     record(f"SIGKILL qmpfd at {point}", "completed" if complete else "rolled back", view)
     if complete:
@@ -86,9 +94,9 @@ async def test_sigkill_during_a_one_function_attach(daemon_proc: DaemonProcess, 
     before = lab.guest_pci() or set()
     daemon_proc.start(QMPFD_CRASH_AT=point)
     c = await adopt(daemon_proc, lab.qmp_socket)
-    c = await killed_by(daemon_proc, c, "device-attach", {"vm": "f", "functions": [
-        {"id": "one0", "driver": "e1000"}]})
     complete = point != "attach-begin"      # device_add was accepted: QEMU has the slot
+    c = await killed_by(daemon_proc, c, "device-attach", {"vm": "f", "functions": [
+        {"id": "one0", "driver": "e1000"}]}, answered=complete)
     view = await agreement(c, lab, before, expect_attached=complete, ids={"one0"})
     record(f"SIGKILL qmpfd at {point} (1 function, no sync)",
            "slot whole, read back" if complete else "nothing in QEMU", view)

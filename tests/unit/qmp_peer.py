@@ -22,6 +22,10 @@ class QmpPeer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.replies: dict[str, Any] = {}
+        #: messages (events) written with a command's reply, in the same write: before it
+        #: (``before``) or after it (``after``)
+        self.before: dict[str, list[dict[str, Any]]] = {}
+        self.after: dict[str, list[dict[str, Any]]] = {}
         self.received: list[str] = []
         self.writers: list[asyncio.StreamWriter] = []
         self.greet = True
@@ -68,7 +72,8 @@ class QmpPeer:
             if answer is not None:
                 if "id" in msg:
                     answer["id"] = msg["id"]
-                writer.write(json.dumps(answer).encode() + b"\r\n")
+                batch = [*self.before.get(cmd, []), answer, *self.after.get(cmd, [])]
+                writer.write(b"".join(json.dumps(m).encode() + b"\r\n" for m in batch))
             await writer.drain()
 
 

@@ -49,7 +49,8 @@ class ReplayLink:
             h(dict(event))
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None,
+                      on_return: Callable[[], None] | None = None) -> Any:
         self.commands_sent += 1
         key = json.dumps([cmd, args or {}], sort_keys=True)
         if key in self.answers:
@@ -57,7 +58,7 @@ class ReplayLink:
             if "error" in answer:
                 raise QemuError(answer["error"])
             return answer["return"]
-        return await self.qemu.execute(cmd, args, timeout)
+        return await self.qemu.execute(cmd, args, timeout, on_return)
 
     async def execute_batch(self, commands: Sequence[Command],
                             timeout: float | None = None) -> list[object]:

@@ -4,7 +4,7 @@ and reports DEVICE_DELETED a moment after a device_del (the whole slot where ACP
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,9 @@ class ScriptedQemu:
     hotplugged: bool = True                       # qom-get .../hotplugged of every device
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None,
+                      on_return: Callable[[], None] | None = None) -> Any:
+        """``on_return``: called on success before the caller resumes, as a real link does."""
         args = args or {}
         dev_id = str(args.get("id") or str(args.get("path", "")).rsplit("/", 1)[-1])
         self.sent.append((cmd, dev_id))
@@ -54,6 +56,8 @@ class ScriptedQemu:
         result = handler(args, action)
         if action == LATE:
             raise Timeout(f"QEMU did not answer {cmd} within {timeout} s")
+        if on_return is not None:
+            on_return()
         return result
 
     async def execute_batch(self, commands: Sequence[Command],
