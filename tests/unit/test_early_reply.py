@@ -20,7 +20,7 @@ import pytest
 from qmpfd.access.peer import Peer
 from qmpfd.api import session as session_mod
 from qmpfd.api.session import EarlyReply
-from qmpfd.errors import GuestEjected
+from qmpfd.errors import GuestEjected, QemuError
 from qmpfd.hotplug.executor import AttachFailed, execute_attach
 from qmpfd.qemu.link import QmpLink
 from qmpfd.vm import managed as managed_mod
@@ -68,6 +68,24 @@ async def test_an_eject_read_before_the_last_reply_still_undoes_the_attach(
     with pytest.raises(AttachFailed) as failed:
         await execute_attach(plan, link, tracker, table, on_plugged=lambda: told.append(True))
     assert isinstance(failed.value.cause, GuestEjected) and told == []
+    await link.close()
+
+
+async def test_on_return_is_called_for_a_success_only_and_its_failure_is_not_the_commands(
+        peer: QmpPeer) -> None:
+    link = QmpLink("v", peer.path, command_timeout=5)
+    await link.connect(5)
+    calls: list[str] = []
+
+    def boom() -> None:
+        calls.append("called")
+        raise RuntimeError("a bug in the callback")
+    peer.replies["query-status"] = {"status": "running"}
+    peer.replies["device_add"] = {"error": {"class": "GenericError", "desc": "refused"}}
+    assert await link.execute("query-status", on_return=boom) == {"status": "running"}
+    with pytest.raises(QemuError):
+        await link.execute("device_add", {"id": "x"}, on_return=boom)
+    assert calls == ["called"]
     await link.close()
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from qmpfd.access.peer import Peer
-from qmpfd.api.session import Session
-from qmpfd.errors import NotFound
+from qmpfd.api.session import Session, early_reply
+from qmpfd.errors import NotFound, QmpfdError
 
 
 class Wire:
@@ -37,6 +37,18 @@ async def dispatch(name: str, args: dict[str, Any], _s: Session) -> Any:
         return args
     if name == "boom":
         raise RuntimeError("a bug")
+    if name in ("early", "early-then-fails", "early-then-bug"):
+        early = early_reply()
+        assert early is not None
+        early.prepare({"done": True})
+        early.send()
+        early.send()                        # once only
+        await asyncio.sleep(0.01)           # the handler goes on after its reply left
+        if name == "early-then-fails":
+            raise QmpfdError("after the fact")
+        if name == "early-then-bug":
+            raise RuntimeError("a bug after the fact")
+        return {"not": "sent"}
     raise NotFound(f"vm: no VM named '{args.get('vm')}'")
 
 
@@ -187,3 +199,19 @@ async def test_a_client_that_stops_reading_is_dropped_once_its_backlog_is_full(
     assert session.state.value == "closing", "a client holding 1 MB of events was kept"
     await asyncio.wait_for(task, 5)
     b.close()
+
+
+@pytest.mark.parametrize("name", ["early", "early-then-fails", "early-then-bug"])
+async def test_a_reply_written_early_is_the_only_reply(pair: tuple[Session, Wire],
+                                                       name: str) -> None:
+    """A handler that answered early (EarlyReply) is not answered again: not with its return
+    value, not with a failure it raises afterwards (QEMU carried the request out)."""
+    _, c = pair
+    await c.recv()
+    await c.send({"execute": "qmp_capabilities"})
+    await c.recv()
+    await c.send({"execute": name, "id": 1})
+    await c.send({"execute": "echo", "id": 2})
+    assert await c.recv() == {"return": {"done": True}, "id": 1}
+    assert await c.recv() == {"return": {}, "id": 2}
+    assert early_reply() is None, "the request's EarlyReply does not outlive it"
