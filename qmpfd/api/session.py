@@ -67,7 +67,7 @@ class EarlyReply:
             self._data = wire.encode(wire.return_reply(value, self._request))
 
     def send(self) -> None:
-        if self._data is not None and self.allowed and not self.sent:
+        if self._data is not None and not self.sent:   # prepared only where allowed
             self.sent = True
             self._session._write_now(self._data)
 

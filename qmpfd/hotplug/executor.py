@@ -65,10 +65,9 @@ async def _send(link: Link, steps: Sequence[Step], timeout: float,
     ``on_return``: for a batch of one, see :meth:`Link.execute <qmpfd.qemu.link.Link.execute>`."""
     results: list[object]
     if len(steps) == 1:      # the common single-function plug
-        extra = {"on_return": on_return} if on_return is not None else {}
         try:
             results = [await link.execute(steps[0].execute, dict(steps[0].arguments),
-                                          timeout=timeout, **extra)]
+                                          timeout=timeout, on_return=on_return)]
         except QmpfdError as exc:
             results = [exc]
     else:                    # written together, replies read in order: no task per function

@@ -21,7 +21,10 @@ from qmpfd.access.peer import Peer
 from qmpfd.api import session as session_mod
 from qmpfd.api.session import EarlyReply
 from qmpfd.errors import GuestEjected, QemuError
+from qmpfd.hotplug.deletion import DeletionTracker
 from qmpfd.hotplug.executor import AttachFailed, execute_attach
+from qmpfd.hotplug.plan import Plan
+from qmpfd.hotplug.slots import SlotTable
 from qmpfd.qemu.link import QmpLink
 from qmpfd.vm import managed as managed_mod
 from tests.unit.harness import Api, Served
@@ -36,17 +39,26 @@ def deleted(dev: str) -> dict[str, Any]:
             "timestamp": {"seconds": 1, "microseconds": 0}}
 
 
-async def test_an_eject_read_right_after_the_last_reply_is_the_slots_next_change(
-        peer: QmpPeer) -> None:
-    """QEMU's acceptance and a DEVICE_DELETED in one read: ``on_plugged`` is told in the
-    callback, before the slot table records the function (and before the event is routed);
-    the attach succeeds, and the deletion then empties the slot it recorded."""
+async def plugged_through(peer: QmpPeer, around: dict[str, list[dict[str, Any]]]
+                          ) -> tuple[Plan, SlotTable, QmpLink, DeletionTracker]:
+    """A 1-function plan and a real link to ``peer``, whose device_add reply comes with a
+    DEVICE_DELETED of that function in the same write (``around``: ``peer.before`` or
+    ``peer.after``)."""
     plan, table, _, tracker = setup(n=1)
     link = QmpLink("v", peer.path, command_timeout=5)
     link.subscribe(tracker.handle_event)
     await link.connect(5)
     peer.replies["device_add"] = {}
-    peer.after["device_add"] = [deleted("d0")]
+    around["device_add"] = [deleted("d0")]
+    return plan, table, link, tracker
+
+
+async def test_an_eject_read_right_after_the_last_reply_is_the_slots_next_change(
+        peer: QmpPeer) -> None:
+    """QEMU's acceptance and a DEVICE_DELETED in one read: ``on_plugged`` is told in the
+    callback, before the slot table records the function (and before the event is routed);
+    the attach succeeds, and the deletion then empties the slot it recorded."""
+    plan, table, link, tracker = await plugged_through(peer, peer.after)
     told: list[bool] = []
     await execute_attach(plan, link, tracker, table,
                          on_plugged=lambda: told.append("d0" in table.topology.device_ids()))
@@ -58,12 +70,7 @@ async def test_an_eject_read_right_after_the_last_reply_is_the_slots_next_change
 
 async def test_an_eject_read_before_the_last_reply_still_undoes_the_attach(
         peer: QmpPeer) -> None:
-    plan, table, _, tracker = setup(n=1)
-    link = QmpLink("v", peer.path, command_timeout=5)
-    link.subscribe(tracker.handle_event)
-    await link.connect(5)
-    peer.replies["device_add"] = {}
-    peer.before["device_add"] = [deleted("d0")]
+    plan, table, link, tracker = await plugged_through(peer, peer.before)
     told: list[bool] = []
     with pytest.raises(AttachFailed) as failed:
         await execute_attach(plan, link, tracker, table, on_plugged=lambda: told.append(True))

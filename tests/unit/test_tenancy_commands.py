@@ -107,10 +107,10 @@ async def test_a_tenant_cannot_keep_more_requests_in_flight_than_its_rule_allows
     real = api.h.qemu.execute
 
     async def slow(cmd: str, args: dict[str, Any] | None = None,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, on_return: Any = None) -> Any:
         if cmd == "device_add":
             await gate.wait()
-        return await real(cmd, args, timeout)
+        return await real(cmd, args, timeout, on_return)
     api.h.qemu.execute = slow  # type: ignore[method-assign]
     tenant = Peer(pid=1, uid=5555, gid=TENANT_GID)
     api.session.peer = tenant

@@ -175,10 +175,10 @@ async def test_vm_remove_refused_while_an_attach_runs_and_forced_settles_it(
     real = h.qemu.execute
 
     async def slow(cmd: str, args: dict[str, object] | None = None,
-                   timeout: float | None = None) -> object:
+                   timeout: float | None = None, on_return: Any = None) -> object:
         if cmd == "device_add":
             await gate.wait()
-        return await real(cmd, args, timeout)
+        return await real(cmd, args, timeout, on_return)
     h.qemu.execute = slow  # type: ignore[method-assign]
     attach = asyncio.create_task(h.vm.attach(SPECS))
     # Journaled and waiting for QEMU (the slot is claimed a little before its record is
@@ -285,11 +285,11 @@ async def test_an_attach_whose_slot_recovery_took_over_is_not_a_conflict(h: Harn
     real = h.qemu.execute
 
     async def held(cmd: str, args: dict[str, object] | None = None,
-                   timeout: float | None = None) -> object:
+                   timeout: float | None = None, on_return: Any = None) -> object:
         if cmd == "device_add" and args and args.get("id") == "d0":
             await gate.wait()
             raise VmGone("QMP connection lost during device_add")
-        return await real(cmd, args, timeout)
+        return await real(cmd, args, timeout, on_return)
     h.qemu.execute = held  # type: ignore[method-assign]
     attach = asyncio.create_task(h.vm.attach(SPECS))
     await until(lambda: h.vm.table.in_flight(), "attach in flight")
