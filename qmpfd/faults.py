@@ -1,5 +1,7 @@
 """Fault points for fault-injection tests. Inert unless their environment variables are set.
 
+The variables are read once, when the daemon starts (:func:`read_environment`).
+
 - ``QMPFD_CRASH_AT=<point>``: the daemon SIGKILLs itself on reaching that point, so a test can
   stop it exactly between two QMP commands.
 - ``QMPFD_PAUSE_AT=<point>`` (with ``QMPFD_PAUSE_SECONDS``, default 3): the operation waits there,
@@ -20,11 +22,26 @@ import os
 import signal
 from pathlib import Path
 
+_crash_at: str | None = None
+_pause_at: str | None = None
+
+
+def read_environment() -> None:
+    """Take the fault points from the environment: once, at import (a point on a request's
+    path then costs a comparison, not two lookups in ``os.environ``); again after a test
+    changes the environment in-process."""
+    global _crash_at, _pause_at
+    _crash_at = os.environ.get("QMPFD_CRASH_AT")
+    _pause_at = os.environ.get("QMPFD_PAUSE_AT")
+
+
+read_environment()
+
 
 async def fault_point(name: str) -> None:
-    if os.environ.get("QMPFD_CRASH_AT") == name:
+    if name == _crash_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("QMPFD_PAUSE_AT") == name:
+    if name == _pause_at:
         await _pause(float(os.environ.get("QMPFD_PAUSE_SECONDS", "3")),
                      os.environ.get("QMPFD_PAUSE_MARK"))
 

@@ -128,7 +128,8 @@ class Commands:
                    session: Session) -> Any:
         if not cmd.changes_state:
             return await cmd.handler(m.parse_args(cmd.model, args))
-        log.debug("request", extra={"command": name, "peer_uid": session.peer.uid})
+        if log.isEnabledFor(logging.DEBUG):     # its arguments are not made otherwise
+            log.debug("request", extra={"command": name, "peer_uid": session.peer.uid})
         outcome = "ok"
         try:
             return await cmd.handler(m.parse_args(cmd.model, args))

@@ -22,6 +22,13 @@ _DECODER = json.JSONDecoder()
 _SPACE = re.compile(rb"[ \t\r\n]*")
 
 
+class Framed(bytes):
+    """A message the decoder cut (:meth:`JsonSplitter._whole_messages`), with the value it
+    decoded to: the request is not parsed a second time."""
+
+    value: Any
+
+
 class TooDeep:
     """Marker the splitter yields for a message nested deeper than :data:`MAX_DEPTH`.
 
@@ -108,14 +115,16 @@ class JsonSplitter:
             if text[j] not in "{[":
                 return data[start:]
             try:
-                _, end = _DECODER.raw_decode(text, j)
+                value, end = _DECODER.raw_decode(text, j)
             except (ValueError, RecursionError):
                 return data[start:]
             msg = data[start:end]
             if (end - start > self._limit or b"\n" in msg
                     or msg.count(b"{") + msg.count(b"[") > MAX_DEPTH):
                 return data[start:]
-            out.append(msg)
+            framed = Framed(msg)
+            framed.value = value
+            out.append(framed)
             i = end
         return b""
 

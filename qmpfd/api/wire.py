@@ -12,6 +12,7 @@ from typing import Any
 from qmpfd import VERSION_TUPLE
 from qmpfd.api.framing import MAX_DEPTH as MAX_DEPTH
 from qmpfd.api.framing import OVERSIZED as OVERSIZED
+from qmpfd.api.framing import Framed
 from qmpfd.api.framing import JsonSplitter as JsonSplitter
 from qmpfd.api.framing import Oversized as Oversized
 from qmpfd.api.framing import TooDeep as TooDeep
@@ -95,7 +96,7 @@ class FrameError(QmpfdError):
 def parse_request(line: bytes) -> Message:
     """Decode one line into a request object, or raise :class:`FrameError` saying why not."""
     try:
-        obj = json.loads(line)
+        obj = line.value if isinstance(line, Framed) else json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"JSON parse error: {exc}") from exc
     if not isinstance(obj, dict):

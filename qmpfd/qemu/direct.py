@@ -18,6 +18,8 @@ from qemu.qmp.qmp_client import BadReplyError
 from qmpfd.qemu.router import route_directly
 
 _NONE = object()
+#: What a command's slot holds when its deadline passed before its reply came.
+_EXPIRED = object()
 log = logging.getLogger("qmpfd.vm")
 
 #: Called once, in the socket's callback that read a command's successful reply, before the
@@ -38,11 +40,20 @@ class ReplySlot:
     by the router and by the library's disconnect, ``put``, ``get``, ``full``), as one future
     (a queue also makes two deques, an event and a counter per command)."""
 
-    __slots__ = ("_on_return", "_reply")
+    __slots__ = ("_on_return", "_reply", "deadline")
 
-    def __init__(self, on_return: OnReturn | None = None) -> None:
+    def __init__(self, on_return: OnReturn | None = None, deadline: float | None = None
+                 ) -> None:
         self._reply: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._on_return = on_return
+        #: the loop's time by which the reply must have come (None: no limit)
+        self.deadline = deadline
+
+    def expire(self) -> None:
+        """The deadline passed: the waiting command is told so (a reply after it is dropped,
+        as the library drops any reply nobody waits for)."""
+        if not self._reply.done():
+            self._reply.set_result(_EXPIRED)
 
     def full(self) -> bool:
         return self._reply.done()
@@ -83,6 +94,8 @@ class DirectClient(QMPClient):
 
     #: Called with every QEMU event, in the order QEMU sent it.
     on_event: Callable[[dict[str, Any]], None] | None = None
+    #: The one timer that keeps every pending command's deadline (see :meth:`_keep`).
+    _timer: asyncio.TimerHandle | None = None
 
     async def _establish_session(self) -> None:
         await super()._establish_session()
@@ -114,34 +127,40 @@ class DirectClient(QMPClient):
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
     async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
-                      oob: bool = False, on_return: OnReturn | None = None) -> object:
+                      oob: bool = False, on_return: OnReturn | None = None,
+                      timeout: float | None = None) -> object:
         """The library's ``execute``, with the command made into JSON once. The library builds
         a Message (serialised), copies it in ``execute_msg`` (serialised again, through the
         Mapping interface) and serialises it a third time to send it once the id is set: about
         two thirds of a command's cost before it leaves (bench/profile.md). Same checks, same
         errors: not connected is the library's own StateError, QEMU's error reply an
-        ExecuteError, a reply with neither member a BadReplyError. ``on_return``: see
-        :data:`OnReturn` (not called on the library's own path, before a session runs)."""
+        ExecuteError, a reply with neither member a BadReplyError; no reply within
+        ``timeout`` seconds a TimeoutError. ``on_return``: see :data:`OnReturn` (not called on
+        the library's own path, before a session runs)."""
         if self.runstate is not Runstate.RUNNING or oob:
-            return await super().execute(cmd, arguments, oob)
-        return await self.returned(self.send_now(cmd, arguments, on_return))
+            async with asyncio.timeout(timeout):
+                return await super().execute(cmd, arguments, oob)
+        return await self.returned(self.send_now(cmd, arguments, on_return, timeout))
 
     def send_now(self, cmd: str, arguments: Mapping[str, object] | None,
-                 on_return: OnReturn | None = None) -> Sent:
+                 on_return: OnReturn | None = None, timeout: float | None = None) -> Sent:
         """Write one command at once (the caller checked the runstate); its reply waits in
-        its queue until :meth:`returned` (or :meth:`forget`)."""
+        its queue until :meth:`returned` (or :meth:`forget`), which raises TimeoutError once
+        ``timeout`` seconds have passed without it."""
         msg_id = self._get_exec_id()
         body: dict[str, object] = {"execute": cmd, "id": msg_id}
         if arguments is not None:
             body["arguments"] = arguments
         msg = Message(body, eager=False)       # built whole: no item set through the Mapping
-        self._write(msg, msg_id, on_return)
+        self._write(msg, msg_id, on_return, timeout)
         return Sent(msg, msg_id)
 
     async def returned(self, sent: Sent) -> object:
         """The return value of the command ``sent`` (by :meth:`send_now`): one look into the
         reply on success (each look into a Message goes through the Mapping interface)."""
         reply = await self._reply(sent.id)
+        if reply is _EXPIRED:
+            raise TimeoutError(f"no reply to {sent.msg['execute']} in time")
         value = reply.get("return", _NONE)
         if value is not _NONE:
             return value
@@ -171,12 +190,45 @@ class DirectClient(QMPClient):
         assert msg_id is None or isinstance(msg_id, str)
         return self._write(msg, msg_id)
 
-    def _write(self, msg: Message, msg_id: str | None,
-               on_return: OnReturn | None = None) -> str | None:
-        self._pending[msg_id] = ReplySlot(on_return)  # type: ignore[assignment]
+    def _write(self, msg: Message, msg_id: str | None, on_return: OnReturn | None = None,
+               timeout: float | None = None) -> str | None:
+        slot = ReplySlot(on_return)
+        self._pending[msg_id] = slot  # type: ignore[assignment]
         try:
             self._do_send(self._cb_outbound(msg))
         except BaseException:
             del self._pending[msg_id]
             raise
+        if timeout is not None:
+            self._keep(slot, timeout)
         return msg_id
+
+    def _keep(self, slot: ReplySlot, timeout: float) -> None:
+        """Give ``slot`` its deadline, kept by the connection's one timer: a timer (or an
+        ``asyncio.timeout``) per command cost more before the write than anything else in
+        the link (bench/profile.md). The timer is left running when a reply comes; when it
+        fires it expires what is overdue and is set again for the earliest deadline still
+        pending, so with commands coming steadily a command costs one comparison here."""
+        loop = asyncio.get_running_loop()
+        slot.deadline = deadline = loop.time() + timeout
+        timer = self._timer
+        if timer is None or deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire_overdue)
+
+    def _expire_overdue(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest: float | None = None
+        for slot in list(self._pending.values()):
+            deadline = getattr(slot, "deadline", None)   # the library's own queues have none
+            if deadline is None:
+                continue
+            if deadline <= now:
+                slot.expire()   # type: ignore[attr-defined]
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None:
+            self._timer = loop.call_at(earliest, self._expire_overdue)

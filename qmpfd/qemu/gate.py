@@ -73,16 +73,20 @@ class UnplugGate:
         return outcomes
 
     async def _plug(self, send: Callable[[], Awaitable[Any]], count: int = 1) -> Any:
-        async with self._cond:
-            await self._wait(lambda: self._holder is None and not self._unplugs_waiting)
+        if self._holder is not None or self._unplugs_waiting:
+            async with self._cond:
+                await self._wait(lambda: self._holder is None and not self._unplugs_waiting)
+                self._plugs += count
+        else:       # the common case: nothing to wait for, so no lock (one thread runs this)
             self._plugs += count
         try:
             return await send()
         finally:
-            async with self._cond:
-                self._plugs -= count
-                self._last = time.monotonic()
-                self._cond.notify_all()
+            self._plugs -= count
+            self._last = time.monotonic()
+            if self._unplugs_waiting:    # only an unplug waits for the plugs in flight
+                async with self._cond:
+                    self._cond.notify_all()
 
     async def _unplug(self, target: str, send: Callable[[], Awaitable[Any]]) -> Any:
         async with self._cond:

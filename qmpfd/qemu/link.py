@@ -177,13 +177,13 @@ class QmpLink:
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None, on_return: OnReturn | None = None
                       ) -> Any:
-        if not self.connected:
+        # ``connected``, read without its two properties (this is every command's path)
+        if self._closed or self._client.runstate is not Runstate.RUNNING:
             raise self._not_connected()
         limit = self.command_timeout if timeout is None else timeout
         self.commands_sent += 1
         try:
-            async with asyncio.timeout(limit):   # no extra task per command (wait_for makes one)
-                return await self._client.execute(cmd, args, on_return=on_return)
+            return await self._client.execute(cmd, args, on_return=on_return, timeout=limit)
         except (ExecuteError, TimeoutError, QMPError, OSError, EOFError) as exc:
             raise self._failure(exc, cmd, limit) from exc
 
@@ -199,25 +199,17 @@ class QmpLink:
         sent: list[Sent] = []
         try:
             for cmd, args in commands:
-                sent.append(self._client.send_now(cmd, args))
+                sent.append(self._client.send_now(cmd, args, timeout=limit))
         except (QMPError, OSError) as exc:
             for msg in sent:
                 self._client.forget(msg)
             return [self._failure(exc, cmd, limit) for cmd, _ in commands]
         outcomes: list[object] = []
-        try:
-            async with asyncio.timeout(limit):
-                for msg, (cmd, _) in zip(sent, commands, strict=True):
-                    try:
-                        outcomes.append(await self._client.returned(msg))
-                    except (ExecuteError, QMPError, OSError, EOFError) as exc:
-                        outcomes.append(self._failure(exc, cmd, limit))
-        except TimeoutError as exc:
-            # The one being awaited was dropped by the library; QEMU answers in order, so
-            # none after it has an answer either.
-            for msg, (cmd, _) in zip(sent[len(outcomes):], commands[len(outcomes):],
-                                     strict=True):
-                self._client.forget(msg)
+        # One deadline for all (QEMU answers in order: once one is overdue, so is the rest).
+        for msg, (cmd, _) in zip(sent, commands, strict=True):
+            try:
+                outcomes.append(await self._client.returned(msg))
+            except (ExecuteError, QMPError, OSError, EOFError, TimeoutError) as exc:
                 outcomes.append(self._failure(exc, cmd, limit))
         return outcomes
 

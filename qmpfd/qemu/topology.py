@@ -132,7 +132,8 @@ class Bus:
         slot reads them instead of building a :class:`Slot` per slot of every bus."""
         if not self.hotpluggable:
             return ()
-        return tuple(n for n in range(self.slot_count) if n not in self._by_slot)
+        taken = self._by_slot      # a comprehension: one call (a generator resumes per slot)
+        return tuple([n for n in range(self.slot_count) if n not in taken])
 
     def holding(self, devices: tuple[RawDevice, ...], changed: Collection[int]) -> Bus:
         """This bus with ``devices`` instead of its own, where only the slots ``changed``
@@ -229,7 +230,7 @@ class Topology:
 
     @cached_property
     def _device_ids(self) -> frozenset[str]:
-        return frozenset(i for b in self.buses for d in b.devices if (i := d.id) is not None)
+        return frozenset({i for b in self.buses for d in b.devices if (i := d.id) is not None})
 
     def device_ids(self) -> frozenset[str]:
         """Every user-given device id in the VM (computed once per topology read)."""

@@ -38,7 +38,8 @@ log = logging.getLogger("qmpfd.vm")
 
 def plan_and_reserve(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | None,
                      slot: int | None, timeout: float | None) -> Plan:
-    """Under ``vm.alloc``: the plan, with its slot claimed (ATTACHING) in the table."""
+    """Under ``vm.alloc`` (or while nobody holds it: this never awaits): the plan, with its
+    slot claimed (ATTACHING) in the table."""
     plan = plan_attach(vm.table, functions, vm.policies(), bus=bus, slot=slot,
                        from_top=vm.slots_from_top, now=time.monotonic())
     vm.table.reserve((plan.bus, plan.slot), plan.ids)
@@ -93,7 +94,10 @@ async def _attach(vm: VmContext, functions: Sequence[FunctionSpec], bus: str | N
                   slot: int | None, timeout: float | None,
                   while_qemu_works: WhileQemuWorks | None,
                   on_plugged: OnPlugged | None) -> AttachResult:
-    async with vm.alloc:
+    if vm.alloc.locked():
+        async with vm.alloc:
+            plan = plan_and_reserve(vm, functions, bus, slot, timeout)
+    else:   # nobody holds it, and planning never awaits: nothing can come between
         plan = plan_and_reserve(vm, functions, bus, slot, timeout)
     try:
         await run_attach(vm, plan, retry_if_stale=True, while_qemu_works=while_qemu_works,
@@ -153,13 +157,14 @@ async def run_attach(vm: VmContext, plan: Plan, *, retry_if_stale: bool = False,
     op = await _journaled(vm, plan, owner)
     journaled = time.monotonic()
     loop = asyncio.get_running_loop()
-    log.debug("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
-                              "ids": plan.ids})
+    if log.isEnabledFor(logging.DEBUG):     # its arguments are not made otherwise
+        log.debug("attach", extra={"vm": vm.name, "bus": plan.bus, "slot": plan.slot,
+                                  "ids": plan.ids})
     if while_qemu_works is not None:
         # Runs at the loop's next turn: after the first device_adds are written (the
         # executor writes before it first waits), long before QEMU's answer can be read.
         loop.call_soon(while_qemu_works, plan)
-    brings_bus = any(creates_bus(str(s.arguments["driver"])) for s in plan.steps)
+    brings_bus = any([creates_bus(str(s.arguments["driver"])) for s in plan.steps])
     try:
         await fault_point("attach-begin")
         await execute_attach(plan, vm.link, vm.tracker, vm.table,

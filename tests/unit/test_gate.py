@@ -116,3 +116,27 @@ async def test_a_batch_of_device_adds_counts_as_that_many_plugs() -> None:
         await g.execute_batch([("device_add", {"id": "c"}), ("device_del", {"id": "b"})],
                               r.send("never"))  # type: ignore[arg-type]
     assert "start never" not in r.log
+
+
+async def test_a_plug_with_nothing_to_wait_for_takes_no_lock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: with no unplug holding or waiting, a device_add is sent without the gate's
+    lock (each acquire is a coroutine on the way to QEMU); an unplug that starts waiting
+    meanwhile is still woken when the plug ends."""
+    taken: list[str] = []
+    real = asyncio.Lock.acquire
+
+    async def counted(self: asyncio.Lock) -> bool:
+        taken.append("lock")
+        return await real(self)
+    monkeypatch.setattr(asyncio.Lock, "acquire", counted)
+    g = UnplugGate(ALL, hold_limit=10, quiet=0)     # its lock made after the patch
+    r = Recorder()
+    assert await g.execute("device_add", {"id": "a"}, r.send("add a")) == "add a"
+    assert taken == []
+    plug = asyncio.create_task(g.execute("device_add", {"id": "b"}, r.send("add b", 0.05)))
+    await asyncio.sleep(0.01)
+    unplug = asyncio.create_task(g.execute("device_del", {"id": "b"}, r.send("del b")))
+    await asyncio.wait_for(asyncio.gather(plug, unplug), 2)
+    assert r.log.index("end add b") < r.log.index("start del b")
+    assert taken, "the unplug waited under the lock and was woken"

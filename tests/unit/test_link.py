@@ -214,3 +214,38 @@ async def test_a_batch_that_runs_out_of_time_or_loses_qemu_ends_each_command(
     with pytest.raises(VmGone, match="not connected"):
         await link.execute_batch([("query-pci", {})])
     await link.close()
+
+
+async def test_every_command_s_deadline_is_kept_by_one_timer(peer: QmpPeer) -> None:
+    """Counted: twenty commands in flight arm the connection's one timer once (a timer per
+    command cost more before the write than the rest of the link). A command with a shorter
+    limit sets it earlier and ends as Timeout at its own limit while the others wait on; the
+    timer is then set again for them. A reply that comes after its command's time ran out is
+    dropped, and the link goes on."""
+    link = QmpLink("v", peer.path, command_timeout=5)
+    await link.connect(5)
+    client = link._client
+    peer.replies = {"query-pci": None, "query-name": {"name": "v"}}
+    slow = [asyncio.create_task(link.execute("query-pci"))]
+    await asyncio.sleep(0)
+    timer = client._timer
+    assert timer is not None
+    slow += [asyncio.create_task(link.execute("query-pci")) for _ in range(19)]
+    await asyncio.sleep(0)
+    assert len(client._pending) == 20 and client._timer is timer, "armed once for twenty"
+    short = asyncio.create_task(link.execute("query-pci", timeout=0.1))
+    await asyncio.sleep(0)
+    late_id = list(client._pending)[-1]
+    assert client._timer is not None and client._timer.when() < timer.when()
+    with pytest.raises(Timeout, match=r"did not answer query-pci within 0\.1 s"):
+        await short
+    assert len(client._pending) == 20 and not any(t.done() for t in slow)
+    assert client._timer is not None and client._timer.when() >= timer.when() - 0.01, \
+        "set again for the earliest deadline still pending"
+    peer.send({"return": {}, "id": late_id})       # too late: nobody waits for it
+    assert await link.execute("query-name") == {"name": "v"}
+    for task in slow:
+        task.cancel()
+    await asyncio.gather(*slow, return_exceptions=True)
+    assert not client._pending
+    await link.close()

@@ -231,3 +231,25 @@ async def test_properties_typed_once_per_driver_and_refused_by_name(h: Harness) 
         await h.vm.typed([FunctionSpec("p1", "no-such-device", 1, {"x": 1})],
                          {"p1": "functions[1]."})
 
+
+
+async def test_an_attach_takes_the_allocation_lock_only_when_someone_holds_it(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: planning never awaits, so with the lock free an attach plans without taking
+    it (five calls on the way to QEMU); while another holder has it (a stale view being read
+    again), the attach waits for it and then gets a slot of its own."""
+    taken: list[str] = []
+    real = asyncio.Lock.acquire
+
+    async def counted(self: asyncio.Lock) -> bool:
+        taken.append("alloc" if self is h.vm.alloc else "other")
+        return await real(self)
+    monkeypatch.setattr(asyncio.Lock, "acquire", counted)
+    await h.vm.attach([FunctionSpec("one", "virtio-rng-pci", 0)])
+    assert "alloc" not in taken
+    async with h.vm.alloc:
+        second = asyncio.create_task(h.vm.attach([FunctionSpec("two", "virtio-rng-pci", 0)]))
+        await asyncio.sleep(0.05)
+        assert not second.done() and h.vm.table.find("two") is None, "it waits for the lock"
+    await asyncio.wait_for(second, 5)
+    assert taken.count("alloc") == 2 and h.vm.table.find("one") != h.vm.table.find("two")

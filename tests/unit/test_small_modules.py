@@ -175,12 +175,21 @@ def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert sock.recv(64) == b"STOPPING=1"
 
 
+def _read_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The points read from the environment as the test set it; put back after the test (a
+    point left armed would kill the test run at the next attach)."""
+    monkeypatch.setattr(faults, "_crash_at", faults._crash_at)
+    monkeypatch.setattr(faults, "_pause_at", faults._pause_at)
+    faults.read_environment()
+
+
 async def test_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
     monkeypatch.setenv("QMPFD_CRASH_AT", "attach-begin")
     monkeypatch.setenv("QMPFD_PAUSE_AT", "detach-sent")
     monkeypatch.setenv("QMPFD_PAUSE_SECONDS", "0")
+    _read_fault_points(monkeypatch)
     await faults.fault_point("attach-begin")
     await faults.fault_point("detach-sent")
     await faults.fault_point("elsewhere")
@@ -193,6 +202,7 @@ async def test_a_marked_pause_ends_when_the_test_removes_the_mark(
     monkeypatch.setenv("QMPFD_PAUSE_AT", "detach-sent")
     monkeypatch.setenv("QMPFD_PAUSE_SECONDS", "60")
     monkeypatch.setenv("QMPFD_PAUSE_MARK", str(mark))
+    _read_fault_points(monkeypatch)
     paused = asyncio.create_task(faults.fault_point("detach-sent"))
     for _ in range(500):
         if mark.exists():

@@ -173,3 +173,19 @@ def test_the_byte_check_never_skips_a_nul(doc: dict[str, object], ascii_only: bo
     line = json.dumps(doc, ensure_ascii=ascii_only).encode()
     if wire.find_nul(doc) is not None:
         assert wire.may_hold_nul(line)
+
+
+def test_a_request_the_decoder_cut_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: a whole request cut by the JSON decoder carries its value, so parse_request
+    decodes nothing; one cut by the byte scanner (split across reads) is parsed once."""
+    parsed: list[bytes] = []
+    real = json.loads
+    monkeypatch.setattr(wire.json, "loads", lambda b, **k: parsed.append(b) or real(b, **k))
+    s = wire.JsonSplitter(10_000)
+    whole = s.feed(b'{"execute":"query-version","id":1} {"execute":"x"')
+    assert whole == [b'{"execute":"query-version","id":1}']
+    assert wire.parse_request(whole[0]) == {"execute": "query-version", "id": 1}
+    assert parsed == []
+    rest = s.feed(b"}")
+    assert rest == [b' {"execute":"x"}'] and wire.parse_request(rest[0]) == {"execute": "x"}
+    assert parsed == [b' {"execute":"x"}']
