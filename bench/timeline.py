@@ -2,7 +2,7 @@
 exit of the functions on the request's path, the median of each over N attaches (a pc guest,
 attach/detach cycles), in microseconds from the moment the request's bytes are taken off the socket.
 
-    .venv/bin/python -m bench.timeline [--cycles 150] [--source DIR] [--calls]
+    .venv/bin/python -m bench.timeline [--cycles 150] [--source DIR] [--calls] [--functions N]
 
 ``--calls``: instead of times, the function calls the daemon makes from the request's bytes
 read to the ``device_add``'s write (``sys.setprofile``; the marks' own wrappers left out):
@@ -225,6 +225,7 @@ async def main() -> None:
     ap.add_argument("--source", type=Path)
     ap.add_argument("--calls", action="store_true",
                     help="count the calls before the device_add's write instead of timing")
+    ap.add_argument("--functions", type=int, default=1, help="functions per attach (1-8)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qmpfd-timeline-"))
     out = work / "timeline.txt"
@@ -241,7 +242,7 @@ async def main() -> None:
     try:
         os.environ["PYTHONPATH"] = str(args.source or ROOT)
         d = Marked(work / "d")
-        await cycles(d.sock, vm, 1, args.cycles, d)
+        await cycles(d.sock, vm, args.functions, args.cycles, d)
         d.stop()
     finally:
         vm.stop()
