@@ -205,11 +205,20 @@ class QmpLink:
                 self._client.forget(msg)
             return [self._failure(exc, cmd, limit) for cmd, _ in commands]
         outcomes: list[object] = []
-        # One deadline for all (QEMU answers in order: once one is overdue, so is the rest).
+        expired: TimeoutError | None = None
         for msg, (cmd, _) in zip(sent, commands, strict=True):
+            if expired is not None:
+                # QEMU answers in order: once one is overdue, none after it is counted on
+                # (their deadlines are microseconds apart; the batch has one time limit).
+                self._client.forget(msg)
+                outcomes.append(self._failure(expired, cmd, limit))
+                continue
             try:
                 outcomes.append(await self._client.returned(msg))
-            except (ExecuteError, QMPError, OSError, EOFError, TimeoutError) as exc:
+            except TimeoutError as exc:
+                expired = exc
+                outcomes.append(self._failure(exc, cmd, limit))
+            except (ExecuteError, QMPError, OSError, EOFError) as exc:
                 outcomes.append(self._failure(exc, cmd, limit))
         return outcomes
 
