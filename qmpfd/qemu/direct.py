@@ -42,12 +42,12 @@ class ReplySlot:
 
     __slots__ = ("_on_return", "_reply", "deadline")
 
-    def __init__(self, on_return: OnReturn | None = None, deadline: float | None = None
-                 ) -> None:
+    def __init__(self, on_return: OnReturn | None = None) -> None:
         self._reply: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._on_return = on_return
-        #: the loop's time by which the reply must have come (None: no limit)
-        self.deadline = deadline
+        #: the loop's time by which the reply must have come (None: no limit; set by
+        #: :meth:`DirectClient._keep`)
+        self.deadline: float | None = None
 
     def expire(self) -> None:
         """The deadline passed: the waiting command is told so (a reply after it is dropped,
